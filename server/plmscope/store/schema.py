@@ -1,0 +1,271 @@
+"""The atlas schema: one DuckDB file, one definition for writer and reader.
+
+Conventions
+-----------
+* Residue positions are 1-based and inclusive everywhere (``start``, ``end``, ``max_pos``).
+* ``sae_id`` is a short URL-safe name (``unirep-256.L1.topk4096``) unique within an atlas.
+* Per-residue activations are stored as ``BLOB`` of ``uint8``: value ``q`` stands for
+  ``q / 255 * scale`` where ``scale`` is the latent's maximum activation over the corpus
+  (``latents.max_act``); the absolute error is at most ``scale / 510``.  One byte per residue.
+* Lists that are short and fixed (histograms, amino-acid counts) are DuckDB arrays.
+* ``atlas_meta`` holds JSON values: ``atlas_id`` (content hash of inputs + settings, embedded in
+  permalinks), ``schema_version``, ``created_at``, ``versions``, ``inputs`` (paths + sha256),
+  ``build_settings``, ``corpus_stats``, ``skipped`` (reason -> count, with examples).
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # order of every aa_counts array
+
+# Log-spaced edges of the per-residue activation histogram and of the quantile-bin sketch
+# buckets.  Fixed for all atlases so that shard aggregates merge by addition.
+HIST_MIN_EXP = -4.0  # 1e-4
+HIST_MAX_EXP = 3.0  # 1e3
+HIST_BINS = 56  # 8 bins per decade
+
+TABLES: dict[str, str] = {
+    "atlas_meta": """
+        CREATE TABLE atlas_meta (
+            key VARCHAR PRIMARY KEY,
+            value JSON NOT NULL
+        )""",
+    "saes": """
+        CREATE TABLE saes (
+            sae_id VARCHAR PRIMARY KEY,
+            plm VARCHAR NOT NULL,            -- pLM spec the SAE was trained on
+            layer INTEGER NOT NULL,
+            architecture VARCHAR NOT NULL,   -- 'topk' | 'relu'
+            d_in INTEGER NOT NULL,
+            d_sae INTEGER NOT NULL,
+            k INTEGER,                       -- TopK only
+            cfg JSON NOT NULL,               -- the SAE directory's whole cfg.json
+            metrics JSON,                    -- eval-sae results stored with the SAE (may be null)
+            n_dead INTEGER NOT NULL,         -- latents never active on this corpus
+            n_proteins INTEGER NOT NULL,
+            n_residues BIGINT NOT NULL,
+            hist_edges DOUBLE[] NOT NULL,    -- HIST_BINS + 1 edges
+            aa_background BIGINT[] NOT NULL, -- residue counts per AMINO_ACIDS letter, whole corpus
+            weights BLOB NOT NULL,           -- sae_weights.safetensors bytes: the atlas is self-contained
+            built_at TIMESTAMP NOT NULL,
+            position INTEGER NOT NULL        -- display order
+        )""",
+    "proteins": """
+        CREATE TABLE proteins (
+            accession VARCHAR PRIMARY KEY,
+            entry_name VARCHAR NOT NULL DEFAULT '',
+            protein_name VARCHAR NOT NULL DEFAULT '',
+            organism VARCHAR NOT NULL DEFAULT '',
+            length INTEGER NOT NULL,
+            sequence VARCHAR NOT NULL,
+            locations VARCHAR[] NOT NULL,     -- subcellular location classes (may be empty)
+            families VARCHAR[] NOT NULL,      -- distinct Pfam ids, for display and filters
+            fields JSON NOT NULL,             -- other corpus columns (GO ids ...)
+            truncated_to INTEGER,             -- residues the pLM saw, when it truncated
+            has_structure BOOLEAN NOT NULL DEFAULT false
+        )""",
+    "annotations": """
+        CREATE TABLE annotations (
+            accession VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,            -- 'pfam' | 'feature' | 'nls' | 'secondary_structure'
+            type VARCHAR NOT NULL,            -- 'Pfam domain', 'signal peptide', 'helix' ...
+            label VARCHAR NOT NULL,           -- Pfam id / feature note
+            name VARCHAR NOT NULL DEFAULT '', -- Pfam family name
+            start INTEGER NOT NULL,
+            "end" INTEGER NOT NULL,
+            score DOUBLE
+        )""",
+    "families": """
+        CREATE TABLE families (
+            family VARCHAR PRIMARY KEY,       -- Pfam accession
+            name VARCHAR NOT NULL,
+            description VARCHAR NOT NULL DEFAULT ''
+        )""",
+    "structures": """
+        CREATE TABLE structures (
+            structure_id VARCHAR PRIMARY KEY, -- '<accession>:<file stem>:<chain>'
+            accession VARCHAR NOT NULL,
+            file_name VARCHAR NOT NULL,
+            chain VARCHAR NOT NULL,
+            format VARCHAR NOT NULL,          -- 'pdb' | 'mmcif'
+            is_prediction BOOLEAN NOT NULL,   -- AlphaFold-style model: B-factor = pLDDT
+            identity DOUBLE NOT NULL,         -- % identical over aligned pairs
+            coverage DOUBLE NOT NULL,         -- % of protein residues with a mapped structure residue
+            source VARCHAR NOT NULL DEFAULT '',
+            content VARCHAR NOT NULL          -- the chain as PDB text (model 1), ready for 3Dmol
+        )""",
+    "structure_residues": """
+        CREATE TABLE structure_residues (
+            structure_id VARCHAR NOT NULL,
+            seq_pos INTEGER NOT NULL,         -- 1-based position in proteins.sequence
+            auth_seq_id INTEGER NOT NULL,     -- residue number in the structure file
+            ins_code VARCHAR NOT NULL DEFAULT '',
+            plddt REAL                        -- predictions only
+        )""",
+    "latents": """
+        CREATE TABLE latents (
+            sae_id VARCHAR NOT NULL,
+            latent INTEGER NOT NULL,
+            max_act REAL NOT NULL,            -- 0 for dead latents
+            mean_act REAL NOT NULL,           -- mean over active residues
+            n_active_residues BIGINT NOT NULL,
+            n_active_proteins BIGINT NOT NULL,
+            frac_residues DOUBLE NOT NULL,    -- density over residues
+            frac_proteins DOUBLE NOT NULL,    -- density over proteins
+            is_dead BOOLEAN NOT NULL,
+            hist_counts BIGINT[] NOT NULL,    -- per-residue non-zero activations per hist bin
+            aa_counts BIGINT[] NOT NULL,      -- active residues per AMINO_ACIDS letter
+            top_family VARCHAR,               -- most common Pfam family among active residues
+            top_family_frac DOUBLE,
+            top_annotation_type VARCHAR,
+            top_annotation_frac DOUBLE,
+            PRIMARY KEY (sae_id, latent)
+        )""",
+    "latent_examples": """
+        CREATE TABLE latent_examples (
+            sae_id VARCHAR NOT NULL,
+            latent INTEGER NOT NULL,
+            kind VARCHAR NOT NULL,            -- 'top' | 'bin'
+            bin INTEGER,                      -- 0 = weakest .. n_bins-1; NULL for 'top'
+            rank INTEGER NOT NULL,            -- 0-based within (kind, bin), strongest first
+            accession VARCHAR NOT NULL,
+            max_act REAL NOT NULL,
+            max_pos INTEGER NOT NULL,         -- 1-based residue of the maximum
+            n_active INTEGER NOT NULL,        -- residues with activation > 0
+            activations BLOB NOT NULL         -- uint8 per residue, scale = latents.max_act
+        )""",
+    "latent_bins": """
+        CREATE TABLE latent_bins (
+            sae_id VARCHAR NOT NULL,
+            latent INTEGER NOT NULL,
+            bin INTEGER NOT NULL,
+            lo REAL NOT NULL,                 -- protein max activation in [lo, hi)
+            hi REAL NOT NULL,                 -- the last bin includes hi
+            n_proteins BIGINT NOT NULL        -- proteins of the corpus whose max falls in the bin
+        )""",
+    "latent_families": """
+        CREATE TABLE latent_families (
+            sae_id VARCHAR NOT NULL,
+            latent INTEGER NOT NULL,
+            family VARCHAR NOT NULL,
+            n_residues BIGINT NOT NULL,       -- active residues inside this family's domains
+            frac DOUBLE NOT NULL              -- of the latent's active residues
+        )""",
+    "latent_annotation_types": """
+        CREATE TABLE latent_annotation_types (
+            sae_id VARCHAR NOT NULL,
+            latent INTEGER NOT NULL,
+            type VARCHAR NOT NULL,
+            n_residues BIGINT NOT NULL,
+            frac DOUBLE NOT NULL
+        )""",
+    "latent_neighbors": """
+        CREATE TABLE latent_neighbors (
+            sae_id VARCHAR NOT NULL,
+            latent INTEGER NOT NULL,
+            rank INTEGER NOT NULL,
+            neighbor INTEGER NOT NULL,
+            cosine REAL NOT NULL               -- decoder direction cosine similarity
+        )""",
+    "protein_latents": """
+        CREATE TABLE protein_latents (
+            sae_id VARCHAR NOT NULL,
+            accession VARCHAR NOT NULL,
+            rank INTEGER NOT NULL,            -- 0 = strongest latent on this protein
+            latent INTEGER NOT NULL,
+            max_act REAL NOT NULL,
+            max_pos INTEGER NOT NULL,
+            n_active INTEGER NOT NULL,
+            activations BLOB NOT NULL         -- uint8 per residue, scale = latents.max_act
+        )""",
+    "protein_latent_stats": """
+        CREATE TABLE protein_latent_stats (
+            sae_id VARCHAR NOT NULL,          -- every (protein, latent) pair with any activation > 0
+            accession VARCHAR NOT NULL,
+            latent INTEGER NOT NULL,
+            max_act REAL NOT NULL,
+            sum_act REAL NOT NULL,            -- mean-pooling = sum_act / proteins.length
+            n_active INTEGER NOT NULL
+        )""",
+    "protein_embeddings": """
+        CREATE TABLE protein_embeddings (
+            sae_id VARCHAR NOT NULL,          -- the SAE's pLM and layer
+            accession VARCHAR NOT NULL,
+            mean_rep FLOAT[] NOT NULL         -- mean over residues of the raw pLM representation
+        )""",
+    # ---- written by `plmscope analyze` (interpretation) ----
+    "latent_analysis": """
+        CREATE TABLE latent_analysis (
+            sae_id VARCHAR NOT NULL,
+            latent INTEGER NOT NULL,
+            pattern VARCHAR NOT NULL,          -- dead|point|short_motif|long_motif|periodic|whole
+            family VARCHAR,                    -- best family, chosen on the selection half
+            family_threshold REAL,
+            family_precision DOUBLE,
+            family_recall DOUBLE,
+            family_f1 DOUBLE,                  -- on the held-out half
+            family_auc DOUBLE,
+            family_specific BOOLEAN NOT NULL,
+            concept VARCHAR,                   -- best associated concept (test F1)
+            concept_f1 DOUBLE,
+            description VARCHAR NOT NULL,      -- automatic, every claim with its number
+            PRIMARY KEY (sae_id, latent)
+        )""",
+    "latent_concepts": """
+        CREATE TABLE latent_concepts (
+            sae_id VARCHAR NOT NULL,
+            latent INTEGER NOT NULL,
+            concept VARCHAR NOT NULL,
+            threshold REAL NOT NULL,           -- fraction of latent max, chosen on validation
+            val_f1 DOUBLE NOT NULL,
+            test_f1 DOUBLE NOT NULL,
+            test_precision DOUBLE NOT NULL,
+            test_recall DOUBLE NOT NULL,
+            associated BOOLEAN NOT NULL        -- test_f1 > 0.5
+        )""",
+    "probe_results": """
+        CREATE TABLE probe_results (
+            sae_id VARCHAR NOT NULL,
+            task VARCHAR NOT NULL,             -- e.g. 'location'
+            features VARCHAR NOT NULL,         -- 'sae_mean_max' | 'raw_mean'
+            accuracy DOUBLE NOT NULL,
+            macro_f1 DOUBLE NOT NULL,
+            n_train INTEGER NOT NULL,
+            n_test INTEGER NOT NULL,
+            classes VARCHAR[] NOT NULL
+        )""",
+    "probe_latents": """
+        CREATE TABLE probe_latents (
+            sae_id VARCHAR NOT NULL,
+            task VARCHAR NOT NULL,
+            class VARCHAR NOT NULL,
+            sign VARCHAR NOT NULL,             -- 'positive' | 'negative'
+            rank INTEGER NOT NULL,
+            latent INTEGER NOT NULL,
+            pooling VARCHAR NOT NULL,          -- 'mean' | 'max'
+            weight DOUBLE NOT NULL
+        )""",
+    "analysis_summary": """
+        CREATE TABLE analysis_summary (
+            sae_id VARCHAR PRIMARY KEY,
+            summary JSON NOT NULL              -- counts per category, concepts covered, settings, timing
+        )""",
+}
+
+INDEXES: list[str] = [
+    "CREATE INDEX idx_annotations_acc ON annotations (accession)",
+    "CREATE INDEX idx_examples ON latent_examples (sae_id, latent)",
+    "CREATE INDEX idx_protein_latents ON protein_latents (sae_id, accession)",
+    "CREATE INDEX idx_protein_latent_stats ON protein_latent_stats (sae_id, latent)",
+    "CREATE INDEX idx_structures_acc ON structures (accession)",
+    "CREATE INDEX idx_structure_residues ON structure_residues (structure_id)",
+]
+
+
+def create_all(con) -> None:
+    """Create every table and index on an empty DuckDB connection."""
+    for ddl in TABLES.values():
+        con.execute(ddl)
+    for ddl in INDEXES:
+        con.execute(ddl)
