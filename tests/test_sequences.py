@@ -113,3 +113,18 @@ def test_uniprot_flat_file_features_are_1_based_inclusive():
 def test_clean_sequence_reports_first_bad_position_only():
     seq, problems = clean_sequence("AB-C.", file="f", record="r")
     assert seq is None and problems[0].position == 3
+
+
+def test_annotations_column_is_read_and_bad_json_rejects_only_that_record(tmp_path):
+    path = write(
+        tmp_path,
+        "ann.tsv",
+        'accession\tsequence\tannotations\n'
+        'A1\tMKVLA\t[{"kind": "nls", "type": "nuclear localization signal", "start": 2, "end": 4}]\n'
+        "A2\tMKV\t[{oops\n",
+    )
+    corpus = read_proteins(path)
+    (protein,) = corpus.proteins
+    assert [(a.kind, a.type, a.start, a.end) for a in protein.annotations] == [("nls", "nuclear localization signal", 2, 4)]
+    (problem,) = corpus.problems
+    assert problem.record == "A2" and "annotations column" in problem.message

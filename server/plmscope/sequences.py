@@ -5,8 +5,10 @@ Formats (chosen by file name; ``.gz`` allowed on all of them):
 * FASTA (``.fa .fasta .faa .fas``) read with Biopython.  UniProt-style headers
   (``>sp|P69905|HBA_HUMAN Hemoglobin subunit alpha OS=Homo sapiens OX=9606 ...``) give accession,
   entry name, protein name and organism; any other header gives its first word as accession.
-* TSV/CSV (``.tsv .csv``) with at least ``accession`` and ``sequence`` columns; every other column is
-  kept as an annotation (as in ``data/demo/proteins.tsv.gz``).
+* TSV/CSV (``.tsv .csv``) with at least ``accession`` and ``sequence`` columns; optional
+  ``entry_name``, ``protein_name``, ``organism``, ``pfam`` (JSON list of {pfam, name, start, end,
+  score}, as in ``data/demo/proteins.tsv.gz``) and ``annotations`` (JSON list of {kind, type, label,
+  start, end}); every other column is kept in ``Protein.fields``.
 * UniProt flat files (``.dat .txt .swiss``) read with Biopython's ``swiss`` parser, including the
   feature table as per-residue annotations with 1-based inclusive ranges.
 
@@ -305,6 +307,29 @@ def _pfam_annotations(value: str) -> list[Annotation]:
     ]
 
 
+def _json_annotations(value: str, file: str, record: str) -> list[Annotation]:
+    """The optional ``annotations`` table column: a JSON list of Annotation fields."""
+    if not value:
+        return []
+    try:
+        items = json.loads(value)
+        return [
+            Annotation(
+                kind=str(a.get("kind", "feature")),
+                type=str(a["type"]),
+                label=str(a.get("label", a["type"])),
+                start=int(a["start"]),
+                end=int(a["end"]),
+                name=str(a.get("name", "")),
+                score=a.get("score"),
+            )
+            for a in items
+        ]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{file}, record {record!r}: the annotations column is not a JSON list of "
+                         f"{{type, start, end, ...}} objects ({exc})") from None
+
+
 def iter_proteins(path: str | Path) -> Iterator[Protein | Problem]:
     """Yield a ``Protein`` per valid record and a ``Problem`` per rejected one, in file order."""
     path = Path(path)
@@ -340,6 +365,12 @@ def iter_proteins(path: str | Path) -> Iterator[Protein | Problem]:
             )
             info.pop("accession", None)
             protein.annotations += _pfam_annotations(info.get("pfam", ""))
+            try:
+                protein.annotations += _json_annotations(info.pop("annotations", ""), fname, acc)
+            except InputError as exc:
+                seen.discard(acc)
+                yield Problem(fname, record, str(exc).split(": ", 1)[-1])
+                continue
             protein.fields = {k: v for k, v in info.items() if k not in ("length",)}
             protein.nonstandard = sum(seq.count(c) for c in NONSTANDARD_AA)
             yield protein

@@ -1,0 +1,184 @@
+"""Build the offline demo atlas (real Swiss-Prot proteins, UniRep-256, a TopK SAE) and serve it.
+
+``plmscope demo`` runs, in order, the same public commands a user would run (so the demo proves
+them): prepare the demo corpus from ``data/demo`` -> (``train-sae`` unless the committed SAE in
+``data/demo/sae`` is used) -> ``build`` -> ``analyze`` -> ``serve``.  Every step is skipped when its
+output already exists for the same inputs, so a second ``plmscope demo`` starts serving at once.
+
+The corpus is deterministic: every protein with a structure, every protein with a UniProt flat-file
+entry, then a seeded uniform sample of the rest up to ``--proteins``.  UniProt features from
+``swissprot_sample.dat`` and NLS motif matches from ``nls.tsv`` are attached as annotations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "data" / "demo"
+COMMITTED_SAE = DATA / "sae"
+
+DEMO_MODEL = "unirep-256"
+DEMO_LAYER = 4  # chosen with eval-sae numbers: see README "Demo atlas"
+DEMO_SEED = 20140101
+
+# The committed SAE is reproduced exactly by these train-sae settings on the committed corpus.
+SAE_TRAIN_ARGS = [
+    "--model", DEMO_MODEL, "--layer", str(DEMO_LAYER), "--arch", "topk",
+    "--latents", "1024", "--k", "32", "--seed", "0",
+]
+SAE_TRAIN_PROTEINS = 3000
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", type=Path, default=REPO / "var" / "demo", help="where corpus, SAE and atlas are written")
+    p.add_argument("--proteins", type=int, default=3000, help="proteins in the demo atlas (structures always kept)")
+    p.add_argument("--retrain-sae", action="store_true", help="train the SAE again instead of using data/demo/sae")
+    p.add_argument("--no-analyze", action="store_true", help="skip `plmscope analyze`")
+    p.add_argument("--no-serve", action="store_true", help="stop after building the atlas")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+
+def _read_demo_table() -> list[dict[str, str]]:
+    with gzip.open(DATA / "proteins.tsv.gz", "rt", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def _flat_file_features() -> dict[str, list[dict]]:
+    from .sequences import read_proteins
+
+    corpus = read_proteins(DATA / "swissprot_sample.dat")
+    return {
+        p.accession: [
+            {"kind": a.kind, "type": a.type, "label": a.label, "start": a.start, "end": a.end, "_seq": p.sequence}
+            for a in p.annotations
+        ]
+        for p in corpus.proteins
+    }
+
+
+def _nls_motifs() -> dict[str, list[dict]]:
+    motifs: dict[str, list[dict]] = {}
+    with open(DATA / "nls.tsv", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            motifs.setdefault(row["accession"], []).append(
+                {
+                    "kind": "nls",
+                    "type": "nuclear localization signal",
+                    "label": row["motif"],
+                    "start": int(row["start"]),
+                    "end": int(row["end"]),
+                }
+            )
+    return motifs
+
+
+def select_accessions(rows: list[dict[str, str]], n: int, flat_file: set[str], seed: int = DEMO_SEED) -> list[str]:
+    """Structures and flat-file entries first, then a seeded uniform sample of the rest."""
+    must = [r["accession"] for r in rows if r["has_structure"] == "true" or r["accession"] in flat_file]
+    rest = sorted(r["accession"] for r in rows if r["accession"] not in set(must))
+    extra = random.Random(seed).sample(rest, max(0, min(len(rest), n - len(must))))
+    return must + extra
+
+
+def write_corpus(out: Path, n: int) -> Path:
+    """The demo corpus as a TSV the build reads like any user's table."""
+    rows = _read_demo_table()
+    features = _flat_file_features()
+    nls = _nls_motifs()
+    chosen = set(select_accessions(rows, n, set(features)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    columns = ["accession", "entry_name", "protein_name", "organism", "sequence", "location", "pfam", "annotations", "go_cc", "go_mf", "go_bp"]
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, delimiter="\t", extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            acc = row["accession"]
+            if acc not in chosen:
+                continue
+            # Flat-file features only when the entry's sequence is the corpus sequence (positions!).
+            feats = [
+                {k: v for k, v in f.items() if k != "_seq"}
+                for f in features.get(acc, [])
+                if f["_seq"] == row["sequence"]
+            ]
+            writer.writerow({**row, "annotations": json.dumps(feats + nls.get(acc, []))})
+    tmp.replace(out)
+    return out
+
+
+def write_training_fasta(corpus: Path, out: Path, n: int) -> Path:
+    """The SAE's training proteins: the first ``n`` corpus rows (all of them real demo proteins)."""
+    with open(corpus, encoding="utf-8") as fh, open(out, "w", encoding="utf-8") as dst:
+        for i, row in enumerate(csv.DictReader(fh, delimiter="\t")):
+            if i >= n:
+                break
+            dst.write(f">{row['accession']}\n{row['sequence']}\n")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _step(name: str, argv: list[str]) -> None:
+    from .cli import main
+
+    log.info("demo: plmscope %s", " ".join(argv))
+    t0 = time.perf_counter()
+    status = main(argv)
+    if status:
+        raise InputError(f"demo step `{name}` failed (exit status {status}); see the messages above")
+    log.info("demo: %s took %.1f s", name, time.perf_counter() - t0)
+
+
+def run(args: argparse.Namespace) -> int:
+    work: Path = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    corpus = write_corpus(work / "corpus.tsv", args.proteins)
+
+    if COMMITTED_SAE.joinpath("cfg.json").exists() and not args.retrain_sae:
+        sae_dir = COMMITTED_SAE
+    else:
+        sae_dir = work / "sae"
+        fasta = write_training_fasta(corpus, work / "train.fasta", SAE_TRAIN_PROTEINS)
+        if not sae_dir.joinpath("cfg.json").exists() or args.retrain_sae:
+            _step("train-sae", ["train-sae", *SAE_TRAIN_ARGS, "--fasta", str(fasta), "--out", str(sae_dir)])
+            _step("eval-sae", ["eval-sae", "--sae", str(sae_dir), "--fasta", str(fasta), "--max-proteins", "300"])
+
+    atlas = work / "atlas.duckdb"
+    stamp = work / "atlas.stamp.json"
+    key = {"corpus": _sha256(corpus), "sae": _sha256(sae_dir / "sae_weights.safetensors"), "analyze": not args.no_analyze}
+    if not atlas.exists() or not stamp.exists() or json.loads(stamp.read_text()) != key:
+        stamp.unlink(missing_ok=True)
+        _step(
+            "build",
+            [
+                "build", "--corpus", str(corpus), "--sae", str(sae_dir), "--out", str(atlas),
+                "--structures", str(DATA / "structures"), "--manifest", str(DATA / "structures.tsv"),
+                "--families", str(DATA / "pfam_families.tsv"),
+            ],
+        )
+        if not args.no_analyze:
+            _step("analyze", ["analyze", "--atlas", str(atlas)])
+        stamp.write_text(json.dumps(key))
+    log.info("demo: atlas ready at %s after %.1f s", atlas, time.perf_counter() - t0)
+    if args.no_serve:
+        return 0
+    _step("serve", ["serve", "--atlas", str(atlas), "--host", args.host, "--port", str(args.port)])
+    return 0
