@@ -1,0 +1,403 @@
+"""ESM-2 through fair-esm's own classes and loaders.
+
+fair-esm 2.0.0 calls ``torch.load`` with torch's default ``weights_only=True`` (torch >= 2.6) and
+fails on every ESM-2 checkpoint, because ``cfg["model"]`` is an ``argparse.Namespace``.  We read
+the files ourselves with ``weights_only=True`` and an explicit allow-list (``SAFE_GLOBALS``) and
+hand the dicts to ``esm.pretrained.load_model_and_alphabet_core``, so the model is still built
+by fair-esm.  Nothing else in the process gets ``weights_only`` relaxed.
+
+The forward pass is fair-esm's ``ESM2.forward`` written out layer by layer so that it can stop
+after the requested layer and splice a replacement in (``lm_loss``); ``tests/plm/test_esm2.py``
+checks it against ``model(tokens, repr_layers=[L])`` for every layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ModelError
+from .base import LossResult, ProteinLM, Splice, resolve_device, token_batches
+
+log = logging.getLogger(__name__)
+
+# Where fair-esm downloads from (esm/pretrained.py); a module setting so tests can point it at
+# an unroutable address and fail fast.
+URL_BASE = "https://dl.fbaipublicfiles.com/fair-esm"
+
+ESM2_NAMES = (
+    "esm2_t6_8M_UR50D",
+    "esm2_t12_35M_UR50D",
+    "esm2_t30_150M_UR50D",
+    "esm2_t33_650M_UR50D",
+    "esm2_t36_3B_UR50D",
+    "esm2_t48_15B_UR50D",
+)
+
+# The only Python objects (besides tensors and containers) an ESM-2 checkpoint holds.
+SAFE_GLOBALS = [argparse.Namespace]
+
+# Official architectures, for save_random_esm2(arch=...): (layers, embed_dim, heads).
+ARCHS = {
+    "esm2_t6_8M_UR50D": (6, 320, 20),
+    "esm2_t12_35M_UR50D": (12, 480, 20),
+    "esm2_t30_150M_UR50D": (30, 640, 20),
+    "esm2_t33_650M_UR50D": (33, 1280, 20),
+    "esm2_t36_3B_UR50D": (36, 2560, 40),
+    "esm2_t48_15B_UR50D": (48, 5120, 40),
+}
+
+MAX_RESIDUES = 1022  # 1024 positions minus BOS/EOS, as fair-esm's extract.py truncates
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def hub_checkpoint_paths(name: str) -> tuple[Path, Path]:
+    """Where fair-esm (torch.hub) keeps ``name``'s model and contact-regression files."""
+    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    return ckpt_dir / f"{name}.pt", ckpt_dir / f"{name}-contact-regression.pt"
+
+
+def regression_path(model_path: Path) -> Path:
+    """fair-esm's rule: ``x.pt`` -> ``x-contact-regression.pt`` in the same directory."""
+    return Path(str(model_path.with_suffix("")) + "-contact-regression.pt")
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` with ``SAFE_GLOBALS`` allowed; ModelError naming ``path``."""
+    import pickle
+
+    if not path.is_file():
+        raise ModelError(f"checkpoint file {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"{path} is not a fair-esm checkpoint plmscope can read safely: it holds Python objects "
+            f"outside the allow-list ({first}). Re-save it with tensors and an argparse.Namespace cfg only."
+        ) from None
+    except Exception as e:  # torch reports corrupt zips/pickles as RuntimeError, EOFError, ValueError...
+        raise ModelError(
+            f"{path} is corrupt or not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ModelError(f"{path} is not a fair-esm checkpoint: expected a dict with a 'model' state dict")
+    return data
+
+
+def _download(name: str, url: str, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # Same URL and cache file as fair-esm's torch.hub.load_state_dict_from_url; the file is
+        # written to a temporary name and moved into place, so a failed download leaves nothing.
+        torch.hub.download_url_to_file(url, str(dst), progress=True)
+    except Exception as e:  # URLError, HTTPError, socket errors, disk full...
+        raise ModelError(
+            f"cannot download ESM-2 model {name!r} from {url} ({type(e).__name__}: {e}). "
+            f"This machine may have no internet access. Either put {dst.name} and "
+            f"{name}-contact-regression.pt into torch hub's cache {dst.parent}, or pass the path of a "
+            f"local fair-esm checkpoint instead of the name (e.g. --model /path/{name}.pt, with "
+            f"{name}-contact-regression.pt next to it)."
+        ) from None
+
+
+def load_esm2_modules(spec: str) -> tuple[torch.nn.Module, "object", str]:
+    """(fair-esm ESM2 model, alphabet, canonical name) for a name or a checkpoint path."""
+    from esm.pretrained import load_model_and_alphabet_core
+
+    path = Path(spec).expanduser()
+    if spec in ESM2_NAMES:
+        model_path, reg_path = hub_checkpoint_paths(spec)
+        if not model_path.is_file():
+            _download(spec, f"{URL_BASE}/models/{spec}.pt", model_path)
+        if not reg_path.is_file():
+            _download(spec, f"{URL_BASE}/regression/{spec}-contact-regression.pt", reg_path)
+        name = spec
+    elif spec.endswith(".pt") or path.exists() or "/" in spec:
+        model_path, reg_path = path, regression_path(path)
+        if not model_path.is_file():
+            what = "is a directory, not a checkpoint file" if model_path.is_dir() else "does not exist"
+            raise ModelError(f"ESM-2 checkpoint {model_path} {what}")
+        if not reg_path.is_file():
+            raise ModelError(
+                f"ESM-2 checkpoint {model_path} needs its contact-regression file {reg_path} next to it "
+                f"(fair-esm's official format); it is missing"
+            )
+        name = str(model_path)
+    else:
+        raise ModelError(
+            f"unknown ESM-2 model {spec!r}: use one of {', '.join(ESM2_NAMES)}, or a path to a fair-esm "
+            f"checkpoint file (.pt) with its -contact-regression.pt next to it"
+        )
+
+    model_data = load_checkpoint_file(model_path)
+    regression_data = load_checkpoint_file(reg_path)
+    cfg = model_data.get("cfg")
+    if not (isinstance(cfg, dict) and isinstance(cfg.get("model"), argparse.Namespace)):
+        raise ModelError(
+            f"{model_path} is not an ESM-2 checkpoint in fair-esm's format (no cfg['model'] Namespace); "
+            f"ESM-1/ESM-1b/MSA checkpoints are not supported"
+        )
+    # fair-esm picks the ESM-2 builder by name prefix; a renamed local file is still ESM-2.
+    core_name = model_path.stem if model_path.stem.startswith("esm2") else "esm2"
+    try:
+        model, alphabet = load_model_and_alphabet_core(core_name, model_data, regression_data)
+    except (RuntimeError, AttributeError, KeyError) as e:
+        raise ModelError(f"{model_path} does not match the ESM-2 architecture in its cfg: {str(e)[:300]}") from None
+    return model, alphabet, name
+
+
+def save_random_esm2(
+    path: str | Path,
+    arch: str | None = "esm2_t6_8M_UR50D",
+    *,
+    num_layers: int | None = None,
+    embed_dim: int | None = None,
+    attention_heads: int | None = None,
+    seed: int = 0,
+    token_dropout: bool = True,
+) -> Path:
+    """Save an ESM-2 with random weights in fair-esm's official format (+ ``-contact-regression.pt``).
+
+    Same layout as the released files: ``{"cfg": {"model": Namespace(...)}, "model": state}`` with
+    keys under ``encoder.sentence_encoder.`` / ``encoder.lm_head.``, and the contact regression in
+    its own file.  Explicit ``num_layers/embed_dim/attention_heads`` override ``arch``.
+    """
+    from esm.data import Alphabet
+    from esm.model.esm2 import ESM2 as FairESM2
+
+    layers, dim, heads = ARCHS[arch] if arch else (None, None, None)
+    layers, dim, heads = num_layers or layers, embed_dim or dim, attention_heads or heads
+    if not (layers and dim and heads):
+        raise ModelError("save_random_esm2 needs arch= or num_layers, embed_dim and attention_heads")
+    torch.manual_seed(seed)
+    model = FairESM2(layers, dim, heads, Alphabet.from_architecture("ESM-1b"), token_dropout)
+    # Default inits leave LayerNorm/bias at 1/0; perturb them so tests see every parameter act.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "layer_norm" in n:
+                p.add_(0.05 * torch.randn_like(p))
+
+    state = model.state_dict()
+    model_state, regression_state = {}, {}
+    for key, value in state.items():
+        if key.startswith("contact_head."):
+            regression_state[key] = value.clone()
+        elif key.startswith("lm_head."):
+            model_state["encoder." + key] = value.clone()
+        else:
+            model_state["encoder.sentence_encoder." + key] = value.clone()
+    cfg = argparse.Namespace(
+        _name="esm2",
+        encoder_layers=layers,
+        encoder_embed_dim=dim,
+        encoder_ffn_embed_dim=4 * dim,
+        encoder_attention_heads=heads,
+        token_dropout=token_dropout,
+        max_positions=1024,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"cfg": {"model": cfg}, "model": model_state}, path)
+    torch.save({"model": regression_state}, regression_path(path))
+    return path
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+def _transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """fair-esm's ``TransformerLayer.forward`` (ESM-2: no bias_kv, rotary) with fused attention.
+
+    fair-esm's rotary path never takes torch's fused kernel: it materialises and averages the
+    (batch, heads, T, T) weights, which dominates CPU time on padded batches and GPU memory.
+    ``scaled_dot_product_attention`` computes the same softmax(q k^T) v from the same modules'
+    weights; ``test_esm2`` holds it to fair-esm's own forward within 1e-5.
+    """
+    from esm.modules import gelu
+
+    attn = layer.self_attn
+    T, B, E = x.shape
+    H, hd = attn.num_heads, attn.head_dim
+    residual = x
+    h = layer.self_attn_layer_norm(x)
+    q = (attn.q_proj(h) * attn.scaling).reshape(T, B * H, hd).transpose(0, 1)
+    k = attn.k_proj(h).reshape(T, B * H, hd).transpose(0, 1)
+    v = attn.v_proj(h).reshape(T, B * H, hd).transpose(0, 1)
+    # fair-esm's cos/sin tables are float32, which promotes bf16/fp16 q and k under autocast.
+    q, k = attn.rot_emb(q, k)
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    o = F.scaled_dot_product_attention(
+        q.reshape(B, H, T, hd), k.reshape(B, H, T, hd), v.reshape(B, H, T, hd), attn_mask=keep, scale=1.0
+    )
+    o = o.reshape(B * H, T, hd).transpose(0, 1).reshape(T, B, E)
+    x = residual + attn.out_proj(o)
+    residual = x
+    h = layer.fc2(gelu(layer.fc1(layer.final_layer_norm(x))))
+    return residual + h
+
+
+def mask_positions(seqs: Sequence[str], seed: int = 0, mask_prob: float = 0.15) -> list[torch.Tensor]:
+    """0-based residue positions ``lm_loss`` masks: ``round(mask_prob * n)`` (at least 1) per sequence.
+
+    Drawn per sequence in input order from one ``torch.Generator(seed)``, so they do not depend on
+    batching or device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    masks = []
+    for s in seqs:
+        n_mask = max(1, round(mask_prob * len(s))) if s else 0
+        masks.append(torch.randperm(len(s), generator=gen)[:n_mask].sort().values)
+    return masks
+
+
+class ESM2(ProteinLM):
+    family = "esm2"
+    max_residues = MAX_RESIDUES
+
+    def __init__(self, model: torch.nn.Module, alphabet, name: str, device: torch.device, dtype=None):
+        self.model = model.eval().to(device)
+        self.alphabet = alphabet
+        self.batch_converter = alphabet.get_batch_converter()
+        self.name = name
+        self.device = device
+        self.num_layers = model.num_layers
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        elif isinstance(dtype, str):
+            if dtype.lower() not in _DTYPES:
+                raise ModelError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
+            dtype = _DTYPES[dtype.lower()]
+        # CPU stays float32: autocast there is slower and would break determinism/equivalence.
+        self.autocast_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
+
+    @classmethod
+    def load(cls, spec: str, device: str | torch.device | None = "auto", dtype=None) -> "ESM2":
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        model, alphabet, name = load_esm2_modules(str(spec))
+        return cls(model, alphabet, name, dev, dtype)
+
+    def d_model(self, layer: int) -> int:
+        self.check_layer(layer)
+        return self.model.embed_dim
+
+    # fair-esm's ESM2.forward, split so that it can stop early and be spliced into.
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _tokens(self, seqs: Sequence[str]) -> torch.Tensor:
+        bad = [(i, m.group()) for i, s in enumerate(seqs) if (m := re.search(r"[^A-Z]", s))]
+        if bad:
+            i, ch = bad[0]
+            raise ModelError(f"{self.name}: sequence {i + 1} contains {ch!r}, which ESM-2 cannot encode")
+        _, _, tokens = self.batch_converter([("", s) for s in seqs])
+        return tokens.to(self.device)
+
+    def _embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        padding_mask = tokens.eq(m.padding_idx)
+        x = m.embed_scale * m.embed_tokens(tokens)
+        if m.token_dropout:
+            x.masked_fill_((tokens == m.mask_idx).unsqueeze(-1), 0.0)
+            mask_ratio_train = 0.15 * 0.8
+            src_lengths = (~padding_mask).sum(-1)
+            mask_ratio_observed = (tokens == m.mask_idx).sum(-1).to(x.dtype) / src_lengths
+            x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[:, None, None]
+        x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
+        return x, padding_mask
+
+    def _layers(self, x: torch.Tensor, padding_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run layers ``start+1..stop`` on (B, T, E); at ``stop == num_layers`` apply the final norm."""
+        m = self.model
+        # SDPA wants True = may attend, broadcast over heads and queries.
+        keep = ~padding_mask[:, None, None, :] if padding_mask.any() else None
+        x = x.transpose(0, 1)
+        for layer in m.layers[start:stop]:
+            x = _transformer_layer(layer, x, keep)
+        if stop == self.num_layers and start < stop:
+            x = m.emb_layer_norm_after(x)
+        return x.transpose(0, 1)
+
+    def _forward_batch(self, seqs: Sequence[str], layer: int) -> list[torch.Tensor]:
+        if not seqs:
+            return []
+        tokens = self._tokens(seqs)
+        with self._autocast():
+            x, padding_mask = self._embed(tokens)
+            x = self._layers(x, padding_mask, 0, layer)
+        x = x.float()
+        # Row 0 is BOS: residue i sits at token i.
+        return [x[b, 1 : len(s) + 1].cpu().clone() for b, s in enumerate(seqs)]
+
+    @torch.no_grad()
+    def lm_loss(
+        self,
+        seqs: Sequence[str],
+        layer: int,
+        splice: Splice | None = None,
+        *,
+        seed: int = 0,
+        mask_prob: float = 0.15,
+        token_budget: int = 4096,
+    ) -> LossResult:
+        """Masked-LM loss over the residues ``mask_positions`` picks, each replaced by <mask>.
+
+        Every chosen position is masked (no 80/10/10 replacement: that is a
+        training-time augmentation).  ``splice`` gets the layer-``layer`` residue rows of a whole
+        batch at once (float32, on the model's device) and must return the same shape.
+        """
+        self.check_layer(layer)
+        seqs = [self.truncate(s, f"sequence {i + 1}") for i, s in enumerate(seqs)]
+        masks = mask_positions(seqs, seed, mask_prob)
+        total, count = 0.0, 0
+        items = [(str(i), s) for i, s in enumerate(seqs) if s]
+        for batch in token_batches(items, token_budget):
+            idx = [int(i) for i, _ in batch]
+            tokens = self._tokens([seqs[i] for i in idx])
+            targets = torch.full_like(tokens, -100)
+            for b, i in enumerate(idx):
+                pos = masks[i].to(self.device) + 1  # +1: BOS
+                targets[b, pos] = tokens[b, pos]
+                tokens[b, pos] = self.alphabet.mask_idx
+            with self._autocast():
+                x, padding_mask = self._embed(tokens)
+                x = self._layers(x, padding_mask, 0, layer)
+                if splice is not None:
+                    x = self._splice(x, [len(seqs[i]) for i in idx], splice)
+                x = self._layers(x, padding_mask, layer, self.num_layers)
+                logits = self.model.lm_head(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+            count += int((targets != -100).sum())
+        return LossResult(total, count)
+
+    @staticmethod
+    def _splice(x: torch.Tensor, lengths: list[int], splice: Splice) -> torch.Tensor:
+        rows = torch.cat([x[b, 1 : n + 1] for b, n in enumerate(lengths)]).float()
+        new = splice(rows)
+        if new.shape != rows.shape:
+            raise ModelError(f"splice returned shape {tuple(new.shape)}, expected {tuple(rows.shape)}")
+        x = x.clone()
+        new = new.to(device=x.device, dtype=x.dtype)
+        offset = 0
+        for b, n in enumerate(lengths):
+            x[b, 1 : n + 1] = new[offset : offset + n]
+            offset += n
+        return x

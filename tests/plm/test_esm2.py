@@ -1,0 +1,228 @@
+"""ESM-2 backend against fair-esm itself, on a tiny random ESM-2 saved in the official format."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import shutil
+
+import esm
+import pytest
+import torch
+import torch.nn.functional as F
+from esm.pretrained import load_model_and_alphabet_core
+
+from plmscope.errors import ModelError
+from plmscope.plm import esm2 as esm2_mod
+from plmscope.plm.base import load_plm
+from plmscope.plm.esm2 import ESM2, mask_positions, regression_path, save_random_esm2
+
+N_LAYERS = 3
+SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MKV", "ACDEFGHIKLMNPQRSTVWYXBZUO", "GGSGGSGGSGGSLLLLKKK", "W"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_random_esm2(
+        tmp_path_factory.mktemp("esm") / "tiny_esm2.pt", None, num_layers=N_LAYERS, embed_dim=32, attention_heads=4, seed=3
+    )
+
+
+@pytest.fixture(scope="module")
+def plm(ckpt):
+    return ESM2.load(str(ckpt), "cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """fair-esm's own model built from the same files, independent of our loader (trusted file)."""
+    model_data = torch.load(ckpt, map_location="cpu", weights_only=False)
+    regression = torch.load(regression_path(ckpt), map_location="cpu", weights_only=False)
+    model, alphabet = load_model_and_alphabet_core("esm2_tiny", model_data, regression)
+    return model.eval(), alphabet
+
+
+def test_plain_fair_esm_fails_on_official_file_and_ours_loads(ckpt, plm, reference):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        esm.pretrained.load_model_and_alphabet_local(str(ckpt))
+    ref_state = reference[0].state_dict()
+    ours = plm.model.state_dict()
+    assert ours.keys() == ref_state.keys()
+    assert all(torch.equal(ours[k], ref_state[k]) for k in ours)
+    assert plm.num_layers == N_LAYERS and plm.d_model(2) == 32 and plm.max_residues == 1022
+
+
+def test_saved_file_has_official_layout(ckpt):
+    data = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert isinstance(data["cfg"]["model"], argparse.Namespace)
+    assert data["cfg"]["model"].encoder_layers == N_LAYERS
+    keys = set(data["model"])
+    assert "encoder.sentence_encoder.embed_tokens.weight" in keys
+    assert "encoder.sentence_encoder.emb_layer_norm_after.weight" in keys
+    assert "encoder.sentence_encoder.layers.2.self_attn.rot_emb.inv_freq" in keys
+    assert "encoder.lm_head.dense.weight" in keys
+    assert all(k.startswith(("encoder.sentence_encoder.", "encoder.lm_head.")) for k in keys)
+    regression = torch.load(regression_path(ckpt), map_location="cpu", weights_only=True)
+    assert set(regression["model"]) == {"contact_head.regression.weight", "contact_head.regression.bias"}
+
+
+@pytest.mark.parametrize("layer", range(N_LAYERS + 1))
+def test_equals_fair_esm_every_layer_padded_batches(plm, reference, layer):
+    model, alphabet = reference
+    _, _, tokens = alphabet.get_batch_converter()([("", s) for s in SEQS])
+    with torch.no_grad():
+        ref = model(tokens, repr_layers=[layer])["representations"][layer]
+    batched = plm.representations(SEQS, layer)
+    streamed = {rid: rep for rid, _, rep in plm.iter_representations(enumerate(SEQS), layer, token_budget=40)}
+    for b, seq in enumerate(SEQS):
+        expected = ref[b, 1 : len(seq) + 1]
+        assert batched[b].shape == (len(seq), 32) and batched[b].dtype == torch.float32
+        torch.testing.assert_close(batched[b], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(streamed[b], expected, atol=1e-5, rtol=0)
+
+
+def test_early_stop_skips_later_layers(plm):
+    calls = []
+    hooks = [layer.fc2.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, layer in enumerate(plm.model.layers)]
+    hooks.append(plm.model.emb_layer_norm_after.register_forward_hook(lambda *_: calls.append("final_norm")))
+    hooks.append(plm.model.lm_head.register_forward_hook(lambda *_: calls.append("lm_head")))
+    try:
+        plm.representations(SEQS, 1)
+        assert calls == [0]
+        calls.clear()
+        plm.representations(SEQS, N_LAYERS)
+        assert calls == [0, 1, 2, "final_norm"]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_truncation_warns_with_record_name(plm, caplog):
+    long = ("MKTAYIAKQRQISFVKSHFSRQ" * 50)[:1030]
+    with caplog.at_level(logging.WARNING):
+        (rep,) = plm.representations([long], 2, records=["sp|LONG1|TEST"])
+    assert rep.shape == (1022, 32)
+    assert "sp|LONG1|TEST" in caplog.text and "1030" in caplog.text
+    (first,) = plm.representations([long[:1022]], 2)
+    torch.testing.assert_close(rep, first, atol=1e-5, rtol=0)
+
+
+def test_cpu_is_deterministic(plm):
+    a = plm.representations(SEQS, 2)
+    b = plm.representations(SEQS, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert plm.lm_loss(SEQS * 3, 1).total == plm.lm_loss(SEQS * 3, 1).total
+
+
+def test_lm_loss_is_fair_esm_masked_token_loss(plm, reference):
+    model, alphabet = reference
+    seqs = SEQS * 4
+    masks = mask_positions(seqs, seed=7)
+    assert [len(m) for m in masks] == [max(1, round(0.15 * len(s))) for s in seqs]
+    total, n = 0.0, 0
+    for seq, pos in zip(seqs, masks):
+        _, _, tokens = alphabet.get_batch_converter()([("", seq)])
+        targets = tokens[0, pos + 1].clone()
+        tokens[0, pos + 1] = alphabet.mask_idx
+        with torch.no_grad():
+            logits = model(tokens)["logits"][0, pos + 1]
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+        n += len(pos)
+    result = plm.lm_loss(seqs, 2, seed=7)
+    assert result.n_tokens == n
+    assert result.total == pytest.approx(total, rel=1e-5)
+    assert plm.lm_loss(seqs, 2, seed=8).total != pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 1, N_LAYERS])
+def test_lm_loss_splice(plm, layer):
+    seqs = SEQS * 3
+    clean = plm.lm_loss(seqs, layer)
+    seen = []
+
+    def identity(rows):
+        seen.append(rows.shape)
+        return rows
+
+    assert plm.lm_loss(seqs, layer, splice=identity).total == pytest.approx(clean.total, rel=1e-6)
+    assert sum(s[0] for s in seen) == sum(map(len, seqs)) and seen[0][1] == 32
+    zero = plm.lm_loss(seqs, layer, splice=torch.zeros_like)
+    assert zero.n_tokens == clean.n_tokens
+    assert abs(zero.total - clean.total) > 1e-3 * clean.total
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_name(monkeypatch):
+    with pytest.raises(ModelError, match=r"unknown ESM-2 model 'esm2_t7_9M_UR50D'.*esm2_t33_650M_UR50D"):
+        load_plm("esm2_t7_9M_UR50D", "cpu")
+    with pytest.raises(ModelError, match="unknown model 'prot_bert'"):
+        load_plm("prot_bert", "cpu")
+
+
+def test_missing_checkpoint_and_regression(tmp_path, ckpt):
+    with pytest.raises(ModelError, match=r"checkpoint .*nothere\.pt does not exist"):
+        load_plm(str(tmp_path / "nothere.pt"), "cpu")
+    lone = tmp_path / "lone.pt"
+    shutil.copy(ckpt, lone)
+    with pytest.raises(ModelError, match=r"lone-contact-regression\.pt .*missing"):
+        load_plm(str(lone), "cpu")
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path, ckpt):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    shutil.copy(regression_path(ckpt), regression_path(bad))
+    with pytest.raises(ModelError, match=r"bad\.pt is corrupt or not a PyTorch checkpoint"):
+        ESM2.load(str(bad), "cpu")
+
+    # A pickled object outside the allow-list must be refused, not executed.
+    evil = tmp_path / "evil.pt"
+    torch.save({"cfg": {"model": _Foreign()}, "model": {}}, evil)
+    shutil.copy(regression_path(ckpt), regression_path(evil))
+    with pytest.raises(ModelError, match=r"evil\.pt .*outside the allow-list"):
+        ESM2.load(str(evil), "cpu")
+
+    esm1 = tmp_path / "esm1.pt"
+    torch.save({"args": argparse.Namespace(arch="roberta_large"), "model": {}}, esm1)
+    shutil.copy(regression_path(ckpt), regression_path(esm1))
+    with pytest.raises(ModelError, match=r"esm1\.pt is not an ESM-2 checkpoint"):
+        ESM2.load(str(esm1), "cpu")
+
+    # Right format, wrong shapes for its cfg: fair-esm's strict load fails -> ModelError.
+    data = torch.load(ckpt, map_location="cpu", weights_only=False)
+    data["cfg"]["model"].encoder_layers = N_LAYERS + 1
+    wrong = tmp_path / "wrong.pt"
+    torch.save(data, wrong)
+    shutil.copy(regression_path(ckpt), regression_path(wrong))
+    with pytest.raises(ModelError, match=r"wrong\.pt does not match the ESM-2 architecture"):
+        ESM2.load(str(wrong), "cpu")
+
+
+class _Foreign:
+    pass
+
+
+def test_name_from_hub_cache_and_fast_download_failure(tmp_path, ckpt, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(esm2_mod, "URL_BASE", "http://127.0.0.1:9/fair-esm")
+    with pytest.raises(ModelError, match=r"cannot download ESM-2 model 'esm2_t6_8M_UR50D'.*no internet.*hub.*checkpoints.*local fair-esm checkpoint"):
+        load_plm("esm2_t6_8M_UR50D", "cpu")
+    assert not (tmp_path / "hub" / "checkpoints" / "esm2_t6_8M_UR50D.pt").exists()
+
+    cache = tmp_path / "hub" / "checkpoints"
+    shutil.copy(ckpt, cache / "esm2_t6_8M_UR50D.pt")
+    with pytest.raises(ModelError, match=r"esm2_t6_8M_UR50D-contact-regression\.pt"):
+        load_plm("esm2_t6_8M_UR50D", "cpu")
+    shutil.copy(regression_path(ckpt), cache / "esm2_t6_8M_UR50D-contact-regression.pt")
+    plm = load_plm("esm2_t6_8M_UR50D", "cpu")  # found in the cache: no network needed
+    assert isinstance(plm, ESM2) and plm.name == "esm2_t6_8M_UR50D" and plm.num_layers == N_LAYERS
+
+
+def test_bad_residue_and_layer(plm):
+    with pytest.raises(ModelError, match=r"sequence 2 contains '1'"):
+        plm.representations(["MKV", "MK1V"], 1)
+    with pytest.raises(ModelError, match=r"layers 0\.\.3; layer 4"):
+        plm.representations(["MKV"], 4)
