@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Benchmark the web server (`plmscope serve`) on loopback: page JSON latency, inference overhead, batching.
+
+Setup (all local, no downloads): ESM-2 8M architecture with random weights, a TopK SAE with 4096
+latents (random init), demo proteins, built into an atlas with the real ``plmscope build`` -- or
+``--atlas`` to reuse one (e.g. the build benchmark's).  The server runs as a real ``plmscope serve``
+subprocess on 127.0.0.1; clients are httpx in this process.
+
+1. p50/p99 of ``/latents/{sae}/{n}.json`` and ``/proteins/{acc}.json`` (random live latents/proteins).
+2. ``POST /api/infer`` on a 300-residue sequence (cache off) vs a bare forward in a fresh process (the
+   same pLM layer + SAE encode, no server, run while no server runs): overhead ratio = server p50 / bare p50.
+3. Requests/s with 16 concurrent clients: micro-batched (``--batch-size``) vs one-at-a-time (batch 1).
+
+    python scripts/bench_server.py                          # builds a 300-protein, 4096-latent atlas
+    python scripts/bench_server.py --atlas bench.duckdb --queries 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import gzip
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO.parent / "shared" / "data" / "demo"
+AA = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def create_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--atlas", help="existing atlas to serve (default: build one in --workdir)")
+    p.add_argument("--workdir", help="inputs and built atlas (default: a temp dir)")
+    p.add_argument("--proteins", type=int, default=300, help="proteins in the built atlas")
+    p.add_argument("--latents", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--layer", type=int, default=6)
+    p.add_argument("--queries", type=int, default=300, help="requests per page kind")
+    p.add_argument("--infer-runs", type=int, default=30, help="single /api/infer calls (and bare forwards)")
+    p.add_argument("--length", type=int, default=300, help="residues of the inference sequence")
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients for the throughput test")
+    p.add_argument("--per-client", type=int, default=6, help="requests per client in the throughput test")
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size of the batched server")
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--child-bare", help=argparse.SUPPRESS)  # JSON file of sequences: bare forwards, in a fresh process
+    return p
+
+
+def build_atlas(work: Path, args) -> Path:
+    import torch
+
+    from plmscope.cli import main
+    from plmscope.plm.esm2 import save_random_esm2
+    from plmscope.sae.io import save_sae
+    from plmscope.sae.model import SparseAutoencoder, make_cfg
+
+    out = work / f"bench_server_{args.proteins}_{args.latents}.duckdb"
+    if out.exists():
+        return out
+    plm = work / "esm2_8M_random.pt"
+    if not plm.exists():
+        save_random_esm2(plm, "esm2_t6_8M_UR50D", seed=0)
+    sae_dir = work / f"sae{args.latents}"
+    if not (sae_dir / "cfg.json").exists():
+        cfg = make_cfg(plm=str(plm), layer=args.layer, d_in=320, d_sae=args.latents, architecture="topk", k=args.k)
+        save_sae(SparseAutoencoder.from_config(cfg, generator=torch.Generator().manual_seed(0)), sae_dir)
+    with gzip.open(DEMO / "proteins.tsv.gz", "rt") as fh:
+        rows = [r for r in csv.DictReader(fh, delimiter="\t") if int(r["length"]) <= 1022]
+    rows = random.Random(args.seed).sample(rows, min(args.proteins, len(rows)))
+    corpus = work / f"corpus{args.proteins}.tsv"
+    with open(corpus, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    t = time.perf_counter()
+    rc = main(["build", "--corpus", str(corpus), "--sae", str(sae_dir), "--out", str(out), "--device", "cpu"])
+    if rc != 0:
+        raise SystemExit(f"plmscope build failed with status {rc}")
+    print(f"built {out.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return out
+
+
+class Server:
+    """`plmscope serve` as a subprocess with settings passed as PLMSCOPE_* variables."""
+
+    def __init__(self, atlas: Path, **settings):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ, **{f"PLMSCOPE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "plmscope.cli", "serve", "--atlas", str(atlas), "--host",
+                                      "127.0.0.1", "--port", str(self.port), "--device", "cpu"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        import httpx
+
+        for _ in range(900):  # at most ~3 minutes for the models to load
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise SystemExit("server exited:\n" + self.log.read().decode()[-3000:])
+            try:
+                if httpx.get(self.base + "/health", timeout=2).json().get("model_loaded"):
+                    return self
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise SystemExit("server did not become ready")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def summary(ms: list[float]) -> dict:
+    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 2), "p99_ms": round(pct(ms, 99), 2)}
+
+
+def variants(base: str, n: int, rng: random.Random) -> list[str]:
+    """Distinct sequences of the same length (one substitution each): no cache hit, same cost."""
+    out = []
+    for i in range(n):
+        pos = rng.randrange(len(base))
+        out.append(base[:pos] + AA[(AA.index(base[pos]) + 1 + i % 19) % 20] + base[pos + 1:])
+    return out
+
+
+def page_latency(base: str, args, rng: random.Random) -> dict:
+    import httpx
+
+    with httpx.Client(base_url=base, timeout=60) as c:
+        ov = c.get("/.json", params={"per_page": 500}).json()
+        sae = ov["sae_id"]
+        live = [r["latent"] for r in ov["latents"]]
+        prots = [p["accession"] for p in c.get("/proteins.json", params={"per_page": 500}).json()["proteins"]]
+        c.get(f"/latents/{sae}/{live[0]}.json")  # warm-up
+        out = {"d_sae": ov["saes"][0]["d_sae"], "corpus_proteins": ov["corpus"]["n_proteins"]}
+        for kind, paths in (("latent_json", [f"/latents/{sae}/{rng.choice(live)}.json" for _ in range(args.queries)]),
+                            ("protein_json", [f"/proteins/{rng.choice(prots)}.json" for _ in range(args.queries)])):
+            ms = []
+            for path in paths:
+                t = time.perf_counter()
+                r = c.get(path)
+                ms.append((time.perf_counter() - t) * 1000)
+                assert r.status_code == 200, (path, r.status_code)
+            out[kind] = summary(ms)
+    return out
+
+
+def bare_forward(atlas: Path, seqs: list[str]) -> dict:
+    """The same pLM layer + SAE encode the server runs, called directly (no HTTP, no queue).
+
+    Timed on a worker thread, as the server computes (its single inference thread), and on the main
+    thread for reference: on the 2-core test machine under load the same forward took ~3x longer on
+    the main thread than on a worker thread, so only the like-for-like number makes a fair ratio.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from plmscope.store.reader import AtlasReader
+    from plmscope.web.inference import load_models
+
+    reader = AtlasReader(atlas)
+    m = next(iter(load_models(reader, "cpu").values()))
+    reader.close()
+
+    def timed() -> list[float]:
+        ms = []
+        with torch.no_grad():
+            m.sae.encode(m.plm.representations([seqs[0]], m.layer)[0])  # warm-up
+            for s in seqs:
+                t = time.perf_counter()
+                z = m.sae.encode(m.plm.representations([s], m.layer)[0])
+                (z > 0).nonzero()
+                ms.append((time.perf_counter() - t) * 1000)
+        return ms
+
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        worker = ex.submit(timed).result()
+    out = summary(worker)
+    out["main_thread"] = summary(timed())
+    return out
+
+
+def bare_forward_fresh(atlas: Path, seqs: list[str]) -> dict:
+    """bare_forward in a new process: nothing left over from the build (threads, allocator) skews it."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump({"atlas": str(atlas), "seqs": seqs}, fh)
+    out = subprocess.run([sys.executable, __file__, "--child-bare", fh.name], capture_output=True, text=True, check=True)
+    os.unlink(fh.name)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def infer_latency(base: str, seqs: list[str]) -> dict:
+    import httpx
+
+    ms = []
+    with httpx.Client(base_url=base, timeout=120) as c:
+        c.post("/api/infer", json={"sequence": seqs[0][::-1]})  # warm-up
+        for s in seqs:
+            t = time.perf_counter()
+            r = c.post("/api/infer", json={"sequence": s, "top_k": 20})
+            ms.append((time.perf_counter() - t) * 1000)
+            assert r.status_code == 200, r.text
+    return summary(ms)
+
+
+async def _throughput(base: str, seqs: list[list[str]]) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=300) as c:
+        async def client(mine: list[str]) -> int:
+            ok = 0
+            for s in mine:
+                r = await c.post("/api/infer", json={"sequence": s})
+                ok += r.status_code == 200
+            return ok
+
+        t = time.perf_counter()
+        oks = await asyncio.gather(*[client(m) for m in seqs])
+        dt = time.perf_counter() - t
+    n = sum(len(m) for m in seqs)
+    return {"requests": n, "ok": sum(oks), "seconds": round(dt, 2), "requests_per_s": round(sum(oks) / dt, 2)}
+
+
+def run(args) -> dict:
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the results
+    rng = random.Random(args.seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="plmscope_bench_server_"))
+    work.mkdir(parents=True, exist_ok=True)
+    atlas = Path(args.atlas) if args.atlas else build_atlas(work, args)
+    base_seq = "".join(rng.choice(AA) for _ in range(args.length))
+    single = variants(base_seq, args.infer_runs, rng)
+    conc = [variants(base_seq, args.per_client, rng) for _ in range(args.clients)]
+    results: dict = {"atlas": str(atlas), "length": args.length}
+    # the bare forward first, with no server running: the two never compete for the CPUs
+    results["bare_forward"] = bare_forward_fresh(atlas, single)
+    common = {"rate_limit_per_minute": 0, "cache_size": 0, "infer_queue_size": 4 * args.clients}
+    with Server(atlas, infer_batch_size=args.batch_size, infer_max_wait_ms=args.max_wait_ms, **common) as srv:
+        results["pages"] = page_latency(srv.base, args, rng)
+        results["api_infer"] = infer_latency(srv.base, single)
+        results["batched"] = asyncio.run(_throughput(srv.base, conc))
+    results["overhead_ratio_p50"] = round(results["api_infer"]["p50_ms"] / results["bare_forward"]["p50_ms"], 3)
+    with Server(atlas, infer_batch_size=1, infer_max_wait_ms=0, **common) as srv:
+        results["one_at_a_time"] = asyncio.run(_throughput(srv.base, conc))
+    results["batching_speedup"] = round(results["batched"]["requests_per_s"] / results["one_at_a_time"]["requests_per_s"], 3)
+    results["cpu_count"] = os.cpu_count()
+    return results
+
+
+def main(argv=None) -> int:
+    args = create_parser().parse_args(argv)
+    if args.child_bare:
+        spec = json.loads(Path(args.child_bare).read_text())
+        print(json.dumps(bare_forward(Path(spec["atlas"]), spec["seqs"])))
+        return 0
+    print(json.dumps(run(args), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

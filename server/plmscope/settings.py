@@ -1,0 +1,61 @@
+"""Settings of the web app (``plmscope serve``), read from arguments and ``PLMSCOPE_*`` variables.
+
+Every limit the server enforces lives here so that an operator can see and change it in one
+place; ``plmscope serve`` overrides the few it exposes as flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_frontend_dir() -> Path:
+    # The package lives in REPO/server/plmscope; the templates and static files in REPO/frontend.
+    return Path(__file__).resolve().parents[2] / "frontend"
+
+
+class Settings(BaseSettings):
+    """Configuration of one server process."""
+
+    model_config = SettingsConfigDict(env_prefix="PLMSCOPE_", extra="ignore")
+
+    atlas: Path = Field(Path("atlas.duckdb"), description="DuckDB atlas file to serve (opened read-only)")
+    host: str = Field("127.0.0.1", description="interface to listen on; 0.0.0.0 exposes the server to the network")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes; each loads its own copy of the models")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where live inference runs: auto = CUDA when available, else CPU"
+    )
+    max_residues: int = Field(1022, ge=1, description="longest sequence accepted for live inference")
+    max_request_bytes: int = Field(
+        256 * 1024, ge=1024, description="largest request body accepted (JSON or form), in bytes"
+    )
+    rate_limit_per_minute: int = Field(
+        60, ge=0, description="live inference requests per client IP per minute (0 = no limit)"
+    )
+    infer_batch_size: int = Field(
+        8, ge=1, description="most sequences run through the pLM together (1 = one request at a time)"
+    )
+    infer_max_wait_ms: float = Field(
+        10.0, ge=0, description="how long the first request of a batch waits for others to join it"
+    )
+    infer_queue_size: int = Field(
+        64, ge=1, description="requests waiting for the model beyond which new ones get 503 + Retry-After"
+    )
+    cache_size: int = Field(256, ge=0, description="inference results kept in the LRU cache (by sequence hash)")
+    max_upload_bytes: int = Field(
+        5 * 1024 * 1024, ge=1024, description="largest PDB/mmCIF upload accepted on /infer, in bytes"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed by CORS; empty = CORS off (same-origin only)"
+    )
+    load_model: bool = Field(
+        True, description="load the pLM and SAEs for live inference; off = atlas pages only, /infer says so"
+    )
+    frontend_dir: Path = Field(
+        default_factory=_default_frontend_dir, description="directory holding templates/ and static/"
+    )

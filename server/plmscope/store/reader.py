@@ -1,0 +1,487 @@
+"""All SQL that reads an atlas.
+
+The web app, ``plmscope view`` and the analysis code read through this module only.  The file is
+opened read-only (a served atlas can never be modified by a request, and several processes may
+serve one file); every query is parameterised.  DuckDB connections are not safe to share between
+threads, so each thread gets its own cursor of the one database connection.
+
+Results are plain dicts (JSON-ready: floats, ints, strings, lists), so the web layer can wrap
+them in its pydantic models without knowing SQL or the storage encoding.  Per-residue
+activations are decoded here from ``uint8`` to floats (``q / 255 * latents.max_act``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AtlasError
+from .schema import AMINO_ACIDS, SCHEMA_VERSION, TABLES
+
+# Sort keys of the latent table -> SQL expression (a whitelist: user input never reaches SQL text).
+LATENT_SORTS: dict[str, str] = {
+    "latent": "l.latent",
+    "max_act": "l.max_act",
+    "mean_act": "l.mean_act",
+    "frac_residues": "l.frac_residues",
+    "frac_proteins": "l.frac_proteins",
+    "n_active_proteins": "l.n_active_proteins",
+    "top_family_frac": "l.top_family_frac",
+    "family_f1": "a.family_f1",
+    "concept_f1": "a.concept_f1",
+}
+
+# Tables a reader needs; the analysis tables may be empty (before `plmscope analyze`).
+_REQUIRED = ("atlas_meta", "saes", "proteins", "latents", "latent_examples")
+
+
+def decode_activations(blob: bytes | None, scale: float) -> list[float]:
+    """uint8 BLOB -> per-residue floats, rounded to 4 decimals (the quantisation step is coarser)."""
+    if not blob:
+        return []
+    q = np.frombuffer(bytes(blob), dtype=np.uint8).astype(np.float64)
+    return np.round(q * (float(scale) / 255.0), 4).tolist()
+
+
+def protein_label(p: dict) -> str:
+    """A name for every protein: its name, else its Pfam families and location classes.
+
+    Most demo proteins have no name in their source; an accession alone tells a scientist nothing.
+    """
+    name = p.get("protein_name") or p.get("entry_name") or ""
+    if name:
+        return name
+    parts = []
+    if p.get("families"):
+        parts.append(", ".join(p["families"][:3]) + (" …" if len(p["families"]) > 3 else ""))
+    if p.get("locations"):
+        parts.append(", ".join(p["locations"][:2]))
+    return " · ".join(parts) if parts else "unnamed protein"
+
+
+def _num(x: Any) -> Any:
+    # NaN/inf are not JSON; a missing metric is None.
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class AtlasReader:
+    """A read-only view of one atlas file."""
+
+    def __init__(self, path: str | Path):
+        import duckdb
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise AtlasError(f"atlas file {self.path} does not exist (build one with `plmscope build`)")
+        try:
+            self._con = duckdb.connect(str(self.path), read_only=True)
+        except duckdb.Error as exc:
+            raise AtlasError(f"{self.path} is not a readable DuckDB atlas: {exc}") from None
+        self._local = threading.local()
+        tables = {r[0] for r in self._con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        missing = [t for t in _REQUIRED if t not in tables]
+        if missing:
+            raise AtlasError(f"{self.path} is not a plmscope atlas: tables {', '.join(missing)} are missing")
+        self._tables = tables & set(TABLES)
+        self.meta = {k: json.loads(v) for k, v in self._con.execute("SELECT key, value FROM atlas_meta").fetchall()}
+        version = self.meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise AtlasError(
+                f"{self.path} has atlas schema version {version}; this plmscope reads version {SCHEMA_VERSION} "
+                f"(rebuild the atlas with this version's `plmscope build`)"
+            )
+        self.atlas_id = str(self.meta.get("atlas_id", ""))
+        self._seq_index: dict[str, str] | None = None
+
+    # ---- plumbing ----
+    def _cur(self):
+        cur = getattr(self._local, "cur", None)
+        if cur is None:
+            cur = self._local.cur = self._con.cursor()
+        return cur
+
+    def cursor(self):
+        """This thread's cursor on the read-only connection (for store modules with their own SQL)."""
+        return self._cur()
+
+    def _rows(self, sql: str, params: list | tuple = ()) -> list[dict]:
+        cur = self._cur()
+        res = cur.execute(sql, list(params))
+        cols = [d[0] for d in res.description]
+        return [{c: _num(v) for c, v in zip(cols, row)} for row in res.fetchall()]
+
+    def _one(self, sql: str, params: list | tuple = ()) -> dict | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def has_rows(self, table: str) -> bool:
+        if table not in self._tables:
+            return False
+        return bool(self._cur().execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0])  # noqa: S608 (table from schema)
+
+    def close(self) -> None:
+        self._con.close()
+
+    # ---- overview ----
+    def saes(self) -> list[dict]:
+        rows = self._rows(
+            "SELECT sae_id, plm, layer, architecture, d_in, d_sae, k, cfg, metrics, n_dead, n_proteins, "
+            "n_residues, CAST(built_at AS VARCHAR) AS built_at, position FROM saes ORDER BY position, sae_id"
+        )
+        for r in rows:
+            r["cfg"] = json.loads(r["cfg"]) if r["cfg"] else {}
+            r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
+            r["dead_fraction"] = r["n_dead"] / r["d_sae"] if r["d_sae"] else None
+        return rows
+
+    def sae(self, sae_id: str) -> dict | None:
+        return next((s for s in self.saes() if s["sae_id"] == sae_id), None)
+
+    def sae_weights(self, sae_id: str) -> tuple[dict, bytes]:
+        row = self._cur().execute("SELECT cfg, weights FROM saes WHERE sae_id = ?", [sae_id]).fetchone()
+        if row is None:
+            raise AtlasError(f"{self.path} holds no SAE {sae_id!r}")
+        return json.loads(row[0]), bytes(row[1])
+
+    def overview(self) -> dict:
+        counts = self._one(
+            "SELECT (SELECT count(*) FROM proteins) AS n_proteins, "
+            "(SELECT coalesce(sum(length), 0) FROM proteins) AS n_residues, "
+            "(SELECT count(*) FROM proteins WHERE has_structure) AS n_with_structure, "
+            "(SELECT count(*) FROM families) AS n_families"
+        )
+        return {
+            "atlas_id": self.atlas_id,
+            "path": self.path.name,
+            "meta": {k: v for k, v in self.meta.items() if k != "inputs"},
+            "saes": [{k: v for k, v in s.items() if k != "cfg"} for s in self.saes()],
+            "corpus": counts,
+            "has_analysis": self.has_rows("latent_analysis"),
+        }
+
+    # ---- latent table ----
+    def latent_facets(self, sae_id: str) -> dict:
+        """Values offered by the latent table's filters, most common first."""
+        fam = self._rows(
+            "SELECT f.family, coalesce(n.name, '') AS name, count(*) AS n FROM latent_families f "
+            "LEFT JOIN families n ON n.family = f.family WHERE f.sae_id = ? GROUP BY ALL ORDER BY n DESC, f.family LIMIT 300",
+            [sae_id],
+        )
+        types = self._rows(
+            "SELECT type, count(*) AS n FROM latent_annotation_types WHERE sae_id = ? GROUP BY type ORDER BY n DESC, type",
+            [sae_id],
+        )
+        cats = self._rows(
+            "SELECT pattern AS category, count(*) AS n FROM latent_analysis WHERE sae_id = ? GROUP BY pattern ORDER BY n DESC",
+            [sae_id],
+        )
+        concepts = self._rows(
+            "SELECT concept, count(*) AS n FROM latent_concepts WHERE sae_id = ? AND associated "
+            "GROUP BY concept ORDER BY n DESC, concept LIMIT 300",
+            [sae_id],
+        )
+        return {"families": fam, "annotation_types": types, "categories": cats, "concepts": concepts}
+
+    def latent_list(
+        self,
+        sae_id: str,
+        *,
+        sort: str = "frac_proteins",
+        desc: bool = True,
+        family: str | None = None,
+        annotation_type: str | None = None,
+        category: str | None = None,
+        concept: str | None = None,
+        q: str | None = None,
+        include_dead: bool = False,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> tuple[list[dict], int]:
+        """One page of the latent table and the number of latents matching the filters."""
+        if sort not in LATENT_SORTS:
+            raise ValueError(f"unknown sort {sort!r}; use one of {', '.join(LATENT_SORTS)}")
+        where, params = ["l.sae_id = ?"], [sae_id]
+        if not include_dead:
+            where.append("NOT l.is_dead")
+        if family:
+            where.append(
+                "(a.family = ? OR l.top_family = ? OR EXISTS (SELECT 1 FROM latent_families f "
+                "WHERE f.sae_id = l.sae_id AND f.latent = l.latent AND f.family = ?))"
+            )
+            params += [family] * 3
+        if annotation_type:
+            where.append(
+                "(l.top_annotation_type = ? OR EXISTS (SELECT 1 FROM latent_annotation_types t "
+                "WHERE t.sae_id = l.sae_id AND t.latent = l.latent AND t.type = ?))"
+            )
+            params += [annotation_type] * 2
+        if category:
+            where.append("a.pattern = ?")
+            params.append(category)
+        if concept:
+            where.append(
+                "(a.concept = ? OR EXISTS (SELECT 1 FROM latent_concepts c WHERE c.sae_id = l.sae_id "
+                "AND c.latent = l.latent AND c.concept = ? AND c.associated))"
+            )
+            params += [concept] * 2
+        if q and q.strip():
+            text = q.strip()
+            like = f"%{text}%"
+            clause = (
+                "(a.description ILIKE ? OR a.family ILIKE ? OR a.concept ILIKE ? OR l.top_family ILIKE ? "
+                "OR l.top_annotation_type ILIKE ? OR fam.name ILIKE ? OR EXISTS (SELECT 1 FROM latent_families f "
+                "JOIN families n ON n.family = f.family WHERE f.sae_id = l.sae_id AND f.latent = l.latent "
+                "AND (n.name ILIKE ? OR n.description ILIKE ?)) OR EXISTS (SELECT 1 FROM latent_annotation_types t "
+                "WHERE t.sae_id = l.sae_id AND t.latent = l.latent AND t.type ILIKE ?)"
+            )
+            params += [like] * 9
+            if text.isdigit():
+                clause += " OR l.latent = ?"
+                params.append(int(text))
+            where.append(clause + ")")
+        direction = "DESC" if desc else "ASC"
+        sql = (
+            "SELECT l.latent, l.max_act, l.mean_act, l.frac_residues, l.frac_proteins, l.n_active_residues, "
+            "l.n_active_proteins, l.is_dead, l.top_family, coalesce(fam.name, '') AS top_family_name, "
+            "l.top_family_frac, l.top_annotation_type, l.top_annotation_frac, a.pattern AS category, "
+            "a.family AS analysis_family, a.family_f1, a.family_specific, a.concept, a.concept_f1, a.description, "
+            "count(*) OVER () AS total "
+            "FROM latents l LEFT JOIN latent_analysis a ON a.sae_id = l.sae_id AND a.latent = l.latent "
+            "LEFT JOIN families fam ON fam.family = l.top_family "
+            f"WHERE {' AND '.join(where)} "
+            f"ORDER BY {LATENT_SORTS[sort]} {direction} NULLS LAST, l.latent ASC LIMIT ? OFFSET ?"
+        )
+        rows = self._rows(sql, params + [int(limit), int(offset)])
+        total = rows[0]["total"] if rows else self._count_latents(where, params)
+        for r in rows:
+            r.pop("total", None)
+        return rows, int(total)
+
+    def _count_latents(self, where: list[str], params: list) -> int:
+        # Only reached when the requested page is empty (offset past the end).
+        return self._cur().execute(
+            "SELECT count(*) FROM latents l LEFT JOIN latent_analysis a ON a.sae_id = l.sae_id AND a.latent = l.latent "
+            "LEFT JOIN families fam ON fam.family = l.top_family WHERE " + " AND ".join(where),
+            params,
+        ).fetchone()[0]
+
+    def random_latent(self, sae_id: str, seed: int | None = None) -> int | None:
+        """A live latent chosen uniformly (``seed`` makes the choice reproducible)."""
+        n = self._cur().execute("SELECT count(*) FROM latents WHERE sae_id = ? AND NOT is_dead", [sae_id]).fetchone()[0]
+        if not n:
+            return None
+        idx = np.random.default_rng(seed).integers(n)
+        row = self._cur().execute(
+            "SELECT latent FROM latents WHERE sae_id = ? AND NOT is_dead ORDER BY latent LIMIT 1 OFFSET ?",
+            [sae_id, int(idx)],
+        ).fetchone()
+        return int(row[0])
+
+    # ---- one latent ----
+    def latent(self, sae_id: str, latent: int) -> dict | None:
+        """Everything the latent page shows, or None when the SAE or latent does not exist."""
+        stats = self._one("SELECT * FROM latents WHERE sae_id = ? AND latent = ?", [sae_id, latent])
+        if stats is None:
+            return None
+        sae = self._one("SELECT hist_edges, aa_background, d_sae FROM saes WHERE sae_id = ?", [sae_id])
+        scale = float(stats["max_act"] or 0.0)
+        hist_counts = stats.pop("hist_counts")
+        aa_counts = stats.pop("aa_counts")
+        examples = self._rows(
+            "SELECT e.kind, e.bin, e.rank, e.accession, e.max_act, e.max_pos, e.n_active, e.activations, "
+            "p.sequence, p.length, p.protein_name, p.entry_name, p.organism, p.families, p.locations, p.has_structure "
+            "FROM latent_examples e JOIN proteins p ON p.accession = e.accession "
+            "WHERE e.sae_id = ? AND e.latent = ? ORDER BY e.kind DESC, e.bin DESC NULLS FIRST, e.rank",
+            [sae_id, latent],
+        )
+        for ex in examples:
+            ex["activations"] = decode_activations(ex["activations"], scale)
+            ex["label"] = protein_label(ex)
+        bins = self._rows(
+            "SELECT bin, lo, hi, n_proteins FROM latent_bins WHERE sae_id = ? AND latent = ? ORDER BY bin DESC",
+            [sae_id, latent],
+        )
+        for b in bins:
+            b["examples"] = [e for e in examples if e["kind"] == "bin" and e["bin"] == b["bin"]]
+        families = self._rows(
+            "SELECT f.family, coalesce(n.name, '') AS name, f.n_residues, f.frac FROM latent_families f "
+            "LEFT JOIN families n ON n.family = f.family WHERE f.sae_id = ? AND f.latent = ? ORDER BY f.frac DESC LIMIT 50",
+            [sae_id, latent],
+        )
+        types = self._rows(
+            "SELECT type, n_residues, frac FROM latent_annotation_types WHERE sae_id = ? AND latent = ? "
+            "ORDER BY frac DESC LIMIT 50",
+            [sae_id, latent],
+        )
+        neighbours = self._rows(
+            "SELECT n.rank, n.neighbor AS latent, n.cosine, l.top_family, l.frac_proteins, a.description "
+            "FROM latent_neighbors n LEFT JOIN latents l ON l.sae_id = n.sae_id AND l.latent = n.neighbor "
+            "LEFT JOIN latent_analysis a ON a.sae_id = n.sae_id AND a.latent = n.neighbor "
+            "WHERE n.sae_id = ? AND n.latent = ? ORDER BY n.rank",
+            [sae_id, latent],
+        )
+        analysis = self._one("SELECT * FROM latent_analysis WHERE sae_id = ? AND latent = ?", [sae_id, latent])
+        concepts = self._rows(
+            "SELECT concept, threshold, val_f1, test_f1, test_precision, test_recall, associated FROM latent_concepts "
+            "WHERE sae_id = ? AND latent = ? ORDER BY test_f1 DESC LIMIT 50",
+            [sae_id, latent],
+        )
+        return {
+            "sae_id": sae_id,
+            "latent": latent,
+            "d_sae": sae["d_sae"],
+            "stats": stats,
+            "histogram": {"edges": list(sae["hist_edges"]), "counts": [int(c) for c in hist_counts]},
+            "aa_enrichment": aa_enrichment(aa_counts, sae["aa_background"]),
+            "top_examples": [e for e in examples if e["kind"] == "top"],
+            "bins": bins,
+            "families": families,
+            "annotation_types": types,
+            "neighbours": neighbours,
+            "analysis": analysis,
+            "concepts": concepts,
+        }
+
+    # ---- proteins ----
+    def protein(self, accession: str) -> dict | None:
+        p = self._one("SELECT * FROM proteins WHERE accession = ?", [accession])
+        if p is None:
+            return None
+        p["fields"] = json.loads(p["fields"]) if p["fields"] else {}
+        p["label"] = protein_label(p)
+        p["annotations"] = self._rows(
+            'SELECT kind, type, label, name, start, "end", score FROM annotations WHERE accession = ? '
+            'ORDER BY kind, start, "end"',
+            [accession],
+        )
+        return p
+
+    def structures(self, accession: str, with_content: bool = True) -> list[dict]:
+        cols = "structure_id, accession, file_name, chain, format, is_prediction, identity, coverage, source"
+        rows = self._rows(
+            f"SELECT {cols}{', content' if with_content else ''} FROM structures WHERE accession = ? "
+            "ORDER BY coverage DESC, identity DESC, structure_id",
+            [accession],
+        )
+        for s in rows:
+            res = self._rows(
+                "SELECT seq_pos, auth_seq_id, ins_code, plddt FROM structure_residues WHERE structure_id = ? ORDER BY seq_pos",
+                [s["structure_id"]],
+            )
+            s["residues"] = {
+                "seq_pos": [r["seq_pos"] for r in res],
+                "auth_seq_id": [r["auth_seq_id"] for r in res],
+                "ins_code": [r["ins_code"] for r in res],
+                "plddt": [None if r["plddt"] is None else round(float(r["plddt"]), 2) for r in res]
+                if s["is_prediction"]
+                else None,
+            }
+        return rows
+
+    def protein_top_latents(self, sae_id: str, accession: str, limit: int = 50) -> list[dict]:
+        rows = self._rows(
+            "SELECT pl.rank, pl.latent, pl.max_act, pl.max_pos, pl.n_active, l.max_act AS scale, l.frac_proteins, "
+            "l.top_family, a.pattern AS category, a.description FROM protein_latents pl "
+            "JOIN latents l ON l.sae_id = pl.sae_id AND l.latent = pl.latent "
+            "LEFT JOIN latent_analysis a ON a.sae_id = pl.sae_id AND a.latent = pl.latent "
+            "WHERE pl.sae_id = ? AND pl.accession = ? ORDER BY pl.rank LIMIT ?",
+            [sae_id, accession, limit],
+        )
+        return rows
+
+    def latent_vector(self, sae_id: str, accession: str, latent: int) -> list[float] | None:
+        """Stored per-residue activations of one latent on one protein, or None when not stored.
+
+        The atlas keeps vectors for a protein's top latents and for each latent's examples; a
+        (protein, latent) pair with neither has to be computed live.
+        """
+        for table in ("protein_latents", "latent_examples"):
+            row = self._cur().execute(
+                f"SELECT t.activations, l.max_act FROM {table} t JOIN latents l "  # noqa: S608 (fixed names)
+                "ON l.sae_id = t.sae_id AND l.latent = t.latent "
+                "WHERE t.sae_id = ? AND t.accession = ? AND t.latent = ? LIMIT 1",
+                [sae_id, accession, latent],
+            ).fetchone()
+            if row is not None:
+                return decode_activations(row[0], row[1])
+        return None
+
+    def latent_on_protein_stats(self, sae_id: str, accession: str, latent: int) -> dict | None:
+        return self._one(
+            "SELECT max_act, sum_act, n_active FROM protein_latent_stats WHERE sae_id = ? AND accession = ? AND latent = ?",
+            [sae_id, accession, latent],
+        )
+
+    def search_proteins(self, q: str, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+        """Proteins whose accession, names, organism or Pfam families (ids or names) match ``q``."""
+        like = f"%{q.strip()}%"
+        rows = self._rows(
+            "SELECT accession, entry_name, protein_name, organism, length, families, locations, has_structure, "
+            "count(*) OVER () AS total FROM proteins p WHERE accession ILIKE ? OR entry_name ILIKE ? "
+            "OR protein_name ILIKE ? OR organism ILIKE ? OR array_to_string(families, ' ') ILIKE ? OR EXISTS "
+            "(SELECT 1 FROM families f WHERE list_contains(p.families, f.family) AND f.name ILIKE ?) "
+            "ORDER BY (upper(accession) = upper(?)) DESC, accession LIMIT ? OFFSET ?",
+            [like, like, like, like, like, like, q.strip(), int(limit), int(offset)],
+        )
+        total = rows[0]["total"] if rows else 0
+        for r in rows:
+            r.pop("total")
+            r["label"] = protein_label(r)
+        return rows, int(total)
+
+    def accession_for_sequence(self, sequence: str) -> str | None:
+        """Exact-sequence lookup (built once: a hash -> accession map, cheaper than scanning per request)."""
+        if self._seq_index is None:
+            index: dict[str, str] = {}
+            for acc, seq in self._cur().execute("SELECT accession, sequence FROM proteins ORDER BY accession").fetchall():
+                index.setdefault(hashlib.sha256(seq.encode()).hexdigest(), acc)
+            self._seq_index = index
+        return self._seq_index.get(hashlib.sha256(sequence.encode()).hexdigest())
+
+    def latent_briefs(self, sae_id: str, latents: list[int]) -> dict[int, dict]:
+        """Corpus maximum and analysis labels of a few latents (for live results)."""
+        if not latents:
+            return {}
+        rows = self._rows(
+            "SELECT l.latent, l.max_act, l.frac_proteins, l.top_family, a.pattern AS category, a.description "
+            "FROM latents l LEFT JOIN latent_analysis a ON a.sae_id = l.sae_id AND a.latent = l.latent "
+            "WHERE l.sae_id = ? AND list_contains(?, l.latent)",
+            [sae_id, [int(x) for x in latents]],
+        )
+        return {r["latent"]: r for r in rows}
+
+    def families(self, ids: list[str]) -> dict[str, dict]:
+        if not ids:
+            return {}
+        rows = self._rows("SELECT family, name, description FROM families WHERE list_contains(?, family)", [ids])
+        return {r["family"]: r for r in rows}
+
+
+def aa_enrichment(aa_counts: list[int], background: list[int]) -> list[dict]:
+    """Per amino acid: share among active residues vs among all residues, and log2 of their ratio."""
+    counts = np.asarray(aa_counts, dtype=np.float64)
+    bg = np.asarray(background, dtype=np.float64)
+    n, nb = counts.sum(), bg.sum()
+    out = []
+    for i, aa in enumerate(AMINO_ACIDS):
+        frac = counts[i] / n if n else 0.0
+        bfrac = bg[i] / nb if nb else 0.0
+        # +0.5 pseudo-counts keep the ratio finite for amino acids absent on either side.
+        ratio = ((counts[i] + 0.5) / (n + 10)) / ((bg[i] + 0.5) / (nb + 10)) if nb else 1.0
+        out.append(
+            {"aa": aa, "count": int(counts[i]), "frac": round(float(frac), 5), "background_frac": round(float(bfrac), 5),
+             "log2_enrichment": round(float(math.log2(ratio)), 3)}
+        )
+    return out
+
+
+def open_atlas(path: str | Path) -> AtlasReader:
+    return AtlasReader(path)

@@ -1,0 +1,285 @@
+"""Response and request models: the JSON API contract (published at /openapi.json).
+
+Every page's JSON twin (``PATH.json``) returns one of these models; the HTML page renders the
+same object, so what a script reads is exactly what a person sees.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, Field
+
+
+class SAEInfo(BaseModel):
+    sae_id: str
+    plm: str
+    layer: int
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: Optional[int] = None
+    metrics: dict[str, Any] = Field(default_factory=dict, description="eval-sae results (explained variance, L0, ...)")
+    n_dead: int
+    dead_fraction: Optional[float] = None
+    n_proteins: int
+    n_residues: int
+    built_at: Optional[str] = None
+    position: int = 0
+
+
+class LatentRow(BaseModel):
+    latent: int
+    max_act: float
+    mean_act: float
+    frac_residues: float
+    frac_proteins: float
+    n_active_residues: int
+    n_active_proteins: int
+    is_dead: bool
+    top_family: Optional[str] = None
+    top_family_name: str = ""
+    top_family_frac: Optional[float] = None
+    top_annotation_type: Optional[str] = None
+    top_annotation_frac: Optional[float] = None
+    category: Optional[str] = Field(None, description="activation pattern from `plmscope analyze`")
+    analysis_family: Optional[str] = None
+    family_f1: Optional[float] = None
+    family_specific: Optional[bool] = None
+    concept: Optional[str] = None
+    concept_f1: Optional[float] = None
+    description: Optional[str] = Field(None, description="automatic description (analysis)")
+
+
+class FacetValue(BaseModel):
+    value: str
+    label: str = ""
+    n: int
+
+
+class LatentQuery(BaseModel):
+    sort: str
+    desc: bool
+    family: Optional[str] = None
+    annotation_type: Optional[str] = None
+    category: Optional[str] = None
+    concept: Optional[str] = None
+    q: Optional[str] = None
+    include_dead: bool = False
+    page: int
+    per_page: int
+
+
+class Overview(BaseModel):
+    atlas_id: str
+    atlas_file: str
+    meta: dict[str, Any]
+    corpus: dict[str, Any]
+    saes: list[SAEInfo]
+    sae_id: str = Field(description="the SAE whose latents are listed")
+    has_analysis: bool
+    query: LatentQuery
+    total: int = Field(description="latents matching the filters")
+    latents: list[LatentRow]
+    facets: dict[str, list[FacetValue]]
+
+
+class Example(BaseModel):
+    kind: str = Field(description="'top' or 'bin'")
+    bin: Optional[int] = None
+    rank: int
+    accession: str
+    label: str = Field(description="protein name, or its Pfam families and locations when it has none")
+    organism: str = ""
+    length: int
+    sequence: str
+    max_act: float
+    max_pos: int = Field(description="1-based residue of the maximum")
+    n_active: int
+    has_structure: bool
+    activations: list[float] = Field(description="per residue, row i-1 = residue i")
+
+
+class BinInfo(BaseModel):
+    bin: int
+    lo: float
+    hi: float
+    n_proteins: int
+    examples: list[Example]
+
+
+class Histogram(BaseModel):
+    edges: list[float]
+    counts: list[int]
+
+
+class AAEnrichment(BaseModel):
+    aa: str
+    count: int
+    frac: float
+    background_frac: float
+    log2_enrichment: float
+
+
+class Neighbour(BaseModel):
+    rank: int
+    latent: int
+    cosine: float
+    top_family: Optional[str] = None
+    frac_proteins: Optional[float] = None
+    description: Optional[str] = None
+
+
+class LatentDetail(BaseModel):
+    atlas_id: str
+    sae_id: str
+    latent: int
+    d_sae: int
+    stats: dict[str, Any]
+    histogram: Histogram
+    aa_enrichment: list[AAEnrichment]
+    top_examples: list[Example]
+    bins: list[BinInfo]
+    families: list[dict[str, Any]]
+    annotation_types: list[dict[str, Any]]
+    neighbours: list[Neighbour]
+    analysis: Optional[dict[str, Any]] = Field(None, description="latent_analysis row, when analysed")
+    concepts: list[dict[str, Any]] = Field(default_factory=list, description="latent_concepts rows")
+
+
+class ResidueMap(BaseModel):
+    seq_pos: list[int]
+    auth_seq_id: list[int]
+    ins_code: list[str]
+    plddt: Optional[list[Optional[float]]] = None
+
+
+class Structure(BaseModel):
+    structure_id: str
+    file_name: str
+    chain: str
+    format: str
+    is_prediction: bool
+    identity: float
+    coverage: float
+    source: str = ""
+    content: Optional[str] = Field(None, description="PDB text of the chain (model 1)")
+    residues: ResidueMap
+
+
+class Annotation(BaseModel):
+    kind: str
+    type: str
+    label: str
+    name: str = ""
+    start: int
+    end: int
+    score: Optional[float] = None
+
+
+class TopLatent(BaseModel):
+    rank: int
+    latent: int
+    max_act: float
+    max_pos: int
+    n_active: int
+    frac_proteins: Optional[float] = None
+    top_family: Optional[str] = None
+    category: Optional[str] = None
+    description: Optional[str] = None
+
+
+class Heatmap(BaseModel):
+    sae_id: str
+    latent: int
+    source: str = Field(description="'atlas' (stored vector), 'live' (computed now) or 'none'")
+    activations: Optional[list[float]] = None
+    max_act: Optional[float] = None
+    max_pos: Optional[int] = None
+    message: Optional[str] = None
+
+
+class ProteinDetail(BaseModel):
+    atlas_id: str
+    accession: str
+    label: str
+    entry_name: str
+    protein_name: str
+    organism: str
+    length: int
+    sequence: str
+    truncated_to: Optional[int] = None
+    locations: list[str]
+    families: list[str]
+    family_names: dict[str, str]
+    annotations: list[Annotation]
+    structures: list[Structure]
+    sae_id: str
+    saes: list[str]
+    top_latents: list[TopLatent]
+    heatmap: Optional[Heatmap] = None
+
+
+class ProteinHit(BaseModel):
+    accession: str
+    label: str
+    entry_name: str
+    protein_name: str
+    organism: str
+    length: int
+    families: list[str]
+    locations: list[str]
+    has_structure: bool
+
+
+class ProteinSearch(BaseModel):
+    atlas_id: str
+    q: str
+    total: int
+    proteins: list[ProteinHit]
+
+
+class InferRequest(BaseModel):
+    sequence: str = Field(description="one sequence, or FASTA text (the first record is used)", max_length=2_000_000)
+    sae_id: Optional[str] = Field(None, description="SAE to run; default: the atlas's first SAE")
+    latents: list[int] = Field(default_factory=list, description="latents to return per-residue heatmaps for", max_length=32)
+    top_k: int = Field(20, ge=1, le=200, description="how many of the strongest latents to list")
+
+
+class InferLatent(BaseModel):
+    latent: int
+    max_act: float
+    max_pos: int = Field(description="1-based residue of the maximum")
+    n_active: int = Field(description="residues where the latent is > 0")
+    atlas_max_act: Optional[float] = Field(None, description="the latent's maximum over the atlas corpus")
+    description: Optional[str] = None
+
+
+class InferResponse(BaseModel):
+    atlas_id: str
+    sae_id: str
+    record: str = Field(description="FASTA header of the record used, or '' for a bare sequence")
+    ignored_records: list[str] = Field(default_factory=list, description="further FASTA records (not run)")
+    sequence: str
+    length: int
+    sequence_sha256: str
+    cached: bool
+    matched_accession: Optional[str] = Field(None, description="corpus protein with exactly this sequence")
+    top_latents: list[InferLatent]
+    heatmaps: list[Heatmap]
+
+
+class Health(BaseModel):
+    status: str = Field(description="'ok' when ready, 'degraded' when pages work but live inference does not")
+    atlas_open: bool
+    atlas_id: Optional[str] = None
+    model_loaded: bool
+    model_error: Optional[str] = None
+    device: Optional[str] = None
+    queue_depth: int = 0
+
+
+class ErrorBody(BaseModel):
+    status: int
+    error: str
+    detail: str

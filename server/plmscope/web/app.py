@@ -1,0 +1,92 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+Nothing is opened or loaded at import time: the lifespan opens the atlas (read-only) and, when
+``settings.load_model`` is on, loads every SAE embedded in the atlas and its pLM.  A model that
+fails to load does not take the pages down: /health reports it and /infer says why it is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from ..settings import Settings
+from ..store.reader import AtlasReader
+from . import errors as web_errors
+from .inference import InferenceService, load_models
+from .middleware import AtlasIdMiddleware, BodyLimitMiddleware
+from .templating import make_templates
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        reader = AtlasReader(settings.atlas)
+        app.state.reader = reader
+        app.state.infer = None
+        app.state.model_error = None if settings.load_model else "live inference is switched off on this server (--no-model)"
+        app.state.device = None
+        if settings.load_model:
+            try:
+                models = await asyncio.to_thread(load_models, reader, settings.device)
+                service = InferenceService(models, settings)
+                await service.start()
+                app.state.infer = service
+                app.state.device = str(next(iter(models.values())).plm.device) if models else None
+                log.info("live inference ready on %s for %s", app.state.device, ", ".join(models) or "no SAE")
+            except Exception as exc:  # pages must keep working without a model
+                log.exception("could not load the models for live inference")
+                app.state.model_error = f"the models could not be loaded: {exc}"
+        try:
+            yield
+        finally:
+            if app.state.infer is not None:
+                await app.state.infer.stop()
+            reader.close()
+
+    app = FastAPI(
+        title="plmscope",
+        summary="Sparse-autoencoder latents of protein language models: atlas browser and live inference",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.templates = make_templates(settings.frontend_dir / "templates")
+
+    if settings.cors_origins:  # off unless an operator lists origins
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
+    app.add_middleware(AtlasIdMiddleware)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+
+    web_errors.install(app)
+    app.mount("/static", StaticFiles(directory=settings.frontend_dir / "static"), name="static")
+
+    from .routes import api, health, infer, pages
+
+    app.include_router(health.router)
+    app.include_router(api.router)
+    app.include_router(infer.router)
+    app.include_router(pages.router)
+    _include_optional_routers(app)
+    return app
+
+
+def _include_optional_routers(app: FastAPI) -> None:
+    # The /analysis page belongs to the analysis package; it plugs in when it exists.
+    try:
+        from ..analysis.web import router  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    app.include_router(router)

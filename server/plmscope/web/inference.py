@@ -1,0 +1,303 @@
+"""Live pLM + SAE inference for the web app.
+
+* Models are loaded once, in the app's lifespan (``load_models``), never at import time.
+* Requests go through one bounded queue.  A single worker task takes the first waiting request,
+  waits up to ``infer_max_wait_ms`` for others (up to ``infer_batch_size``), and runs them as one
+  pLM batch in a worker thread, so the event loop keeps serving pages while the model computes.
+* A full queue raises ``QueueFull`` (the route answers 503 + Retry-After) instead of letting
+  latency grow without bound.
+* Results are cached by (SAE, sha256 of the sequence) in a bounded LRU.  Cached results are sparse
+  (only non-zero activations) so that a 1000-residue x 4096-latent result costs kilobytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError, ModelError
+from ..sequences import clean_sequence
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the inference queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many inference requests from this client; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class SequenceTooLong(InputError):
+    pass
+
+
+# ---- input ----
+def parse_sequence_input(text: str) -> tuple[str, str, list[str]]:
+    """A bare sequence or FASTA text -> (record header, clean sequence, headers of ignored records)."""
+    text = (text or "").strip()
+    if not text:
+        raise InputError("no sequence given: paste a protein sequence or a FASTA record")
+    if not text.startswith(">"):
+        seq, problems = clean_sequence(text, file="input", record="sequence")
+        if seq is None:
+            raise InputError(str(problems[0]).replace("input, record 'sequence'", "the sequence"))
+        return "", seq, []
+    records: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith(">"):
+            records.append((line[1:].strip(), []))
+        elif records:
+            records[-1][1].append(line)
+    header, lines = records[0]
+    seq, problems = clean_sequence("".join(lines), file="input", record=header or "record 1")
+    if seq is None:
+        raise InputError(str(problems[0]).replace("input, ", "FASTA "))
+    return header, seq, [h for h, _ in records[1:]]
+
+
+def sequence_hash(seq: str) -> str:
+    return hashlib.sha256(seq.encode()).hexdigest()
+
+
+# ---- results ----
+@dataclass
+class LiveResult:
+    """Sparse SAE activations of one sequence (rows = residues, 0-based)."""
+
+    sae_id: str
+    length: int
+    pos: np.ndarray  # int32, residue index of each non-zero
+    lat: np.ndarray  # int32, latent of each non-zero
+    val: np.ndarray  # float32, activation
+    summary_latents: np.ndarray = field(init=False)
+    summary_max: np.ndarray = field(init=False)
+    summary_argmax: np.ndarray = field(init=False)
+    summary_count: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.lat.size == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            self.summary_latents, self.summary_max, self.summary_argmax, self.summary_count = empty, empty.astype(float), empty, empty
+            return
+        order = np.lexsort((-self.val, self.lat))  # by latent, strongest first
+        lat_sorted = self.lat[order]
+        first = np.flatnonzero(np.r_[True, lat_sorted[1:] != lat_sorted[:-1]])
+        self.summary_latents = lat_sorted[first]
+        self.summary_max = self.val[order][first].astype(np.float64)
+        self.summary_argmax = self.pos[order][first]
+        self.summary_count = np.diff(np.r_[first, lat_sorted.size])
+
+    def top(self, k: int) -> list[dict]:
+        idx = np.argsort(-self.summary_max, kind="stable")[:k]
+        return [
+            {"latent": int(self.summary_latents[i]), "max_act": round(float(self.summary_max[i]), 4),
+             "max_pos": int(self.summary_argmax[i]) + 1, "n_active": int(self.summary_count[i])}
+            for i in idx
+        ]
+
+    def vector(self, latent: int) -> list[float]:
+        out = np.zeros(self.length, dtype=np.float64)
+        m = self.lat == latent
+        out[self.pos[m]] = self.val[m]
+        return np.round(out, 4).tolist()
+
+
+@dataclass
+class _Job:
+    sae_id: str
+    seq: str
+    future: asyncio.Future
+
+
+@dataclass
+class LoadedModel:
+    sae_id: str
+    plm: object  # ProteinLM
+    sae: object  # SparseAutoencoder
+    layer: int
+    max_residues: int | None
+
+
+def load_models(reader, device: str) -> dict[str, LoadedModel]:
+    """Every SAE embedded in the atlas and its pLM (each pLM loaded once); raises ModelError/SAEError."""
+    import torch
+
+    from ..plm import load_plm
+    from ..sae.io import sae_from_bytes
+
+    plms: dict[str, object] = {}
+    out: dict[str, LoadedModel] = {}
+    for s in reader.saes():
+        cfg, weights = reader.sae_weights(s["sae_id"])
+        sae = sae_from_bytes(cfg, weights)
+        if s["plm"] not in plms:
+            plms[s["plm"]] = load_plm(s["plm"], device)
+        plm = plms[s["plm"]]
+        sae = sae.to(plm.device).eval()
+        torch.set_grad_enabled(False)
+        out[s["sae_id"]] = LoadedModel(s["sae_id"], plm, sae, int(s["layer"]), plm.max_residues)
+    return out
+
+
+class InferenceService:
+    """Micro-batching queue + LRU cache + per-client rate limit in front of the loaded models."""
+
+    def __init__(self, models: dict[str, LoadedModel], settings):
+        self.models = models
+        self.settings = settings
+        self._cache: collections.OrderedDict[tuple[str, str], LiveResult] = collections.OrderedDict()
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._pending = 0  # waiting + running jobs: what the queue limit counts
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plmscope-infer")
+        self._hits: dict[str, collections.deque] = {}
+        self._batch_seconds = 0.1  # running estimate of one batch's duration, for Retry-After
+        self.batches_run = 0
+
+    # lifecycle (called from the lifespan, inside the server's event loop)
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run(), name="plmscope-infer-batcher")
+
+    async def stop(self) -> None:
+        if self._worker:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    # ---- limits ----
+    def max_length(self, sae_id: str) -> int:
+        model_limit = self.models[sae_id].max_residues
+        limit = self.settings.max_residues
+        return min(limit, model_limit) if model_limit else limit
+
+    def check_rate(self, client: str) -> None:
+        """Sliding one-minute window per client address."""
+        limit = self.settings.rate_limit_per_minute
+        if limit <= 0:
+            return
+        now = time.monotonic()
+        hits = self._hits.setdefault(client, collections.deque())
+        while hits and now - hits[0] >= 60.0:
+            hits.popleft()
+        if len(hits) >= limit:
+            raise RateLimited(max(1, math.ceil(60.0 - (now - hits[0]))))
+        hits.append(now)
+        if len(self._hits) > 10_000:  # bound memory under many clients: forget idle ones
+            for key in [k for k, v in self._hits.items() if not v or now - v[-1] >= 60.0]:
+                del self._hits[key]
+
+    # ---- the public call ----
+    async def infer(self, sae_id: str, seq: str) -> tuple[LiveResult, bool]:
+        """(result, from_cache).  Raises SequenceTooLong, QueueFull, ModelError."""
+        if sae_id not in self.models:
+            raise ModelError(f"SAE {sae_id!r} is not loaded on this server")
+        limit = self.max_length(sae_id)
+        if len(seq) > limit:
+            raise SequenceTooLong(
+                f"the sequence has {len(seq)} residues; this server accepts at most {limit} "
+                f"(cut it into pieces, or run `plmscope build` offline)"
+            )
+        key = (sae_id, sequence_hash(seq))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit, True
+        if self._pending >= self.settings.infer_queue_size:
+            waves = math.ceil(self._pending / self.settings.infer_batch_size)
+            raise QueueFull(max(1, math.ceil(waves * self._batch_seconds)))
+        fut = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        self._queue.put_nowait(_Job(sae_id, seq, fut))
+        try:
+            result = await fut
+        finally:
+            self._pending -= 1
+        if self.settings.cache_size > 0:
+            self._cache[key] = result
+            while len(self._cache) > self.settings.cache_size:
+                self._cache.popitem(last=False)
+        return result, False
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait = self.settings.infer_max_wait_ms / 1000.0
+        size = self.settings.infer_batch_size
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + wait
+            while len(batch) < size:
+                remaining = deadline - loop.time()
+                try:
+                    job = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+                batch.append(job)
+            batch = [j for j in batch if not j.future.done()]  # clients that went away
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self._compute, [(j.sae_id, j.seq) for j in batch])
+            except Exception as exc:  # a model failure must fail these requests, not the worker
+                log.exception("live inference failed for a batch of %d", len(batch))
+                for j in batch:
+                    if not j.future.done():
+                        j.future.set_exception(ModelError(f"inference failed: {type(exc).__name__}"))
+                continue
+            self.batches_run += 1
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - t0)
+            for j, r in zip(batch, results):
+                if not j.future.done():
+                    j.future.set_result(r)
+
+    def _compute(self, items: list[tuple[str, str]]) -> list[LiveResult]:
+        """One pLM forward per (pLM, layer) over the batch's distinct sequences, then each SAE."""
+        import torch
+
+        out: dict[tuple[str, str], LiveResult] = {}
+        groups: dict[tuple[int, int], list[str]] = {}
+        for sae_id, seq in items:
+            m = self.models[sae_id]
+            groups.setdefault((id(m.plm), m.layer), [])
+            if seq not in groups[(id(m.plm), m.layer)]:
+                groups[(id(m.plm), m.layer)].append(seq)
+        reps: dict[tuple[int, int, str], torch.Tensor] = {}
+        for (plm_id, layer), seqs in groups.items():
+            plm = next(m.plm for m in self.models.values() if id(m.plm) == plm_id)
+            for seq, rep in zip(seqs, plm.representations(seqs, layer)):
+                reps[(plm_id, layer, seq)] = rep
+        with torch.no_grad():
+            for sae_id, seq in items:
+                if (sae_id, seq) in out:
+                    continue
+                m = self.models[sae_id]
+                rep = reps[(id(m.plm), m.layer, seq)]
+                z = m.sae.encode(rep.to(m.sae.W_dec.device)).float().cpu()
+                pos, lat = torch.nonzero(z > 0, as_tuple=True)
+                out[(sae_id, seq)] = LiveResult(
+                    sae_id, rep.shape[0], pos.numpy().astype(np.int32), lat.numpy().astype(np.int32),
+                    z[pos, lat].numpy().astype(np.float32),
+                )
+        return [out[it] for it in items]

@@ -1,0 +1,1 @@
+"""HTTP routes: pages (HTML + JSON twins + CSV), the inference API and health checks."""

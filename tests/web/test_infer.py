@@ -1,0 +1,205 @@
+"""Live inference: /api/infer, the /infer page (permalinks, FASTA, uploads) and every limit."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from plmscope.settings import Settings
+from plmscope.web.app import create_app
+
+SEQ = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMKALRPDEDRLSPLHSVYVDQWDWERVMGDGERQFSTLKSTVEAIWAGIKATEAAVSEEFGLAPFLPDQIHFVHSQELLSRYPDLDAKGRERAIAKDLGAVFLVGIGGKLSDGHRHDVRAPDYDDWUAEGLAAAIEKQGWPVLYD"
+
+
+def _app(tiny_atlas, **kw):
+    return create_app(Settings(atlas=tiny_atlas.path, device="cpu", **kw))
+
+
+def test_api_infer(client):
+    r = client.post("/api/infer", json={"sequence": SEQ, "latents": [0, 5], "top_k": 10})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["length"] == len(SEQ) and j["sequence"] == SEQ and len(j["sequence_sha256"]) == 64
+    assert 0 < len(j["top_latents"]) <= 10
+    maxes = [t["max_act"] for t in j["top_latents"]]
+    assert maxes == sorted(maxes, reverse=True)
+    t = j["top_latents"][0]
+    assert 1 <= t["max_pos"] <= len(SEQ) and t["n_active"] >= 1
+    assert [h["latent"] for h in j["heatmaps"]] == [0, 5]
+    assert all(len(h["activations"]) == len(SEQ) for h in j["heatmaps"])
+    again = client.post("/api/infer", json={"sequence": SEQ, "latents": [0, 5], "top_k": 10}).json()
+    assert again["cached"] and again["top_latents"] == j["top_latents"]
+
+
+def test_fasta_first_record_used(client):
+    fasta = f">first protein\n{SEQ[:60]}\n{SEQ[60:120]}\n>second\nMKV\n>third\nMAA\n"
+    j = client.post("/api/infer", json={"sequence": fasta}).json()
+    assert j["record"] == "first protein" and j["sequence"] == SEQ[:120]
+    assert j["ignored_records"] == ["second", "third"]
+
+
+def test_corpus_match_gives_structure(client):
+    hits = client.get("/proteins.json", params={"per_page": 500}).json()["proteins"]
+    acc = next(h["accession"] for h in hits if h["has_structure"] and h["length"] <= 1022)
+    seq = client.get(f"/proteins/{acc}.json").json()["sequence"]
+    j = client.get("/infer.json", params={"seq": seq}).json()
+    assert j["matched_accession"] == acc
+    html = client.get("/infer", params={"seq": seq, "latents": "1,2"}).text
+    assert 'id="structures-data"' in html and "ATOM" in html and 'id="live-heatmaps"' in html
+
+
+def test_infer_page_permalink(client, tiny_atlas):
+    r = client.post("/infer", data={"sequence": SEQ[:50], "latents": "3, 4"}, follow_redirects=False)
+    assert r.status_code == 303
+    loc = r.headers["location"]
+    assert loc.startswith("/infer?") and "seq=" + SEQ[:50] in loc and "latents=3%2C+4" in loc and "atlas=" in loc
+    page = client.get(loc).text
+    assert 'id="live-latents"' in page and "latent #3" in page and "latent #4" in page
+    assert client.get("/infer").status_code == 200  # empty form
+    csv_text = client.get("/infer.csv", params={"seq": SEQ[:50]}).text
+    assert csv_text.startswith("latent,max_act")
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ({"sequence": "MKV1LLA"}, 422, "position 4"),
+    ({"sequence": ""}, 422, "no sequence"),
+    ({"sequence": "MKVLLA", "latents": [100000]}, 422, "no latent 100000"),
+    ({"sequence": "MKVLLA", "sae_id": "other"}, 404, "no SAE"),
+    ({"sequence": "MKVLLA", "top_k": 0}, 422, "top_k"),
+    ({"nothing": 1}, 422, "sequence"),
+])
+def test_bad_input_is_4xx_with_message(client, body, status, fragment):
+    r = client.post("/api/infer", json=body)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["detail"]
+
+
+def test_too_long_sequence(tiny_atlas):
+    with TestClient(_app(tiny_atlas, max_residues=50)) as c:
+        r = c.post("/api/infer", json={"sequence": SEQ[:51]})
+        assert r.status_code == 413 and "at most 50" in r.json()["detail"]
+        page = c.get("/infer", params={"seq": SEQ[:51]})
+        assert page.status_code == 413 and "at most 50" in page.text
+        assert c.post("/api/infer", json={"sequence": SEQ[:50]}).status_code == 200
+
+
+def test_request_body_limit(tiny_atlas):
+    with TestClient(_app(tiny_atlas, max_request_bytes=2048)) as c:
+        r = c.post("/api/infer", content=json.dumps({"sequence": "A" * 5000}), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "2,048 bytes" in r.json()["detail"]
+
+        def chunks():  # no Content-Length: counted as it streams
+            yield b'{"sequence": "'
+            for _ in range(10):
+                yield b"A" * 1000
+            yield b'"}'
+
+        r = c.post("/api/infer", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+
+
+def test_rate_limit(tiny_atlas):
+    with TestClient(_app(tiny_atlas, rate_limit_per_minute=2)) as c:
+        assert c.post("/api/infer", json={"sequence": "MKVLLA"}).status_code == 200
+        assert c.post("/api/infer", json={"sequence": "MKVLLAG"}).status_code == 200
+        r = c.post("/api/infer", json={"sequence": "MKVLLAGG"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "too many" in r.json()["detail"]
+        assert c.get("/.json").status_code == 200  # pages are not rate limited
+
+
+def test_queue_full_gives_503_with_retry_after(tiny_atlas):
+    app = _app(tiny_atlas, infer_queue_size=1, infer_batch_size=1, cache_size=0, rate_limit_per_minute=0)
+
+    async def burst():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                seqs = [SEQ[i:] + SEQ[:i] for i in range(12)]  # distinct: no cache, no sharing
+                return await asyncio.gather(*[c.post("/api/infer", json={"sequence": s}) for s in seqs])
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert 200 in codes and 503 in codes, codes
+    full = next(r for r in responses if r.status_code == 503)
+    assert int(full.headers["retry-after"]) >= 1 and "queue is full" in full.json()["detail"]
+
+
+def test_micro_batching_groups_concurrent_requests(tiny_atlas):
+    app = _app(tiny_atlas, infer_batch_size=8, infer_max_wait_ms=200, cache_size=0, rate_limit_per_minute=0)
+
+    async def burst():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                rs = await asyncio.gather(*[c.post("/api/infer", json={"sequence": SEQ[i:i + 80]}) for i in range(8)])
+                return rs, app.state.infer.batches_run
+
+    responses, batches = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    assert batches < 8  # several requests shared a pLM forward
+    # batching does not change results: each equals a request run alone
+    with TestClient(_app(tiny_atlas, infer_batch_size=1)) as c:
+        alone = c.post("/api/infer", json={"sequence": SEQ[0:80]}).json()
+    assert alone["top_latents"] == responses[0].json()["top_latents"]
+
+
+def test_structure_upload(client, tiny_atlas):
+    hits = client.get("/proteins.json", params={"per_page": 500}).json()["proteins"]
+    acc = next(h["accession"] for h in hits if h["has_structure"] and h["length"] <= 1022)
+    p = client.get(f"/proteins/{acc}.json").json()
+    s = p["structures"][0]
+    data = gzip.compress(s["content"].encode())
+    r = client.post("/infer", data={"sequence": p["sequence"]}, files={"structure": ("model.pdb.gz", data)})
+    assert r.status_code == 200, r.text
+    assert 'id="structures-data"' in r.text and "upload-error" not in r.text and "ATOM" in r.text
+    bad = client.post("/infer", data={"sequence": p["sequence"]}, files={"structure": ("x.pdb", b"this is not a structure")})
+    assert bad.status_code == 200 and 'id="upload-error"' in bad.text
+    other = client.post("/infer", data={"sequence": "WWWWWWWWWWWWWWWWWWWW"}, files={"structure": ("m.pdb", s["content"].encode())})
+    assert "no protein chain" in other.text or 'id="upload-error"' in other.text
+
+
+def test_upload_size_cap(tiny_atlas):
+    with TestClient(_app(tiny_atlas, max_upload_bytes=1024, max_request_bytes=1024)) as c:
+        r = c.post("/infer", data={"sequence": "MKVLLA"}, files={"structure": ("big.pdb", b"A" * 1500)})
+        assert r.status_code == 200 and "the limit is 1,024" in r.text
+        r = c.post("/infer", data={"sequence": "MKVLLA"}, files={"structure": ("huge.pdb", b"A" * 5000)})
+        assert r.status_code == 413
+
+
+def test_without_model_pages_work_and_infer_says_why(tiny_atlas):
+    with TestClient(_app(tiny_atlas, load_model=False)) as c:
+        assert c.get("/").status_code == 200
+        h = c.get("/health").json()
+        assert h["status"] == "degraded" and not h["model_loaded"] and "switched off" in h["model_error"]
+        r = c.post("/api/infer", json={"sequence": "MKVLLA"})
+        assert r.status_code == 503 and "not available" in r.json()["detail"]
+        page = c.get("/infer", params={"seq": "MKVLLA"})
+        assert page.status_code == 503 and 'id="model-unavailable"' in page.text and "MKVLLA" in page.text
+
+
+def test_server_error_has_no_traceback(tiny_atlas, caplog):
+    app = _app(tiny_atlas, load_model=False)
+
+    def broken():
+        raise RuntimeError("secret internal detail")
+
+    app.add_api_route("/broken", broken)  # a real failing endpoint through the real error handling
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for headers in ({}, {"accept": "application/json"}):
+            r = c.get("/broken", headers=headers)
+            assert r.status_code == 500
+            assert "Traceback" not in r.text and "secret internal detail" not in r.text
+            assert "reference" in r.text
+    assert any("secret internal detail" in rec.getMessage() or rec.exc_info for rec in caplog.records)
+
+
+def test_cors_only_when_configured(tiny_atlas):
+    with TestClient(_app(tiny_atlas, load_model=False, cors_origins=["https://lab.example"])) as c:
+        r = c.get("/.json", headers={"Origin": "https://lab.example"})
+        assert r.headers.get("access-control-allow-origin") == "https://lab.example"
