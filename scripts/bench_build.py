@@ -1,0 +1,193 @@
+"""Benchmark `plmscope build`: throughput vs bare pLM extraction, peak RSS vs corpus size, and query
+latency of the web app's reads on the resulting atlas.
+
+Setup (all local, no downloads): ESM-2 8M architecture with random weights (``save_random_esm2``),
+a TopK SAE with 4096 latents (random init), demo proteins (``../shared/data/demo/proteins.tsv.gz``).
+
+    python scripts/bench_build.py --proteins 2000                  # throughput + queries
+    python scripts/bench_build.py --proteins 2000 --rss 2000 20000  # + peak RSS, one subprocess each
+
+Throughput: the same proteins, the same run: ``plm.iter_representations`` alone (bare extraction),
+then the full build (forward + SAE encode + aggregation + spill + checkpoint + writing the atlas).
+ratio = build residues/s / bare residues/s (target >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO.parent / "shared" / "data" / "demo"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--proteins", type=int, default=2000, help="proteins for the throughput run")
+    p.add_argument("--rss", type=int, nargs="*", default=[], help="corpus sizes for peak-RSS subprocesses")
+    p.add_argument("--latents", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--layer", type=int, default=6)
+    p.add_argument("--token-budget", type=int, default=8192)
+    p.add_argument("--queries", type=int, default=200, help="calls per query kind")
+    p.add_argument("--workdir", help="keep inputs and atlas here (default: a temp dir)")
+    p.add_argument("--child-build", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def setup(work: Path, n: int, args) -> dict:
+    import torch
+
+    from plmscope.plm.esm2 import save_random_esm2
+    from plmscope.sae.io import save_sae
+    from plmscope.sae.model import SparseAutoencoder, make_cfg
+
+    plm = work / "esm2_8M_random.pt"
+    if not plm.exists():
+        save_random_esm2(plm, "esm2_t6_8M_UR50D", seed=0)
+    sae_dir = work / f"sae{args.latents}"
+    if not (sae_dir / "cfg.json").exists():
+        cfg = make_cfg(plm=str(plm), layer=args.layer, d_in=320, d_sae=args.latents, architecture="topk", k=args.k)
+        save_sae(SparseAutoencoder.from_config(cfg, generator=torch.Generator().manual_seed(0)), sae_dir)
+    corpus = work / f"corpus{n}.tsv"
+    if not corpus.exists():
+        with gzip.open(DEMO / "proteins.tsv.gz", "rt") as fh:
+            rows = [r for r in csv.DictReader(fh, delimiter="\t") if int(r["length"]) <= 1022]
+        rows = random.Random(0).sample(rows, min(n, len(rows)))
+        with open(corpus, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t")
+            w.writeheader()
+            w.writerows(rows)
+    return {"plm": str(plm), "sae": str(sae_dir), "corpus": str(corpus)}
+
+
+def build_argv(inp: dict, out: Path, args) -> list[str]:
+    return ["build", "--corpus", inp["corpus"], "--sae", inp["sae"], "--out", str(out), "--device", "cpu",
+            "--token-budget", str(args.token_budget), "--chunk-size", "1024"]
+
+
+def bare_extraction(inp: dict, args) -> tuple[int, float]:
+    from plmscope.plm.base import load_plm
+    from plmscope.sequences import read_proteins
+
+    prots = read_proteins(inp["corpus"]).proteins
+    plm = load_plm(inp["plm"], "cpu")
+    t = time.perf_counter()
+    n = 0
+    # the build streams chunks of 1024 proteins; do the same here so batching is identical
+    for a in range(0, len(prots), 1024):
+        items = [(p.accession, p.sequence) for p in prots[a : a + 1024]]
+        for _, _, rep in plm.iter_representations(items, args.layer, token_budget=args.token_budget,
+                                                  sort_window=len(items)):
+            n += rep.shape[0]
+    return n, time.perf_counter() - t
+
+
+def child_build(args) -> None:
+    from plmscope.cli import main
+
+    work = Path(args.workdir)
+    inp = setup(work, args.proteins, args)
+    out = work / f"rss{args.proteins}.duckdb"
+    out.unlink(missing_ok=True)
+    t = time.perf_counter()
+    rc = main(build_argv(inp, out, args))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print(json.dumps({"rc": rc, "proteins": args.proteins, "peak_rss_mib": round(rss, 1),
+                      "seconds": round(time.perf_counter() - t, 1)}))
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def query_latency(atlas: Path, n: int) -> dict:
+    from plmscope.store.reader import AtlasReader
+
+    r = AtlasReader(atlas)
+    sae_id = r.saes()[0]["sae_id"]
+    con = r._con  # only to pick random keys to ask for
+    latents = [x[0] for x in con.execute("SELECT latent FROM latents WHERE NOT is_dead").fetchall()]
+    accs = [x[0] for x in con.execute("SELECT accession FROM proteins").fetchall()]
+    rng = random.Random(0)
+    kinds = {
+        "latent detail (stats + all examples)": lambda: r.latent(sae_id, rng.choice(latents)),
+        "latent list page (50, sorted)": lambda: r.latent_list(sae_id, sort="frac_proteins", offset=rng.randrange(0, 4000, 50)),
+        "protein page (protein + top latents)": lambda: (r.protein(a := rng.choice(accs)), r.protein_top_latents(sae_id, a)),
+    }
+    out = {}
+    for name, fn in kinds.items():
+        fn()  # warm
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1000)
+        out[name] = {"p50_ms": round(percentile(ts, 50), 2), "p99_ms": round(percentile(ts, 99), 2)}
+    r.close()
+    return out
+
+
+def run(args) -> dict:
+    from plmscope.cli import main
+
+    tmp = None
+    if args.workdir:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory()
+        work = Path(tmp.name)
+    inp = setup(work, args.proteins, args)
+    from plmscope.cli import build_parser
+
+    build_parser("build")  # import the build module now, so the timed build does not pay for imports
+    res_bare, t_bare = bare_extraction(inp, args)
+    print(f"bare extraction: {res_bare} residues in {t_bare:.1f} s", file=sys.stderr, flush=True)
+    out = work / "bench.duckdb"
+    out.unlink(missing_ok=True)  # a fresh atlas, not an SAE added to an old one
+    t = time.perf_counter()
+    assert main(build_argv(inp, out, args)) == 0
+    t_build = time.perf_counter() - t
+    report = {
+        "proteins": args.proteins, "residues": res_bare, "latents": args.latents, "k": args.k, "layer": args.layer,
+        "bare_residues_per_s": round(res_bare / t_bare, 1), "build_residues_per_s": round(res_bare / t_build, 1),
+        "bare_s": round(t_bare, 1), "build_s": round(t_build, 1), "ratio": round(t_bare / t_build, 3),
+        "atlas_mib": round(out.stat().st_size / 2**20, 1),
+    }
+    report["queries"] = query_latency(out, args.queries)
+    report["rss"] = []
+    for n in args.rss:
+        proc = subprocess.run([sys.executable, __file__, "--child-build", "--proteins", str(n), "--workdir", str(work),
+                               "--latents", str(args.latents), "--k", str(args.k), "--layer", str(args.layer),
+                               "--token-budget", str(args.token_budget)],
+                              capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        report["rss"].append(json.loads(line[-1]) if line else {"proteins": n, "error": proc.stderr[-500:]})
+    print(json.dumps(report, indent=1))
+    if tmp:
+        tmp.cleanup()
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child_build:
+        child_build(args)
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Mergeable building blocks of the aggregate state: a slot pool of sparse activation vectors,
+fixed-size reservoirs of slots (top-N, stratified sketch) and a sparse (label, latent) counter.
+
+Everything is plain numpy so that a state can be saved with ``np.savez`` and merged exactly:
+selection orders are total (value, then accession; or priority, then accession), so the result
+never depends on the order in which proteins or shards arrive.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMPTY = -1
+
+
+def _grow(a: np.ndarray, need: int) -> np.ndarray:
+    """Capacity doubling for append-only columns (amortised O(1) per element)."""
+    if need <= len(a):
+        return a
+    out = np.empty(max(need, 2 * len(a), 64), dtype=a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+class SlotPool:
+    """Candidate (protein, latent) entries with their sparse activation vectors.
+
+    A slot holds the accession, the protein's max activation for the latent, its 1-based position,
+    the number of active residues, the residue count the pLM saw (``plen``), the sketch priority and
+    a segment of ``vec_pos``/``vec_val`` (0-based positions, float32 values of the non-zero
+    residues).  float32, not float16: the atlas promises ``|uint8 value - true| <= max/510`` and a
+    float16 intermediate would add up to 2**-12 relative error on top of that.
+    """
+
+    META = {"pri": np.uint64, "max": np.float32, "pos": np.int32, "nact": np.int32, "plen": np.int32,
+            "off": np.int64, "n": np.int32, "alive": np.bool_}
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.meta = {k: np.empty(0, dtype=t) for k, t in self.META.items()}
+        self.acc = np.empty(0, dtype=object)
+        self.vec_pos = np.empty(0, dtype=np.int32)
+        self.vec_val = np.empty(0, dtype=np.float32)
+        self.vec_used = 0
+        self.dead_values = 0
+
+    # ---- adding / freeing
+    def add(self, acc, pri, mx, pos, nact, plen, seg_start, seg_n, src_pos, src_val) -> np.ndarray:
+        """Append slots; their vectors are segments ``[seg_start, seg_start+seg_n)`` of src arrays."""
+        k = len(seg_n)
+        ids = np.arange(self.size, self.size + k, dtype=np.int64)
+        new_size = self.size + k
+        for name in self.META:
+            self.meta[name] = _grow(self.meta[name], new_size)
+        self.acc = _grow(self.acc, new_size)
+        total = int(seg_n.sum())
+        idx = _segment_index(seg_start, seg_n)
+        self.vec_pos = _grow(self.vec_pos, self.vec_used + total)
+        self.vec_val = _grow(self.vec_val, self.vec_used + total)
+        self.vec_pos[self.vec_used : self.vec_used + total] = src_pos[idx]
+        self.vec_val[self.vec_used : self.vec_used + total] = src_val[idx]
+        offs = self.vec_used + np.concatenate([[0], np.cumsum(seg_n)[:-1]]).astype(np.int64)
+        s = slice(self.size, new_size)
+        m = self.meta
+        m["pri"][s], m["max"][s], m["pos"][s], m["nact"][s] = pri, mx, pos, nact
+        m["plen"][s], m["off"][s], m["n"][s], m["alive"][s] = plen, offs, seg_n, True
+        self.acc[s] = acc
+        self.vec_used += total
+        self.size = new_size
+        return ids
+
+    def free(self, ids: np.ndarray) -> None:
+        ids = ids[ids >= 0]
+        if len(ids):
+            self.meta["alive"][ids] = False
+            self.dead_values += int(self.meta["n"][ids].sum())
+
+    def get(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Field ``name`` of slots ``ids`` (EMPTY ids give the field's 'empty' value)."""
+        if name == "acc":
+            out = np.full(len(ids), "", dtype=object)
+            src = self.acc
+        else:
+            empty = {"max": -np.inf, "pri": np.iinfo(np.uint64).max}.get(name, 0)
+            out = np.full(len(ids), empty, dtype=self.META[name])
+            src = self.meta[name]
+        ok = ids >= 0
+        out[ok] = src[ids[ok]]
+        return out
+
+    def dense(self, slot: int) -> np.ndarray:
+        """The full float32 vector of one slot (length = residues the pLM saw)."""
+        m = self.meta
+        v = np.zeros(int(m["plen"][slot]), dtype=np.float32)
+        o, n = int(m["off"][slot]), int(m["n"][slot])
+        v[self.vec_pos[o : o + n]] = self.vec_val[o : o + n]
+        return v
+
+    def compact(self, reservoirs: list["Reservoir"], force: bool = False) -> None:
+        """Drop dead slots and their vectors; renumber slots in ``reservoirs``."""
+        if not force and self.dead_values <= max(self.vec_used // 2, 1 << 20):
+            return
+        alive = np.flatnonzero(self.meta["alive"][: self.size])
+        remap = np.full(self.size + 1, EMPTY, dtype=np.int64)  # last entry maps EMPTY (-1)
+        remap[alive] = np.arange(len(alive))
+        m = self.meta
+        idx = _segment_index(m["off"][alive], m["n"][alive])
+        self.vec_pos = self.vec_pos[idx].copy()
+        self.vec_val = self.vec_val[idx].copy()
+        self.vec_used = len(idx)
+        n = m["n"][alive]
+        new_off = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+        self.meta = {k: v[alive].copy() for k, v in m.items()}
+        self.meta["off"] = new_off
+        self.acc = self.acc[alive].copy()
+        self.size = len(alive)
+        self.dead_values = 0
+        for r in reservoirs:
+            r.slots = remap[r.slots]
+
+    def absorb(self, other: "SlotPool") -> int:
+        """Append every live slot of ``other``; returns the id offset to apply to its reservoirs."""
+        base = self.size
+        n = other.size
+        for name in self.META:
+            self.meta[name] = _grow(self.meta[name], base + n)
+            self.meta[name][base : base + n] = other.meta[name][:n]
+        self.meta["off"][base : base + n] += self.vec_used
+        self.acc = _grow(self.acc, base + n)
+        self.acc[base : base + n] = other.acc[:n]
+        self.vec_pos = _grow(self.vec_pos, self.vec_used + other.vec_used)
+        self.vec_val = _grow(self.vec_val, self.vec_used + other.vec_used)
+        self.vec_pos[self.vec_used : self.vec_used + other.vec_used] = other.vec_pos[: other.vec_used]
+        self.vec_val[self.vec_used : self.vec_used + other.vec_used] = other.vec_val[: other.vec_used]
+        self.vec_used += other.vec_used
+        self.dead_values += other.dead_values
+        self.size += n
+        return base
+
+    # ---- persistence
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        out = {f"{prefix}{k}": v[: self.size] for k, v in self.meta.items()}
+        out[f"{prefix}acc"] = np.asarray(list(self.acc[: self.size]) or [""], dtype=str)[: self.size]
+        out[f"{prefix}vec_pos"] = self.vec_pos[: self.vec_used]
+        out[f"{prefix}vec_val"] = self.vec_val[: self.vec_used]
+        out[f"{prefix}dead"] = np.array([self.dead_values])
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str) -> "SlotPool":
+        p = cls()
+        p.meta = {k: np.array(arrays[f"{prefix}{k}"], dtype=t) for k, t in cls.META.items()}
+        p.size = len(p.meta["pri"])
+        p.acc = np.array([str(a) for a in arrays[f"{prefix}acc"]], dtype=object)
+        p.vec_pos = np.array(arrays[f"{prefix}vec_pos"])
+        p.vec_val = np.array(arrays[f"{prefix}vec_val"])
+        p.vec_used = len(p.vec_pos)
+        p.dead_values = int(arrays[f"{prefix}dead"][0])
+        return p
+
+
+def _segment_index(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s+c)`` for every (s, c), without a Python loop."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    shift = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - counts), counts)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+class Reservoir:
+    """``n_cells`` cells of ``k`` slot ids, each cell keeping the k best entries.
+
+    ``mode='top'``: best = highest max activation, ties -> smaller accession.
+    ``mode='pri'``: best = lowest priority hash, ties -> smaller accession.
+    Rows stay sorted best-first so that ``threshold`` is the k-th entry.
+    """
+
+    def __init__(self, n_cells: int, k: int, mode: str) -> None:
+        self.k = k
+        self.mode = mode
+        self.slots = np.full((n_cells, k), EMPTY, dtype=np.int64)
+
+    def candidates(self, pool: SlotPool, cells: np.ndarray, mx: np.ndarray, pri: np.ndarray) -> np.ndarray:
+        """Mask of new entries that may enter (cheap pre-filter; ties are resolved in ``offer``)."""
+        last = self.slots[cells, self.k - 1]
+        if self.mode == "top":
+            return mx >= pool.get("max", last)
+        return pri <= pool.get("pri", last)
+
+    def offer(self, pool: SlotPool, cells, mx, pri, acc) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Insert candidate entries; returns (index of kept candidates, their (cell, rank) flat
+        positions in ``slots``, slot ids evicted).  The caller allocates slots for the kept ones."""
+        if len(cells) == 0:
+            e = np.empty(0, dtype=np.int64)
+            return e, e, e
+        touched = np.unique(cells)
+        ex_slots = self.slots[touched].ravel()
+        all_cells = np.concatenate([np.repeat(touched, self.k), cells])
+        all_src = np.concatenate([np.full(len(ex_slots), EMPTY), np.arange(len(cells))])
+        all_max = np.concatenate([pool.get("max", ex_slots), mx.astype(np.float32)])
+        all_pri = np.concatenate([pool.get("pri", ex_slots), pri.astype(np.uint64)])
+        all_acc = np.concatenate([pool.get("acc", ex_slots), np.asarray(acc, dtype=object)])
+        empty = np.concatenate([ex_slots == EMPTY, np.zeros(len(cells), bool)])
+        primary = -all_max if self.mode == "top" else all_pri
+        order = np.lexsort((all_acc, primary, empty, all_cells))
+        s_cells = all_cells[order]
+        rank = np.arange(len(order)) - np.searchsorted(s_cells, s_cells, side="left")
+        keep = rank < self.k
+        kept = order[keep]
+        flat = s_cells[keep] * self.k + rank[keep]
+        new_slots = np.concatenate([ex_slots, np.full(len(cells), EMPTY)])
+        self.slots.ravel()[flat] = new_slots[kept]
+        dropped = order[~keep]
+        evicted = new_slots[dropped[dropped < len(ex_slots)]]
+        is_new = all_src[kept] >= 0
+        return all_src[kept][is_new], flat[is_new], evicted[evicted >= 0]
+
+
+class LabelCounter:
+    """Sparse counts of (label, latent) pairs, e.g. active residues inside each Pfam family."""
+
+    def __init__(self, n_latents: int) -> None:
+        self.n_latents = n_latents
+        self.vocab: dict[str, int] = {}
+        self.labels: list[str] = []
+        self.keys = np.empty(0, dtype=np.int64)  # label_code * n_latents + latent, sorted unique
+        self.counts = np.empty(0, dtype=np.int64)
+        self._pending: list[np.ndarray] = []
+        self._pending_n = 0
+
+    def code(self, label: str) -> int:
+        c = self.vocab.get(label)
+        if c is None:
+            c = self.vocab[label] = len(self.labels)
+            self.labels.append(label)
+        return c
+
+    def add(self, codes: np.ndarray, latents: np.ndarray) -> None:
+        if len(codes):
+            self._pending.append(codes.astype(np.int64) * self.n_latents + latents)
+            self._pending_n += len(codes)
+            if self._pending_n > 4_000_000:
+                self.compact()
+
+    def add_keys(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        self.compact()
+        allk = np.concatenate([self.keys, keys])
+        allc = np.concatenate([self.counts, counts])
+        self.keys, inv = np.unique(allk, return_inverse=True)
+        self.counts = np.zeros(len(self.keys), dtype=np.int64)
+        np.add.at(self.counts, inv, allc)
+
+    def compact(self) -> None:
+        if not self._pending:
+            return
+        new = np.concatenate(self._pending)
+        self._pending, self._pending_n = [], 0
+        k, c = np.unique(new, return_counts=True)
+        if len(self.keys):
+            allk = np.concatenate([self.keys, k])
+            allc = np.concatenate([self.counts, c])
+            self.keys, inv = np.unique(allk, return_inverse=True)
+            self.counts = np.zeros(len(self.keys), dtype=np.int64)
+            np.add.at(self.counts, inv, allc)
+        else:
+            self.keys, self.counts = k, c.astype(np.int64)
+
+    def merge(self, other: "LabelCounter") -> None:
+        other.compact()
+        remap = np.array([self.code(lab) for lab in other.labels], dtype=np.int64)
+        if len(other.keys):
+            codes, lat = np.divmod(other.keys, other.n_latents)
+            self.add_keys(remap[codes] * self.n_latents + lat, other.counts)
+
+    def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(latent, label code, count) of every non-zero pair."""
+        self.compact()
+        codes, lat = np.divmod(self.keys, self.n_latents)
+        return lat, codes, self.counts
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        self.compact()
+        return {f"{prefix}keys": self.keys, f"{prefix}counts": self.counts,
+                f"{prefix}labels": np.asarray(self.labels or [""], dtype=str)[: len(self.labels)]}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str, n_latents: int) -> "LabelCounter":
+        c = cls(n_latents)
+        for lab in arrays[f"{prefix}labels"]:
+            c.code(str(lab))
+        c.keys = np.array(arrays[f"{prefix}keys"], dtype=np.int64)
+        c.counts = np.array(arrays[f"{prefix}counts"], dtype=np.int64)
+        return c

@@ -1,0 +1,311 @@
+"""Per-SAE aggregates of an atlas build: one streaming pass, bounded memory, exactly mergeable.
+
+``SAEAggregate.update`` takes a batch of proteins with their SAE codes in sparse form (rows,
+latents, values of the non-zero entries, e.g. from ``sparse_codes``) and folds them into:
+
+* per latent: counts of active residues / proteins, max, the sum of activations (fixed point,
+  2**-16 resolution: integer addition is associative, so shards merge *exactly*), a histogram of the
+  non-zero per-residue activations over the fixed log-spaced edges ``HIST_EDGES`` (values outside
+  [1e-4, 1e3] are counted in the first/last bin, so the totals equal the active residue counts),
+  amino-acid counts of active residues, and sparse (label, latent) counts of active residues inside
+  Pfam families / annotation types;
+* top-N examples per latent: the N proteins with the highest max activation, ties broken by
+  accession (smaller first), with their sparse per-residue vectors;
+* a stratified sketch for the quantile bins: the global max is unknown until the end, so for each
+  latent and each fixed log-spaced bucket of the protein max (the HIST edges) we keep the ``per_bin``
+  proteins with the lowest priority ``splitmix64(blake2b64(accession) ^ latent * phi)``.  At
+  finalisation each quantile bin ``[i*M/n, (i+1)*M/n)`` (M = latent max; the last bin includes M)
+  takes, among the candidates whose max lies in it, the ``per_bin`` lowest priorities.  It is a
+  deterministic hash sample: every sampled protein's max lies in its bin, and ``n_proteins`` per bin
+  is an exact count (from the per-protein statistics); a bin can hold fewer than ``per_bin``
+  samples when a bucket straddling its edge kept only proteins from the other side.
+* per protein (streamed to spill files, not kept in memory): every active (protein, latent) pair
+  (max, sum, n_active), the top ``protein_top`` latents with vectors, and the mean raw pLM
+  representation.
+
+Memory bound (independent of corpus size): slot ids ``8 * L * (N + 56 * per_bin)`` bytes plus, per
+filled slot, ~40 bytes of metadata and 8 bytes per active residue of its vector, i.e. at most
+``L * (N + 56 * per_bin) * (48 + 8 * max_len)`` bytes, plus ``L * (56 + 20 + 4) * 8`` bytes of
+counters and the (label, latent) counts; per-protein outputs between two ``flush`` calls.  In
+practice a latent spans a few decades, so only ~10-20 of its 56 buckets fill.
+
+``merge(other)`` adds counters, unions spill lists and re-offers the other's reservoir entries;
+the selection orders are total, so build-on-shards-then-merge equals one pass exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..store.schema import AMINO_ACIDS, HIST_BINS, HIST_MAX_EXP, HIST_MIN_EXP
+from ._state import EMPTY, LabelCounter, Reservoir, SlotPool, _segment_index
+
+HIST_EDGES = np.logspace(HIST_MIN_EXP, HIST_MAX_EXP, HIST_BINS + 1)
+FIXED_POINT = 2.0**16  # resolution of the exact, mergeable activation sums
+_PHI = np.uint64(0x9E3779B97F4A7C15)
+_AA_CODE = np.full(256, 255, dtype=np.uint8)
+for _i, _a in enumerate(AMINO_ACIDS):
+    _AA_CODE[ord(_a)] = _i
+
+
+@dataclass
+class AggregateSettings:
+    top_n: int = 24
+    n_bins: int = 5
+    per_bin: int = 8
+    protein_top: int = 16
+    label_top: int = 20  # families / annotation types stored per latent
+
+
+def hist_bucket(values: np.ndarray) -> np.ndarray:
+    """Index of the log-spaced HIST bin of each (positive) value, clamped to [0, HIST_BINS)."""
+    return np.clip(np.searchsorted(HIST_EDGES, values, side="right") - 1, 0, HIST_BINS - 1)
+
+
+def protein_hash(accession: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(accession.encode(), digest_size=8).digest(), "little"))
+
+
+def priority(prot_hash: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser of (protein hash xor latent * phi): uniform, deterministic."""
+    with np.errstate(over="ignore"):
+        z = prot_hash.astype(np.uint64) ^ (latents.astype(np.uint64) * _PHI)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sparse_codes(z: torch.Tensor, row_offset: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, latents, values) of the non-zero entries of a dense code chunk, row-major order."""
+    idx = torch.nonzero(z > 0)
+    vals = z[idx[:, 0], idx[:, 1]]
+    return (idx[:, 0].numpy().astype(np.int64) + row_offset, idx[:, 1].numpy().astype(np.int64),
+            vals.float().numpy())
+
+
+def quantize(values: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 codes: q = round(v / scale * 255); |q/255*scale - v| <= scale/510 for 0 <= v <= scale."""
+    if scale <= 0:
+        return np.zeros(len(values), dtype=np.uint8)
+    return np.clip(np.rint(values.astype(np.float64) * (255.0 / scale)), 0, 255).astype(np.uint8)
+
+
+class SAEAggregate:
+    def __init__(self, d_sae: int, settings: AggregateSettings | None = None) -> None:
+        self.L = L = d_sae
+        self.s = settings or AggregateSettings()
+        self.n_proteins = 0
+        self.n_residues = 0
+        self.n_active_res = np.zeros(L, np.int64)
+        self.n_active_prot = np.zeros(L, np.int64)
+        self.sum_fx = np.zeros(L, np.int64)
+        self.max_act = np.zeros(L, np.float32)
+        self.hist = np.zeros((L, HIST_BINS), np.int64)
+        self.aa = np.zeros((L, 20), np.int64)
+        self.background = np.zeros(20, np.int64)
+        self.pool = SlotPool()
+        self.top = Reservoir(L, self.s.top_n, "top")
+        self.sketch = Reservoir(L * HIST_BINS, self.s.per_bin, "pri")
+        self.families = LabelCounter(L)
+        self.types = LabelCounter(L)
+        self.spills: list[str] = []
+        self._pending: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ streaming
+    def update(self, accessions: list[str], sequences: list[str], rows: np.ndarray, lat: np.ndarray,
+               val: np.ndarray, *, mean_reps: np.ndarray | None = None,
+               spans: list[list[tuple[str, str, int, int]]] | None = None) -> None:
+        """Fold in proteins ``accessions`` (sequences = the residues the pLM saw).
+
+        ``rows`` index the concatenation of the sequences' residues; ``spans[i]`` lists
+        ``('family'|'type', label, start, end)`` (1-based inclusive) of protein i.
+        """
+        L = self.L
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        n_prot = len(accessions)
+        codes = _AA_CODE[np.frombuffer("".join(sequences).encode(), dtype=np.uint8)]
+        self.n_proteins += n_prot
+        self.n_residues += int(lengths.sum())
+        self.background += np.bincount(codes[codes < 20], minlength=20)
+
+        p_of_row = np.repeat(np.arange(n_prot), lengths)
+        p = p_of_row[rows]
+        order = np.argsort(p * L + lat, kind="stable")  # pairs contiguous, positions ascending
+        rows, lat, val, p = rows[order], lat[order], val[order].astype(np.float32), p[order]
+        pos = (rows - offsets[p]).astype(np.int32)
+
+        self.n_active_res += np.bincount(lat, minlength=L)
+        self.hist += np.bincount(lat * HIST_BINS + hist_bucket(val), minlength=L * HIST_BINS).reshape(L, HIST_BINS)
+        aa_rows = codes[rows]
+        ok = aa_rows < 20
+        self.aa += np.bincount(lat[ok] * 20 + aa_rows[ok], minlength=L * 20).reshape(L, 20)
+        if spans:
+            self._count_labels(spans, offsets, rows, lat)
+
+        if len(rows):
+            key = p * L + lat
+            starts = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1])
+        else:
+            starts = np.empty(0, np.int64)
+        counts = np.diff(np.append(starts, len(rows))).astype(np.int32)
+        pair_p, pair_l = p[starts], lat[starts]
+        if len(starts):
+            pair_max = np.maximum.reduceat(val, starts)
+            pair_sum = np.add.reduceat(val.astype(np.float64), starts)
+            is_max = val == np.repeat(pair_max, counts)
+            pair_pos = np.minimum.reduceat(np.where(is_max, pos, np.iinfo(np.int32).max), starts)
+        else:
+            pair_max = np.empty(0, np.float32)
+            pair_sum = np.empty(0, np.float64)
+            pair_pos = np.empty(0, np.int32)
+        self.n_active_prot += np.bincount(pair_l, minlength=L)
+        np.add.at(self.sum_fx, pair_l, np.rint(pair_sum * FIXED_POINT).astype(np.int64))
+        np.maximum.at(self.max_act, pair_l, pair_max)
+
+        acc_arr = np.asarray(accessions, dtype=object)
+        hashes = np.array([protein_hash(a) for a in accessions], dtype=np.uint64)
+        pair_pri = priority(hashes[pair_p], pair_l) if len(pair_p) else np.empty(0, np.uint64)
+        pair = dict(p=pair_p, l=pair_l, mx=pair_max, pos=pair_pos, n=counts, start=starts, pri=pair_pri)
+        src = (pos, val)
+        self._offer(self.top, pair_l, pair, acc_arr, lengths, src)
+        self._offer(self.sketch, pair_l * HIST_BINS + hist_bucket(pair_max), pair, acc_arr, lengths, src)
+        self.pool.compact([self.top, self.sketch])
+        self._per_protein(accessions, lengths, pair, pair_sum, src, mean_reps)
+
+    def _offer(self, res: Reservoir, cells, pair, acc_arr, lengths, src) -> None:
+        cand = np.flatnonzero(res.candidates(self.pool, cells, pair["mx"], pair["pri"]))
+        if not len(cand):
+            return
+        kept, flat, evicted = res.offer(self.pool, cells[cand], pair["mx"][cand], pair["pri"][cand],
+                                        acc_arr[pair["p"][cand]])
+        self.pool.free(evicted)
+        c = cand[kept]
+        ids = self.pool.add(acc_arr[pair["p"][c]], pair["pri"][c], pair["mx"][c], pair["pos"][c] + 1,
+                            pair["n"][c], lengths[pair["p"][c]], pair["start"][c], pair["n"][c], *src)
+        res.slots.ravel()[flat] = ids
+
+    def _count_labels(self, spans, offsets, rows, lat) -> None:
+        for counter_name, counter in (("family", self.families), ("type", self.types)):
+            ann_rows, ann_codes = [], []
+            for i, plist in enumerate(spans):
+                n = offsets[i + 1] - offsets[i]
+                per_label: dict[int, list[np.ndarray]] = {}
+                for kind, label, start, end in plist:
+                    if kind != counter_name:
+                        continue
+                    s, e = max(int(start), 1), min(int(end), int(n))
+                    if s <= e:
+                        per_label.setdefault(counter.code(label), []).append(np.arange(s - 1, e) + offsets[i])
+                for code, parts in per_label.items():
+                    r = np.unique(np.concatenate(parts))  # union: overlapping domains count once
+                    ann_rows.append(r)
+                    ann_codes.append(np.full(len(r), code, np.int64))
+            if not ann_rows:
+                continue
+            ar = np.concatenate(ann_rows)
+            ac = np.concatenate(ann_codes)
+            o = np.argsort(ar, kind="stable")
+            ar, ac = ar[o], ac[o]
+            row_cnt = np.bincount(ar, minlength=int(offsets[-1]))
+            row_start = np.concatenate([[0], np.cumsum(row_cnt)[:-1]])
+            c = row_cnt[rows]
+            idx = _segment_index(row_start[rows], c)
+            counter.add(ac[idx], np.repeat(lat, c))
+
+    def _per_protein(self, accessions, lengths, pair, pair_sum, src, mean_reps) -> None:
+        k = self.s.protein_top
+        o = np.lexsort((pair["l"], -pair["mx"], pair["p"]))
+        sp = pair["p"][o]
+        rank = np.arange(len(o)) - np.searchsorted(sp, sp, side="left")
+        t = o[rank < k]
+        seg = _segment_index(pair["start"][t], pair["n"][t])
+        pend = self._pending
+        off = sum(len(a) for a in pend.get("acc", []))
+        pend.setdefault("acc", []).append(np.asarray(accessions, dtype=str))
+        pend.setdefault("plen", []).append(lengths.astype(np.int32))
+        if mean_reps is not None:
+            pend.setdefault("emb", []).append(np.asarray(mean_reps, dtype=np.float32))
+        for name, arr in (("st_p", pair["p"] + off), ("st_l", pair["l"]), ("st_max", pair["mx"]),
+                          ("st_sum", pair_sum.astype(np.float32)), ("st_n", pair["n"]),
+                          ("tp_p", pair["p"][t] + off), ("tp_l", pair["l"][t]), ("tp_max", pair["mx"][t]),
+                          ("tp_pos", pair["pos"][t] + 1), ("tp_n", pair["n"][t]),
+                          ("vec_pos", src[0][seg]), ("vec_val", src[1][seg])):
+            pend.setdefault(name, []).append(arr)
+
+    def flush(self, path: str | Path) -> None:
+        """Write the per-protein outputs gathered since the last flush to ``path`` (.npz)."""
+        pend, self._pending = self._pending, {}
+        if not pend:
+            return
+        arrays = {k: np.concatenate(v) for k, v in pend.items()}
+        if "emb" not in arrays:
+            arrays["emb"] = np.zeros((len(arrays["acc"]), 0), np.float32)
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        self.spills.append(str(path))
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, other: "SAEAggregate") -> None:
+        if other.L != self.L or asdict(other.s) != asdict(self.s):
+            raise ValueError("cannot merge aggregates with different widths or settings")
+        for name in ("n_active_res", "n_active_prot", "sum_fx", "hist", "aa", "background"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.max_act = np.maximum(self.max_act, other.max_act)
+        self.n_proteins += other.n_proteins
+        self.n_residues += other.n_residues
+        self.families.merge(other.families)
+        self.types.merge(other.types)
+        self.spills += other.spills
+        base = self.pool.absorb(other.pool)
+        for mine, theirs in ((self.top, other.top), (self.sketch, other.sketch)):
+            cells, ranks = np.nonzero(theirs.slots != EMPTY)
+            ids = theirs.slots[cells, ranks] + base
+            self.pool.free(ids)  # re-offered below; winners are revived
+            kept, flat, evicted = mine.offer(self.pool, cells, self.pool.get("max", ids),
+                                             self.pool.get("pri", ids), self.pool.get("acc", ids))
+            mine.slots.ravel()[flat] = ids[kept]
+            self.pool.meta["alive"][ids[kept]] = True
+            self.pool.free(evicted)
+        self.pool.compact([self.top, self.sketch], force=True)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> None:
+        arrays = {name: getattr(self, name) for name in
+                  ("n_active_res", "n_active_prot", "sum_fx", "max_act", "hist", "aa", "background")}
+        arrays["scalars"] = np.array([self.L, self.n_proteins, self.n_residues], np.int64)
+        arrays["settings"] = np.array(list(asdict(self.s).values()), np.int64)
+        arrays["top_slots"] = self.top.slots
+        arrays["sketch_slots"] = self.sketch.slots
+        arrays["spills"] = np.asarray(self.spills or [""], dtype=str)[: len(self.spills)]
+        arrays.update(self.pool.to_arrays("pool_"))
+        arrays.update(self.families.to_arrays("fam_"))
+        arrays.update(self.types.to_arrays("typ_"))
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SAEAggregate":
+        with np.load(path, allow_pickle=False) as a:
+            L, n_prot, n_res = (int(x) for x in a["scalars"])
+            agg = cls(L, AggregateSettings(*(int(x) for x in a["settings"])))
+            for name in ("n_active_res", "n_active_prot", "sum_fx", "max_act", "hist", "aa", "background"):
+                setattr(agg, name, np.array(a[name]))
+            agg.n_proteins, agg.n_residues = n_prot, n_res
+            agg.top.slots = np.array(a["top_slots"])
+            agg.sketch.slots = np.array(a["sketch_slots"])
+            agg.spills = [str(s) for s in a["spills"]]
+            agg.pool = SlotPool.from_arrays(a, "pool_")
+            agg.families = LabelCounter.from_arrays(a, "fam_", L)
+            agg.types = LabelCounter.from_arrays(a, "typ_", L)
+        return agg

@@ -1,0 +1,188 @@
+"""Turn a finished ``SAEAggregate`` into atlas table columns (numpy arrays, ready for the writer).
+
+Activation vectors become uint8 blobs scaled by the latent's corpus max (``quantize``); quantile
+bins are fixed once the max is known: bin i = [i*M/n, (i+1)*M/n), the last one closed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..store.schema import HIST_BINS
+from ._state import EMPTY, _segment_index
+from .aggregate import FIXED_POINT, HIST_EDGES, SAEAggregate
+
+
+def bin_index(values: np.ndarray, scale: np.ndarray, n_bins: int) -> np.ndarray:
+    """Quantile bin of protein maxima ``values`` for latents with maxima ``scale`` (same shapes)."""
+    s = np.where(scale > 0, scale.astype(np.float64), 1.0)
+    return np.clip((values.astype(np.float64) * n_bins / s).astype(np.int64), 0, n_bins - 1)
+
+
+def _blobs(vec_pos, vec_val, seg_off, seg_n, plen, scale) -> np.ndarray:
+    """uint8 blobs (object array of bytes) of sparse vectors, each scaled by its own ``scale``."""
+    plen = plen.astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(plen)[:-1]]).astype(np.int64)
+    dense = np.zeros(int(plen.sum()), np.float64)
+    seg = _segment_index(seg_off, seg_n)
+    dense[np.repeat(starts, seg_n) + vec_pos[seg]] = vec_val[seg]
+    sc = np.repeat(np.where(scale > 0, scale.astype(np.float64), np.inf), plen)
+    q = np.clip(np.rint(dense * (255.0 / sc)), 0, 255).astype(np.uint8)
+    out = np.empty(len(plen), dtype=object)
+    for i, (a, n) in enumerate(zip(starts.tolist(), plen.tolist())):
+        out[i] = q[a : a + n].tobytes()
+    return out
+
+
+def _examples(agg: SAEAggregate, sae_id: str, kind: str, lat, bins, ranks, ids) -> dict:
+    pool = agg.pool
+    m = pool.meta
+    return {
+        "sae_id": np.full(len(ids), sae_id, dtype=object), "latent": lat.astype(np.int32), "kind": np.full(len(ids), kind, dtype=object),
+        "bin": bins, "rank": ranks.astype(np.int32), "accession": pool.acc[ids], "max_act": m["max"][ids],
+        "max_pos": m["pos"][ids], "n_active": m["nact"][ids],
+        "activations": _blobs(pool.vec_pos, pool.vec_val, m["off"][ids], m["n"][ids], m["plen"][ids],
+                              agg.max_act[lat]),
+    }
+
+
+def bin_counts(agg: SAEAggregate) -> np.ndarray:
+    """Exact number of proteins per (latent, quantile bin), from the per-protein statistics."""
+    n = agg.s.n_bins
+    counts = np.zeros(agg.L * n, np.int64)
+    for path in agg.spills:
+        with np.load(path) as a:
+            lat, mx = a["st_l"], a["st_max"]
+            counts += np.bincount(lat * n + bin_index(mx, agg.max_act[lat], n), minlength=agg.L * n)
+    return counts.reshape(agg.L, n)
+
+
+def _label_rows(agg, counter, sae_id: str, column: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    lat, codes, cnt = counter.table()
+    labels = np.asarray(counter.labels + [""], dtype=object)
+    o = np.lexsort((labels[codes].astype(str), -cnt, lat))
+    lat, codes, cnt = lat[o], codes[o], cnt[o]
+    rank = np.arange(len(lat)) - np.searchsorted(lat, lat, side="left")
+    keep = rank < agg.s.label_top
+    lat, codes, cnt, rank = lat[keep], codes[keep], cnt[keep], rank[keep]
+    frac = cnt / np.maximum(agg.n_active_res[lat], 1)
+    rows = {"sae_id": np.full(len(lat), sae_id, dtype=object), "latent": lat.astype(np.int32),
+            column: labels[codes], "n_residues": cnt, "frac": frac}
+    first = rank == 0
+    top_label = np.full(agg.L, None, dtype=object)
+    top_frac = np.full(agg.L, None, dtype=object)
+    top_label[lat[first]] = labels[codes[first]]
+    top_frac[lat[first]] = frac[first]
+    return rows, top_label, top_frac
+
+
+def neighbors(W_dec: torch.Tensor, sae_id: str, k: int = 10, chunk: int = 1024) -> dict:
+    """Top-k decoder-direction cosine neighbours of every latent (itself excluded)."""
+    W = torch.nn.functional.normalize(W_dec.detach().float().cpu(), dim=1)
+    L = W.shape[0]
+    k = min(k, L - 1)
+    lat, nb, cos = [], [], []
+    for a in range(0, L, chunk):
+        sim = W[a : a + chunk] @ W.T
+        idx = torch.arange(a, min(a + chunk, L))
+        sim[idx - a, idx] = -float("inf")
+        v, i = torch.topk(sim, k, dim=1)
+        lat.append(np.repeat(idx.numpy(), k))
+        nb.append(i.numpy().ravel())
+        cos.append(v.numpy().ravel())
+    lat = np.concatenate(lat) if lat else np.empty(0, np.int64)
+    return {"sae_id": np.full(len(lat), sae_id, dtype=object), "latent": lat.astype(np.int32),
+            "rank": np.tile(np.arange(k, dtype=np.int32), L), "neighbor": np.concatenate(nb).astype(np.int32),
+            "cosine": np.concatenate(cos).astype(np.float32)}
+
+
+def latent_tables(agg: SAEAggregate, sae_id: str) -> dict[str, dict]:
+    """Columns of latents, latent_examples, latent_bins, latent_families, latent_annotation_types."""
+    L, s = agg.L, agg.s
+    n_res, n_prot = max(agg.n_residues, 1), max(agg.n_proteins, 1)
+    dead = agg.n_active_res == 0
+    mean = np.where(dead, 0.0, (agg.sum_fx / FIXED_POINT) / np.maximum(agg.n_active_res, 1))
+    fam_rows, top_fam, top_fam_frac = _label_rows(agg, agg.families, sae_id, "family")
+    typ_rows, top_typ, top_typ_frac = _label_rows(agg, agg.types, sae_id, "type")
+    latents = {
+        "sae_id": np.full(L, sae_id, dtype=object), "latent": np.arange(L, dtype=np.int32),
+        "max_act": agg.max_act, "mean_act": mean.astype(np.float32), "n_active_residues": agg.n_active_res,
+        "n_active_proteins": agg.n_active_prot, "frac_residues": agg.n_active_res / n_res,
+        "frac_proteins": agg.n_active_prot / n_prot, "is_dead": dead,
+        "hist_counts": _rows_as_lists(agg.hist), "aa_counts": _rows_as_lists(agg.aa),
+        "top_family": top_fam, "top_family_frac": top_fam_frac,
+        "top_annotation_type": top_typ, "top_annotation_frac": top_typ_frac,
+    }
+    # top examples: reservoir rows are already sorted strongest first
+    t_lat, t_rank = np.nonzero(agg.top.slots != EMPTY)
+    top = _examples(agg, sae_id, "top", t_lat, np.full(len(t_lat), None, dtype=object), t_rank,
+                    agg.top.slots[t_lat, t_rank])
+    # quantile-bin samples from the stratified sketch
+    cells, _ = np.nonzero(agg.sketch.slots != EMPTY)
+    ids = agg.sketch.slots[agg.sketch.slots != EMPTY]
+    b_lat = cells // HIST_BINS
+    mx = agg.pool.meta["max"][ids]
+    b = bin_index(mx, agg.max_act[b_lat], s.n_bins)
+    acc = agg.pool.acc[ids].astype(str)
+    o = np.lexsort((acc, agg.pool.meta["pri"][ids], b, b_lat))
+    grp = b_lat[o] * s.n_bins + b[o]
+    keep = o[(np.arange(len(o)) - np.searchsorted(grp, grp, side="left")) < s.per_bin]
+    o2 = keep[np.lexsort((acc[keep], -mx[keep], b[keep], b_lat[keep]))]
+    grp2 = b_lat[o2] * s.n_bins + b[o2]
+    rank2 = np.arange(len(o2)) - np.searchsorted(grp2, grp2, side="left")
+    binned = _examples(agg, sae_id, "bin", b_lat[o2], b[o2].astype(object), rank2, ids[o2])
+    examples = {k: np.concatenate([top[k], binned[k]]) for k in top}
+    # bins: exact counts, only for latents that fired
+    counts = bin_counts(agg)
+    live = np.flatnonzero(~dead)
+    nb = s.n_bins
+    M = agg.max_act[live].astype(np.float64)
+    bins = {
+        "sae_id": np.full(len(live) * nb, sae_id, dtype=object), "latent": np.repeat(live, nb).astype(np.int32),
+        "bin": np.tile(np.arange(nb, dtype=np.int32), len(live)),
+        "lo": (np.repeat(M, nb) * np.tile(np.arange(nb), len(live)) / nb).astype(np.float32),
+        "hi": (np.repeat(M, nb) * np.tile(np.arange(1, nb + 1), len(live)) / nb).astype(np.float32),
+        "n_proteins": counts[live].ravel(),
+    }
+    return {"latents": latents, "latent_examples": examples, "latent_bins": bins,
+            "latent_families": fam_rows, "latent_annotation_types": typ_rows}
+
+
+def _rows_as_lists(a: np.ndarray) -> np.ndarray:
+    out = np.empty(len(a), dtype=object)
+    for i in range(len(a)):
+        out[i] = a[i]
+    return out
+
+
+def protein_tables(agg: SAEAggregate, sae_id: str) -> Iterator[dict[str, dict]]:
+    """protein_latents / protein_latent_stats / protein_embeddings, one spill file at a time."""
+    for path in agg.spills:
+        with np.load(path) as a:
+            acc = a["acc"].astype(object)
+            sid = lambda n: np.full(n, sae_id, dtype=object)  # noqa: E731
+            stats = {"sae_id": sid(len(a["st_p"])), "accession": acc[a["st_p"]], "latent": a["st_l"].astype(np.int32),
+                     "max_act": a["st_max"], "sum_act": a["st_sum"], "n_active": a["st_n"].astype(np.int32)}
+            tp, tl = a["tp_p"], a["tp_l"]
+            rank = np.arange(len(tp)) - np.searchsorted(tp, tp, side="left")
+            n = a["tp_n"]
+            off = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+            top = {"sae_id": sid(len(tp)), "accession": acc[tp], "rank": rank.astype(np.int32),
+                   "latent": tl.astype(np.int32), "max_act": a["tp_max"], "max_pos": a["tp_pos"].astype(np.int32),
+                   "n_active": n.astype(np.int32),
+                   "activations": _blobs(a["vec_pos"], a["vec_val"], off, n, a["plen"][tp], agg.max_act[tl])}
+            out = {"protein_latents": top, "protein_latent_stats": stats}
+            emb = a["emb"]
+            if emb.shape[1]:
+                out["protein_embeddings"] = {"sae_id": sid(len(acc)), "accession": acc,
+                                             "mean_rep": _rows_as_lists(emb)}
+            yield out
+
+
+def sae_stats(agg: SAEAggregate) -> dict:
+    return {"n_dead": int((agg.n_active_res == 0).sum()), "n_proteins": agg.n_proteins,
+            "n_residues": agg.n_residues, "hist_edges": HIST_EDGES.tolist(),
+            "aa_background": agg.background.tolist()}

@@ -1,0 +1,148 @@
+"""All SQL that writes an atlas.
+
+Publishing is atomic: everything is written to ``OUT.tmp-<pid>`` and moved over ``OUT`` with
+``os.replace`` only after the last row is in and the connection is closed, so a crash (or Ctrl-C)
+leaves any previous atlas untouched.  Adding to an existing atlas copies it to the temp file first.
+
+Bulk inserts go through DuckDB's replacement scan of a dict of numpy arrays (``con.register``):
+one ``INSERT ... SELECT`` per table chunk, columnar, no per-row Python round trips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from ..errors import AtlasError
+from . import schema
+
+
+class AtlasWriter:
+    """``with AtlasWriter(out) as w: ...`` publishes on normal exit, discards on exception."""
+
+    def __init__(self, out: str | Path, *, add_to_existing: bool = False) -> None:
+        self.out = Path(out)
+        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}")
+        self.add_to_existing = add_to_existing and self.out.exists()
+        self.con: duckdb.DuckDBPyConnection | None = None
+
+    def __enter__(self) -> "AtlasWriter":
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.unlink(missing_ok=True)
+        if self.add_to_existing:
+            shutil.copyfile(self.out, self.tmp)
+            self.con = duckdb.connect(str(self.tmp))
+        else:
+            self.con = duckdb.connect(str(self.tmp))
+            schema.create_all(self.con)
+            self.set_meta("schema_version", schema.SCHEMA_VERSION)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.discard()
+
+    def publish(self) -> None:
+        assert self.con is not None
+        self.con.execute("CHECKPOINT")  # flush the WAL into the file before it is renamed
+        self.con.close()
+        self.con = None
+        os.replace(self.tmp, self.out)
+
+    def discard(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+        self.tmp.unlink(missing_ok=True)
+        Path(str(self.tmp) + ".wal").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ generic bulk insert
+    def insert(self, table: str, columns: dict[str, Any]) -> int:
+        """Insert equal-length columns (numpy arrays or lists) into ``table``; returns the row count."""
+        if table not in schema.TABLES:
+            raise ValueError(f"unknown atlas table {table!r}")
+        cols = {k: (v if isinstance(v, np.ndarray) else _obj(v)) for k, v in columns.items()}
+        n = {len(v) for v in cols.values()}
+        if len(n) != 1:
+            raise ValueError(f"{table}: columns of different lengths {n}")
+        if not n.pop():
+            return 0
+        names = ", ".join(f'"{c}"' for c in cols)
+        self.con.register("_src", cols)
+        try:
+            self.con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _src")
+        finally:
+            self.con.unregister("_src")
+        return len(next(iter(cols.values())))
+
+    # ------------------------------------------------------------------ meta and lookups
+    def set_meta(self, key: str, value: Any) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO atlas_meta (key, value) VALUES (?, ?)", [key, json.dumps(value, default=str)]
+        )
+
+    def get_meta(self, key: str) -> Any:
+        row = self.con.execute("SELECT value FROM atlas_meta WHERE key = ?", [key]).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def existing_accessions(self) -> set[str]:
+        return {r[0] for r in self.con.execute("SELECT accession FROM proteins").fetchall()}
+
+    def existing_families(self) -> set[str]:
+        return {r[0] for r in self.con.execute("SELECT family FROM families").fetchall()}
+
+    def sae_ids(self) -> list[str]:
+        return [r[0] for r in self.con.execute("SELECT sae_id FROM saes ORDER BY position").fetchall()]
+
+    def write_sae(self, row: dict[str, Any]) -> None:
+        """One ``saes`` row; ``position`` = after the SAEs already in the atlas."""
+        pos = self.con.execute("SELECT coalesce(max(position) + 1, 0) FROM saes").fetchone()[0]
+        row = dict(row, position=pos, built_at=row.get("built_at") or datetime.now(timezone.utc).replace(tzinfo=None))
+        for k in ("cfg", "metrics"):
+            row[k] = None if row.get(k) is None else json.dumps(row[k])
+        names = list(row)
+        self.con.execute(
+            f"INSERT INTO saes ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})",
+            [row[k] for k in names],
+        )
+
+    def update_protein_flags(self, accessions_with_structure: list[str]) -> None:
+        if accessions_with_structure:
+            self.con.register("_acc", {"accession": _obj(accessions_with_structure)})
+            self.con.execute("UPDATE proteins SET has_structure = true WHERE accession IN (SELECT accession FROM _acc)")
+            self.con.unregister("_acc")
+
+
+def read_existing_meta(path: str | Path) -> dict[str, Any]:
+    """atlas_meta and SAE ids of an existing atlas (read-only), for checks before a build adds to it."""
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as exc:
+        raise AtlasError(f"{path}: not a readable atlas ({exc})") from None
+    try:
+        meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM atlas_meta").fetchall()}
+        saes = [r[0] for r in con.execute("SELECT sae_id FROM saes").fetchall()]
+    except duckdb.Error as exc:
+        raise AtlasError(f"{path}: not a plmscope atlas ({exc})") from None
+    finally:
+        con.close()
+    if meta.get("schema_version") != schema.SCHEMA_VERSION:
+        raise AtlasError(f"{path}: atlas schema version {meta.get('schema_version')}, this plmscope writes {schema.SCHEMA_VERSION}")
+    meta["_sae_ids"] = saes
+    return meta
+
+
+def _obj(values) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out

@@ -1,0 +1,131 @@
+"""The aggregator on synthetic sparse codes: brute-force checks and exact shard merging."""
+
+import numpy as np
+import pytest
+
+from plmscope.atlas.aggregate import AggregateSettings, SAEAggregate, quantize
+from plmscope.atlas.finalize import latent_tables, protein_tables
+
+AA = "ACDEFGHIKLMNPQRSTVWY"
+L = 24
+
+
+def _corpus(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(5, 60))
+        seq = "".join(rng.choice(list(AA), length))
+        z = np.zeros((length, L), np.float32)
+        for r in range(length):  # a TopK-like code: 3 latents per residue
+            lat = rng.choice(L, 3, replace=False)
+            z[r, lat] = rng.choice([0.5, 1.0, 2.0, 3.0], 3) * rng.random(3).round(2)  # ties on purpose
+        spans = [("family", "PF0000%d" % (i % 3), 2, 10), ("type", "Pfam domain", 2, 10), ("type", "helix", 5, 20)]
+        out.append((f"P{i:05d}", seq, z, spans))
+    return out
+
+
+def _feed(agg, items, tmp_path, tag, group=7):
+    for g in range(0, len(items), group):
+        batch = items[g : g + group]
+        z = np.concatenate([b[2] for b in batch])
+        rows, lat = np.nonzero(z)
+        agg.update([b[0] for b in batch], [b[1] for b in batch], rows, lat, z[rows, lat],
+                   mean_reps=np.stack([b[2].mean(0) for b in batch]), spans=[b[3] for b in batch])
+        agg.flush(tmp_path / f"{tag}-{g}.npz")
+
+
+def _tables(agg):
+    t = latent_tables(agg, "s")
+    for part in protein_tables(agg, "s"):
+        for name, cols in part.items():
+            t.setdefault(name, {k: [] for k in cols})
+            for k, v in cols.items():
+                t[name][k].extend(list(v))
+    return t
+
+
+def _canon(t):
+    out = {}
+    for name, cols in t.items():
+        keys = list(cols)
+        rows = list(zip(*[[x.tolist() if isinstance(x, np.ndarray) else x for x in cols[k]] for k in keys]))
+        out[name] = sorted(map(repr, rows))
+    return out
+
+
+def test_merge_equals_one_pass(tmp_path):
+    items = _corpus()
+    s = AggregateSettings(top_n=4, n_bins=3, per_bin=2, protein_top=3)
+    one = SAEAggregate(L, s)
+    _feed(one, items, tmp_path, "one")
+    shards = [SAEAggregate(L, s) for _ in range(3)]
+    order = np.random.default_rng(1).permutation(len(items))
+    for k, sh in enumerate(shards):
+        _feed(sh, [items[i] for i in order[k::3]], tmp_path, f"sh{k}", group=5)
+    shards[0].save(tmp_path / "state.npz")
+    merged = SAEAggregate.load(tmp_path / "state.npz")
+    merged.merge(shards[1])
+    merged.merge(shards[2])
+    assert _canon(_tables(one)) == _canon(_tables(merged))
+
+
+def test_against_brute_force(tmp_path):
+    items = _corpus(seed=3)
+    s = AggregateSettings(top_n=5, n_bins=4, per_bin=3, protein_top=4)
+    agg = SAEAggregate(L, s)
+    _feed(agg, items, tmp_path, "bf")
+    t = _tables(agg)
+    pmax = np.array([it[2].max(0) for it in items])  # (proteins, L)
+    lat_t = t["latents"]
+    for l in range(L):
+        col = pmax[:, l]
+        assert lat_t["max_act"][l] == pytest.approx(col.max())
+        assert lat_t["n_active_proteins"][l] == (col > 0).sum()
+        nres = sum(int((it[2][:, l] > 0).sum()) for it in items)
+        assert lat_t["n_active_residues"][l] == nres == sum(lat_t["hist_counts"][l])
+        # top examples: highest max, ties by accession
+        order = sorted(range(len(items)), key=lambda i: (-col[i], items[i][0]))[: s.top_n]
+        ex = [i for i, (ll, kind) in enumerate(zip(t["latent_examples"]["latent"], t["latent_examples"]["kind"]))
+              if ll == l and kind == "top"]
+        got = [t["latent_examples"]["accession"][i] for i in sorted(ex, key=lambda i: t["latent_examples"]["rank"][i])]
+        assert got == [items[i][0] for i in order if col[i] > 0]
+    # bins hold what they say
+    ex = t["latent_examples"]
+    for i in range(len(ex["latent"])):
+        if ex["kind"][i] != "bin":
+            continue
+        l, b = ex["latent"][i], ex["bin"][i]
+        M = lat_t["max_act"][l]
+        assert b * M / s.n_bins - 1e-6 <= ex["max_act"][i] <= (b + 1) * M / s.n_bins + 1e-6
+    bins = t["latent_bins"]
+    for i in range(len(bins["latent"])):
+        l, b = bins["latent"][i], bins["bin"][i]
+        M = float(lat_t["max_act"][l])
+        col = pmax[:, l]
+        brute = int(((col > 0) & (np.minimum((col * s.n_bins / M).astype(int), s.n_bins - 1) == b)).sum())
+        assert bins["n_proteins"][i] == brute
+    # uint8 round trip
+    for i in range(len(ex["latent"])):
+        acc = ex["accession"][i]
+        it = next(x for x in items if x[0] == acc)
+        true = it[2][:, ex["latent"][i]]
+        M = float(lat_t["max_act"][ex["latent"][i]])
+        q = np.frombuffer(ex["activations"][i], np.uint8)
+        assert len(q) == len(true)
+        assert np.abs(q / 255 * M - true).max() <= M / 510 + 1e-7
+    # per-protein top latents
+    pl = t["protein_latents"]
+    for j, it in enumerate(items):
+        expect = sorted(range(L), key=lambda l: (-pmax[j, l], l))[: s.protein_top]
+        expect = [l for l in expect if pmax[j, l] > 0]
+        got = [pl["latent"][i] for i in sorted((i for i, a in enumerate(pl["accession"]) if a == it[0]),
+                                                 key=lambda i: pl["rank"][i])]
+        assert got == expect
+
+
+def test_quantize_bound():
+    v = np.random.default_rng(0).random(10000).astype(np.float32) * 7.3
+    M = float(v.max())
+    q = quantize(v, M)
+    assert np.abs(q / 255 * M - v).max() <= M / 510 + 1e-6

@@ -1,0 +1,65 @@
+"""Atomic publishing and the uint8 activation encoding of the atlas writer."""
+
+import hashlib
+
+import duckdb
+import numpy as np
+import pytest
+
+from plmscope.atlas.aggregate import quantize
+from plmscope.store.writer import AtlasWriter
+
+
+def _sha(p):
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_failed_write_leaves_old_atlas_untouched(tiny_atlas, tmp_path):
+    out = tmp_path / "a.duckdb"
+    out.write_bytes(tiny_atlas.path.read_bytes())
+    before = _sha(out)
+    with pytest.raises(RuntimeError):
+        with AtlasWriter(out, add_to_existing=True) as w:
+            w.insert("families", {"family": ["PFX"], "name": ["x"], "description": [""]})
+            raise RuntimeError("interrupted")
+    assert _sha(out) == before and not list(tmp_path.glob("a.duckdb.tmp-*"))
+    with pytest.raises(RuntimeError):
+        with AtlasWriter(tmp_path / "new.duckdb") as w:
+            raise RuntimeError("interrupted")
+    assert not (tmp_path / "new.duckdb").exists()
+
+
+def test_publish_adds_rows_to_a_copy(tiny_atlas, tmp_path):
+    out = tmp_path / "a.duckdb"
+    out.write_bytes(tiny_atlas.path.read_bytes())
+    with AtlasWriter(out, add_to_existing=True) as w:
+        w.insert("families", {"family": ["PFTEST"], "name": ["x"], "description": [""]})
+        w.set_meta("note", {"a": 1})
+    con = duckdb.connect(str(out), read_only=True)
+    assert con.execute("SELECT name FROM families WHERE family='PFTEST'").fetchone() == ("x",)
+    con.close()
+
+
+def test_uint8_round_trip_bound():
+    rng = np.random.default_rng(1)
+    for scale in (1e-3, 0.7, 13.0, 900.0):
+        v = (rng.random(5000) * scale).astype(np.float32)
+        v[0] = scale
+        q = quantize(v, float(scale))
+        assert q[0] == 255
+        assert np.abs(q.astype(np.float64) / 255 * scale - v).max() <= scale / 510 * (1 + 1e-6)
+
+
+def test_atlas_blobs_decode_within_bound(tiny_atlas):
+    """Blob length = residues the pLM saw; every value within [0, max_act]."""
+    con = duckdb.connect(str(tiny_atlas.path), read_only=True)
+    rows = con.execute("""SELECT e.activations, l.max_act, e.max_act, e.max_pos, least(p.length, coalesce(p.truncated_to, p.length))
+                          FROM latent_examples e JOIN latents l USING (sae_id, latent)
+                          JOIN proteins p USING (accession) LIMIT 300""").fetchall()
+    con.close()
+    assert rows
+    for blob, scale, mx, pos, n in rows:
+        q = np.frombuffer(blob, np.uint8)
+        assert len(q) == n
+        assert abs(q[pos - 1] / 255 * scale - mx) <= scale / 510 * (1 + 1e-6)
+        assert q.max() / 255 * scale <= scale * (1 + 1e-6)
