@@ -39,7 +39,8 @@ SAE_TRAIN_ARGS = [
     "--model", DEMO_MODEL, "--layer", str(DEMO_LAYER), "--arch", "topk",
     "--latents", "1024", "--k", "32", "--seed", "0",
 ]
-SAE_TRAIN_PROTEINS = 3000
+SAE_CORPUS = 3000
+SAE_TRAIN_PROTEINS = 2600
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,14 +122,16 @@ def write_corpus(out: Path, n: int) -> Path:
     return out
 
 
-def write_training_fasta(corpus: Path, out: Path, n: int) -> Path:
-    """The SAE's training proteins: the first ``n`` corpus rows (all of them real demo proteins)."""
-    with open(corpus, encoding="utf-8") as fh, open(out, "w", encoding="utf-8") as dst:
-        for i, row in enumerate(csv.DictReader(fh, delimiter="\t")):
-            if i >= n:
-                break
-            dst.write(f">{row['accession']}\n{row['sequence']}\n")
-    return out
+def write_sae_fastas(workdir: Path) -> tuple[Path, Path]:
+    """The SAE's training and held-out proteins, fixed whatever ``--proteins`` is: the demo
+    selection of SAE_CORPUS proteins, its first SAE_TRAIN_PROTEINS rows to train, the rest to evaluate."""
+    rows = {r["accession"]: r["sequence"] for r in _read_demo_table()}
+    chosen = select_accessions(_read_demo_table(), SAE_CORPUS, set(_flat_file_features()))
+    chosen = sorted(chosen)  # file order independent of selection order
+    train, heldout = workdir / "sae_train.fasta", workdir / "sae_heldout.fasta"
+    for path, accs in ((train, chosen[:SAE_TRAIN_PROTEINS]), (heldout, chosen[SAE_TRAIN_PROTEINS:])):
+        path.write_text("".join(f">{a}\n{rows[a]}\n" for a in accs))
+    return train, heldout
 
 
 def _sha256(path: Path) -> str:
@@ -156,10 +159,10 @@ def run(args: argparse.Namespace) -> int:
         sae_dir = COMMITTED_SAE
     else:
         sae_dir = work / "sae"
-        fasta = write_training_fasta(corpus, work / "train.fasta", SAE_TRAIN_PROTEINS)
+        train, heldout = write_sae_fastas(work)
         if not sae_dir.joinpath("cfg.json").exists() or args.retrain_sae:
-            _step("train-sae", ["train-sae", *SAE_TRAIN_ARGS, "--fasta", str(fasta), "--out", str(sae_dir)])
-            _step("eval-sae", ["eval-sae", "--sae", str(sae_dir), "--fasta", str(fasta), "--max-proteins", "300"])
+            _step("train-sae", ["train-sae", *SAE_TRAIN_ARGS, "--fasta", str(train), "--out", str(sae_dir)])
+            _step("eval-sae", ["eval-sae", "--sae", str(sae_dir), "--fasta", str(heldout)])
 
     atlas = work / "atlas.duckdb"
     stamp = work / "atlas.stamp.json"

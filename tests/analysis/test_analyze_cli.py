@@ -68,11 +68,8 @@ def test_bad_inputs_are_user_errors(tmp_path, mini_atlas, capsys):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_analyze_on_the_shared_tiny_atlas(request, tmp_path, capsys):
-    try:
-        tiny = request.getfixturevalue("tiny_atlas")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no tiny_atlas fixture yet")
+def test_analyze_on_the_shared_tiny_atlas(tiny_atlas, tmp_path, capsys):
+    tiny = tiny_atlas
     import shutil
     from pathlib import Path
 

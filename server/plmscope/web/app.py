@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Sparse-autoencoder latents of protein language models: atlas browser and live inference",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/api/docs",
+        docs_url=None,  # Swagger UI would load its assets from a CDN; /openapi.json is enough
         redoc_url=None,
     )
     app.state.settings = settings
@@ -73,20 +73,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     web_errors.install(app)
     app.mount("/static", StaticFiles(directory=settings.frontend_dir / "static"), name="static")
 
-    from .routes import api, health, infer, pages
+    from .routes import analysis, api, health, infer, pages
 
     app.include_router(health.router)
     app.include_router(api.router)
     app.include_router(infer.router)
+    app.include_router(analysis.router)
     app.include_router(pages.router)
-    _include_optional_routers(app)
     return app
-
-
-def _include_optional_routers(app: FastAPI) -> None:
-    # The /analysis page belongs to the analysis package; it plugs in when it exists.
-    try:
-        from ..analysis.web import router  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    app.include_router(router)

@@ -20,7 +20,7 @@ router = APIRouter(tags=["analysis"])
 def _build(request: Request) -> dict:
     reader = request.app.state.reader
     # The reader hands each thread its own cursor on the one read-only connection.
-    data = analysis_sql.analysis_page(reader._cur())
+    data = analysis_sql.analysis_page(reader.cursor())
     data["atlas_id"] = reader.atlas_id
     for sae in data["saes"]:
         sid = sae["sae_id"]
