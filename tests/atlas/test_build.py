@@ -14,7 +14,7 @@ import torch
 
 from plmscope.cli import main
 
-from conftest import DEMO, make_sae
+from tests.conftest import DEMO, make_sae
 
 TABLES = ["proteins", "annotations", "families", "structures", "structure_residues", "saes", "latents",
           "latent_examples", "latent_bins", "latent_families", "latent_annotation_types", "latent_neighbors",

@@ -7,7 +7,7 @@ import gzip
 import gemmi
 import pytest
 
-from conftest import DEMO, demo_rows
+from tests.conftest import DEMO, demo_rows
 from plmscope.atlas.structures import StructureJob, StructureRecord, find_structures, load_structure
 from plmscope.sequences import Problem
 

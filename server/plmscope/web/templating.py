@@ -71,8 +71,17 @@ def make_templates(directory: Path) -> Jinja2Templates:
     env = templates.env
     env.autoescape = True  # every value from the corpus or the user is escaped
     env.filters["num"] = fmt_num
+    env.filters["model"] = model_label
     env.filters["pct"] = fmt_pct
     env.globals["make_url"] = make_url
     env.globals["with_query"] = with_query
     env.globals["twin_url"] = twin_url
     return templates
+
+
+def model_label(spec: str) -> str:
+    """A pLM spec for display: local checkpoint paths shrink to their file stem (the full path
+    stays in the element's title and in the JSON twin)."""
+    if "/" in spec or spec.endswith(".pt"):
+        return spec.rsplit("/", 1)[-1].removesuffix(".pt")
+    return spec
