@@ -63,12 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def analyze_file(tmp: str, display: str, args) -> list[dict]:
-    import duckdb
-
-    try:
-        con = duckdb.connect(tmp)
-    except duckdb.Error as exc:
-        raise AtlasError(f"{display} is not a readable DuckDB atlas: {exc}") from None
+    con = asql.open_for_writing(tmp, display)
     try:
         asql.check_atlas(con, display)
         sae_rows = asql.saes(con)
@@ -82,7 +77,7 @@ def analyze_file(tmp: str, display: str, args) -> list[dict]:
         for sae in sae_rows:
             if sae["sae_id"] in wanted:
                 out.append(analyze_sae(con, sae, corpus, plms, args))
-        con.execute("CHECKPOINT")
+        asql.checkpoint(con)
         return out
     finally:
         con.close()

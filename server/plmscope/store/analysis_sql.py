@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any
 
+import duckdb
 import numpy as np
 
 from ..errors import AtlasError
@@ -225,3 +226,16 @@ def analysis_page(con, concept_limit: int = 60) -> dict:
             "family_specific": specific,
         })
     return {"has_analysis": any(s.get("analyzed") for s in out), "saes": out}
+
+
+def open_for_writing(path: str, display: str):
+    """A writable connection on the analysis' private copy of the atlas."""
+    try:
+        return duckdb.connect(path)
+    except duckdb.Error as exc:
+        raise AtlasError(f"{display} is not a readable DuckDB atlas: {exc}") from None
+
+
+def checkpoint(con) -> None:
+    """Flush the WAL into the file before it is renamed over the published atlas."""
+    con.execute("CHECKPOINT")
