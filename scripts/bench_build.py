@@ -6,6 +6,9 @@ a TopK SAE with 4096 latents (random init), demo proteins (``../shared/data/demo
 
     python scripts/bench_build.py --proteins 2000                  # throughput + queries
     python scripts/bench_build.py --proteins 2000 --rss 2000 20000  # + peak RSS, one subprocess each
+    python scripts/bench_build.py --proteins 500 --rss 2000 20000 --rss-plm tiny
+        # peak RSS with a tiny random ESM-2 (2 layers, 64 dims) so 20k proteins finish in minutes;
+        # the SAE is still 4096 latents (same aggregation state), only its d_in follows the pLM
 
 Throughput: the same proteins, the same run: ``plm.iter_representations`` alone (bare extraction),
 then the full build (forward + SAE encode + aggregation + spill + checkpoint + writing the atlas).
@@ -34,6 +37,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--proteins", type=int, default=2000, help="proteins for the throughput run")
     p.add_argument("--rss", type=int, nargs="*", default=[], help="corpus sizes for peak-RSS subprocesses")
+    p.add_argument("--plm", choices=["esm2_8M", "tiny"], default="esm2_8M", help="pLM of the throughput run")
+    p.add_argument("--rss-plm", choices=["esm2_8M", "tiny"], help="pLM of the peak-RSS runs (default: --plm)")
     p.add_argument("--latents", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--layer", type=int, default=6)
@@ -51,12 +56,18 @@ def setup(work: Path, n: int, args) -> dict:
     from plmscope.sae.io import save_sae
     from plmscope.sae.model import SparseAutoencoder, make_cfg
 
-    plm = work / "esm2_8M_random.pt"
-    if not plm.exists():
-        save_random_esm2(plm, "esm2_t6_8M_UR50D", seed=0)
-    sae_dir = work / f"sae{args.latents}"
+    if args.plm == "tiny":
+        plm, d_in, layer = work / "esm2_tiny_random.pt", 64, 2
+        if not plm.exists():
+            save_random_esm2(plm, None, num_layers=2, embed_dim=64, attention_heads=4, seed=0)
+    else:
+        plm, d_in, layer = work / "esm2_8M_random.pt", 320, args.layer
+        if not plm.exists():
+            save_random_esm2(plm, "esm2_t6_8M_UR50D", seed=0)
+    args.layer = layer
+    sae_dir = work / f"sae{args.latents}-{args.plm}"
     if not (sae_dir / "cfg.json").exists():
-        cfg = make_cfg(plm=str(plm), layer=args.layer, d_in=320, d_sae=args.latents, architecture="topk", k=args.k)
+        cfg = make_cfg(plm=str(plm), layer=layer, d_in=d_in, d_sae=args.latents, architecture="topk", k=args.k)
         save_sae(SparseAutoencoder.from_config(cfg, generator=torch.Generator().manual_seed(0)), sae_dir)
     corpus = work / f"corpus{n}.tsv"
     if not corpus.exists():
@@ -102,7 +113,7 @@ def child_build(args) -> None:
     t = time.perf_counter()
     rc = main(build_argv(inp, out, args))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    print(json.dumps({"rc": rc, "proteins": args.proteins, "peak_rss_mib": round(rss, 1),
+    print(json.dumps({"rc": rc, "plm": args.plm, "proteins": args.proteins, "peak_rss_mib": round(rss, 1),
                       "seconds": round(time.perf_counter() - t, 1)}))
 
 
@@ -160,7 +171,7 @@ def run(args) -> dict:
     assert main(build_argv(inp, out, args)) == 0
     t_build = time.perf_counter() - t
     report = {
-        "proteins": args.proteins, "residues": res_bare, "latents": args.latents, "k": args.k, "layer": args.layer,
+        "plm": args.plm, "proteins": args.proteins, "residues": res_bare, "latents": args.latents, "k": args.k, "layer": args.layer,
         "bare_residues_per_s": round(res_bare / t_bare, 1), "build_residues_per_s": round(res_bare / t_build, 1),
         "bare_s": round(t_bare, 1), "build_s": round(t_build, 1), "ratio": round(t_bare / t_build, 3),
         "atlas_mib": round(out.stat().st_size / 2**20, 1),
@@ -169,6 +180,7 @@ def run(args) -> dict:
     report["rss"] = []
     for n in args.rss:
         proc = subprocess.run([sys.executable, __file__, "--child-build", "--proteins", str(n), "--workdir", str(work),
+                               "--plm", args.rss_plm or args.plm,
                                "--latents", str(args.latents), "--k", str(args.k), "--layer", str(args.layer),
                                "--token-budget", str(args.token_budget)],
                               capture_output=True, text=True)

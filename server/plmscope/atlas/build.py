@@ -353,23 +353,32 @@ def _residue_batches(stream, budget: int):
 
 
 @torch.no_grad()
-def _encode(sae, X: torch.Tensor, rows_per_chunk: int = 4096):
-    """Sparse (rows, latents, values) of ``sae.encode(X)``, in chunks of rows to bound memory."""
+def _encode(sae, X: torch.Tensor, max_rows: int = 8192):
+    """Sparse (rows, latents, values) of ``sae.encode(X)``, in row chunks to bound memory.
+
+    The chunks are of equal size (not ``max_rows`` plus a small remainder): a short GEMM call costs
+    far more per row than a tall one (the weights are repacked every call; measured ~6x per row at
+    128 vs 8192 rows on CPU).
+    """
+    n = X.shape[0]
+    n_chunks = max(1, -(-n // max_rows))
+    step = -(-n // n_chunks) if n else 1
     parts = []
-    for a in range(0, X.shape[0], rows_per_chunk):
-        x = X[a : a + rows_per_chunk]
-        if sae.architecture == "topk" and hasattr(sae, "_pre"):
+    for a in range(0, n, step):
+        x = X[a : a + step]
+        if sae.architecture == "topk" and hasattr(sae, "encode_topk"):
             # TopK codes are k values per row: take them straight from the top-k instead of
-            # scattering into a dense (rows, d_sae) matrix and scanning it again (same values
-            # and the same top-k call as SparseAutoencoder.encode).
-            pre = sae._pre(sae.normalize(x.to(sae.W_enc.dtype)))
-            vals, idx = pre.topk(sae.k, dim=-1, sorted=False)
-            rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
+            # scattering into a dense (rows, d_sae) matrix and scanning it again (the same values
+            # as SparseAutoencoder.encode, which scatters exactly these).
+            vals, idx = sae.encode_topk(x)
             keep = vals > 0
-            parts.append(((rows[keep] + a).cpu().numpy().astype(np.int64), idx[keep].cpu().numpy().astype(np.int64),
+            rows = keep.nonzero()[:, 0]  # row-major: rows ascending, as the dense scan gave
+            parts.append(((rows + a).cpu().numpy(), idx[keep].cpu().numpy().astype(np.int64),
                           vals[keep].float().cpu().numpy()))
         else:
             parts.append(sparse_codes(sae.encode(x).cpu(), a))
+    if not parts:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
 

@@ -174,9 +174,21 @@ class SparseAutoencoder(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.norm_mean) / self.norm_scale
 
+    def _normalized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``normalize(x)`` in the encoder's dtype, skipping the two passes when the normalisation
+        is the identity (every SAE loaded from disk: it is folded into the weights).  Bitwise the
+        same: ``(x - 0) / 1 == x`` exactly in IEEE arithmetic."""
+        x = x.to(self.W_enc.dtype)
+        if float(self.norm_scale) == 1.0 and not bool(self.norm_mean.any()):
+            return x
+        return self.normalize(x)
+
     # ---- forward in normalised space -------------------------------------------------------
     def _pre(self, xn: torch.Tensor) -> torch.Tensor:
-        return (xn - self.b_dec) @ self.W_enc + self.b_enc
+        pre = (xn - self.b_dec) @ self.W_enc
+        if torch.is_grad_enabled() and pre.requires_grad:
+            return pre + self.b_enc
+        return pre.add_(self.b_enc)  # inference: same sum, no second (n, d_sae) buffer
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         if self.architecture == "relu":
@@ -187,7 +199,16 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations (n, d_sae) >= 0 for raw pLM vectors (n, d_in)."""
-        return self._activate(self._pre(self.normalize(x.to(self.W_enc.dtype))))
+        return self._activate(self._pre(self._normalized_input(x)))
+
+    @torch.no_grad()
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK SAE only: the k kept pre-activations and their latents, (n, k) each, unsorted,
+        *before* the ReLU — exactly what ``encode`` scatters into its dense (n, d_sae) output
+        (same operations, so the same values), without building or scanning that dense matrix."""
+        if self.architecture != "topk":
+            raise SAEError("encode_topk needs a TopK SAE")
+        return self._pre(self._normalized_input(x)).topk(self.k, dim=-1, sorted=False)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw-space reconstruction (n, d_in)."""
