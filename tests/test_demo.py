@@ -19,7 +19,7 @@ import pytest
 
 from plmscope import demo
 from plmscope.cli import main
-from tests.web.test_browser import _free_port, _ready, non_background_fraction
+from tests.web.test_browser import SHOTS, _free_port, _ready, non_background_fraction
 
 COMMITTED = demo.COMMITTED_SAE
 
@@ -112,6 +112,12 @@ def test_demo_in_a_real_browser(demo_atlas, tmp_path):
             page.goto(base + "/")
             _ready(page)
             assert "unirep-256" in page.locator("h1").inner_text()
+            # the SAE's quality numbers from eval-sae are shown, not left blank
+            metrics = json.loads((COMMITTED / "cfg.json").read_text())["plmscope"]["metrics"]
+            quality = page.locator("#sae-quality").inner_text()
+            assert f"{metrics['loss_recovered_pct']:.2f}%" in quality and "32" in quality
+            SHOTS.mkdir(parents=True, exist_ok=True)  # README's screenshots are copies of these
+            page.screenshot(path=str(SHOTS / "demo_overview.png"))
             ov = httpx.get(base + "/.json", params={"per_page": 200}).json()
             target = None
             for row in ov["latents"]:
@@ -128,6 +134,7 @@ def test_demo_in_a_real_browser(demo_atlas, tmp_path):
             page.wait_for_function("document.querySelector('#viewer canvas') !== null", timeout=20_000)
             page.wait_for_timeout(800)
             assert non_background_fraction(page.locator("#viewer canvas").screenshot()) > 0.02
+            page.screenshot(path=str(SHOTS / "demo_latent.png"))
             # paste a sequence and get latents live
             seq = j["top_examples"][0]["sequence"][:300]
             page.goto(base + "/infer")
@@ -139,6 +146,7 @@ def test_demo_in_a_real_browser(demo_atlas, tmp_path):
             first = page.locator("#live-latents tbody tr[data-latent]").first.get_attribute("data-latent")
             api = httpx.post(base + "/api/infer", json={"sequence": seq}).json()
             assert int(first) == api["top_latents"][0]["latent"]
+            page.screenshot(path=str(SHOTS / "demo_infer.png"))
             # the copied permalink reopens the same view in a fresh context
             page.click("#copy-link")
             link = page.locator("#permalink").input_value()
