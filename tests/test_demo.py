@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -19,7 +15,7 @@ import pytest
 
 from plmscope import demo
 from plmscope.cli import main
-from tests.web.test_browser import SHOTS, _free_port, _ready, non_background_fraction
+from tests.web.test_browser import SHOTS, _ready, non_background_fraction, serving
 
 COMMITTED = demo.COMMITTED_SAE
 
@@ -87,78 +83,59 @@ def test_demo_in_a_real_browser(demo_atlas, tmp_path):
         pytest.fail("Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    env = dict(os.environ, PLMSCOPE_RATE_LIMIT_PER_MINUTE="0")
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "plmscope.cli", "serve", "--atlas", str(demo_atlas),
-                                 "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                                stdout=fh, stderr=subprocess.STDOUT, env=env)
-    try:
-        for _ in range(600):
-            assert proc.poll() is None, log.read_text()[-2000:]
-            try:
-                if httpx.get(base + "/health", timeout=2).json().get("model_loaded"):
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.2)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
-            page = browser.new_page(viewport={"width": 1360, "height": 900})
-            # overview -> a latent whose top example has a structure
-            page.goto(base + "/")
-            _ready(page)
-            assert "unirep-256" in page.locator("h1").inner_text()
-            # the SAE's quality numbers from eval-sae are shown, not left blank
-            metrics = json.loads((COMMITTED / "cfg.json").read_text())["plmscope"]["metrics"]
-            quality = page.locator("#sae-quality").inner_text()
-            assert f"{metrics['loss_recovered_pct']:.2f}%" in quality and "32" in quality
-            SHOTS.mkdir(parents=True, exist_ok=True)  # README's screenshots are copies of these
-            page.screenshot(path=str(SHOTS / "demo_overview.png"))
-            ov = httpx.get(base + "/.json", params={"per_page": 200}).json()
-            target = None
-            for row in ov["latents"]:
-                j = httpx.get(f"{base}/latents/{ov['sae_id']}/{row['latent']}.json").json()
-                if j["top_examples"] and j["top_examples"][0]["has_structure"]:
-                    target = (row["latent"], j)
-                    break
-            assert target, "no demo latent has a top example with a structure"
-            latent, j = target
-            page.locator(f"#latent-table tbody tr[data-latent='{latent}'] a").first.click() if page.locator(
-                f"#latent-table tbody tr[data-latent='{latent}'] a").count() else page.goto(f"{base}/latents/{ov['sae_id']}/{latent}")
-            _ready(page)
-            assert page.locator("h1").inner_text().startswith(f"Latent {latent}")
-            page.wait_for_function("document.querySelector('#viewer canvas') !== null", timeout=20_000)
-            page.wait_for_timeout(800)
-            assert non_background_fraction(page.locator("#viewer canvas").screenshot()) > 0.02
-            page.screenshot(path=str(SHOTS / "demo_latent.png"))
-            # paste a sequence and get latents live
-            seq = j["top_examples"][0]["sequence"][:300]
-            page.goto(base + "/infer")
-            _ready(page)
-            page.fill("#sequence", seq)
-            page.click("#run")
-            page.wait_for_url("**/infer?**")
-            _ready(page)
-            first = page.locator("#live-latents tbody tr[data-latent]").first.get_attribute("data-latent")
-            api = httpx.post(base + "/api/infer", json={"sequence": seq}).json()
-            assert int(first) == api["top_latents"][0]["latent"]
-            page.screenshot(path=str(SHOTS / "demo_infer.png"))
-            # the copied permalink reopens the same view in a fresh context
-            page.click("#copy-link")
-            link = page.locator("#permalink").input_value()
-            assert parse_qs(urlparse(link).query)["atlas"] == [httpx.get(base + "/health").json()["atlas_id"]]
-            other = browser.new_context().new_page()
-            other.goto(link)
-            _ready(other)
-            assert other.locator("#live-latents tbody tr[data-latent]").first.get_attribute("data-latent") == first
-            browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serving(demo_atlas, tmp_path / "serve.log") as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        page = browser.new_page(viewport={"width": 1360, "height": 900})
+        # overview -> a latent whose top example has a structure
+        page.goto(base + "/")
+        _ready(page)
+        assert "unirep-256" in page.locator("h1").inner_text()
+        # the SAE's quality numbers from eval-sae are shown, not left blank
+        metrics = json.loads((COMMITTED / "cfg.json").read_text())["plmscope"]["metrics"]
+        quality = page.locator("#sae-quality").inner_text()
+        assert f"{metrics['loss_recovered_pct']:.2f}%" in quality and "32" in quality
+        SHOTS.mkdir(parents=True, exist_ok=True)  # README's screenshots are copies of these
+        page.screenshot(path=str(SHOTS / "demo_overview.png"))
+        ov = httpx.get(base + "/.json", params={"per_page": 200}).json()
+        target = None
+        for row in ov["latents"]:
+            j = httpx.get(f"{base}/latents/{ov['sae_id']}/{row['latent']}.json").json()
+            if j["top_examples"] and j["top_examples"][0]["has_structure"]:
+                target = (row["latent"], j)
+                break
+        assert target, "no demo latent has a top example with a structure"
+        latent, j = target
+        link = page.locator(f"#latent-table tbody tr[data-latent='{latent}'] a")
+        if link.count():  # on the overview's first page: click through like a person
+            link.first.click()
+            page.wait_for_url(f"**/latents/**/{latent}?**")
+        else:
+            page.goto(f"{base}/latents/{ov['sae_id']}/{latent}")
+        _ready(page)
+        assert page.locator("h1").inner_text().startswith(f"Latent {latent}")
+        page.wait_for_function("document.querySelector('#viewer canvas') !== null", timeout=20_000)
+        page.wait_for_timeout(800)
+        assert non_background_fraction(page.locator("#viewer canvas").screenshot()) > 0.02
+        page.screenshot(path=str(SHOTS / "demo_latent.png"))
+        # paste a sequence and get latents live
+        seq = j["top_examples"][0]["sequence"][:300]
+        page.goto(base + "/infer")
+        _ready(page)
+        page.fill("#sequence", seq)
+        page.click("#run")
+        page.wait_for_url("**/infer?**")
+        _ready(page)
+        first = page.locator("#live-latents tbody tr[data-latent]").first.get_attribute("data-latent")
+        api = httpx.post(base + "/api/infer", json={"sequence": seq}).json()
+        assert int(first) == api["top_latents"][0]["latent"]
+        page.screenshot(path=str(SHOTS / "demo_infer.png"))
+        # the copied permalink reopens the same view in a fresh context
+        page.click("#copy-link")
+        link = page.locator("#permalink").input_value()
+        assert parse_qs(urlparse(link).query)["atlas"] == [httpx.get(base + "/health").json()["atlas_id"]]
+        other = browser.new_context().new_page()
+        other.goto(link)
+        _ready(other)
+        assert other.locator("#live-latents tbody tr[data-latent]").first.get_attribute("data-latent") == first
+        browser.close()

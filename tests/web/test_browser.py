@@ -5,6 +5,7 @@ Screenshots go to tests/_artifacts/screenshots/ (git-ignored) for people to look
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -32,14 +33,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_atlas, tmp_path_factory):
+@contextlib.contextmanager
+def serving(atlas: Path, log: Path):
+    """`plmscope serve` on a free loopback port, yielded as its base URL once the models are loaded."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, PLMSCOPE_RATE_LIMIT_PER_MINUTE="0")
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "plmscope.cli", "serve", "--atlas", str(tiny_atlas.path), "--host", "127.0.0.1",
+            [sys.executable, "-m", "plmscope.cli", "serve", "--atlas", str(atlas), "--host", "127.0.0.1",
              "--port", str(port), "--device", "cpu"],
             stdout=fh, stderr=subprocess.STDOUT, env=env,
         )
@@ -63,6 +64,12 @@ def server(tiny_atlas, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_atlas, tmp_path_factory):
+    with serving(tiny_atlas.path, tmp_path_factory.mktemp("server") / "server.log") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -53,3 +53,18 @@ def test_settings_from_environment(monkeypatch):
     assert all(f.description for f in Settings.model_fields.values())  # every setting documented
     with pytest.raises(ValueError):
         Settings(device="tpu")
+
+
+def test_serve_takes_the_atlas_from_the_environment_like_the_docker_images(tiny_atlas, monkeypatch):
+    import argparse
+
+    from plmscope.errors import AtlasError
+    from plmscope.web import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    monkeypatch.delenv("PLMSCOPE_ATLAS", raising=False)
+    with pytest.raises(AtlasError, match="pass --atlas FILE or set PLMSCOPE_ATLAS"):
+        serve.settings_from_args(parser.parse_args([]))
+    monkeypatch.setenv("PLMSCOPE_ATLAS", str(tiny_atlas.path))
+    assert serve.settings_from_args(parser.parse_args(["--port", "8123"])).atlas == tiny_atlas.path

@@ -148,6 +148,22 @@ def token_batches(items: Sequence[tuple[str, str]], token_budget: int, extra_tok
     return batches
 
 
+def splice_residue_rows(x: torch.Tensor, lengths: list[int], splice: Splice) -> torch.Tensor:
+    """Replace the residue rows (columns 1..n of each batch row: column 0 is BOS / the start
+    state) of a (B, T, d) hidden-state tensor with ``splice`` applied to all of them at once."""
+    rows = torch.cat([x[b, 1 : n + 1] for b, n in enumerate(lengths)]).float()
+    new = splice(rows)
+    if new.shape != rows.shape:
+        raise ModelError(f"splice returned shape {tuple(new.shape)}, expected {tuple(rows.shape)}")
+    x = x.clone()
+    new = new.to(device=x.device, dtype=x.dtype)
+    offset = 0
+    for b, n in enumerate(lengths):
+        x[b, 1 : n + 1] = new[offset : offset + n]
+        offset += n
+    return x
+
+
 def resolve_device(device: str | None) -> torch.device:
     """'auto' (or None) -> CUDA when present, else CPU."""
     if device in (None, "", "auto"):

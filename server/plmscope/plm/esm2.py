@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import LossResult, ProteinLM, Splice, resolve_device, token_batches
+from .base import LossResult, ProteinLM, Splice, resolve_device, splice_residue_rows, token_batches
 
 log = logging.getLogger(__name__)
 
@@ -381,23 +381,9 @@ class ESM2(ProteinLM):
                 x, padding_mask = self._embed(tokens)
                 x = self._layers(x, padding_mask, 0, layer)
                 if splice is not None:
-                    x = self._splice(x, [len(seqs[i]) for i in idx], splice)
+                    x = splice_residue_rows(x, [len(seqs[i]) for i in idx], splice)
                 x = self._layers(x, padding_mask, layer, self.num_layers)
                 logits = self.model.lm_head(x)
             total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
             count += int((targets != -100).sum())
         return LossResult(total, count)
-
-    @staticmethod
-    def _splice(x: torch.Tensor, lengths: list[int], splice: Splice) -> torch.Tensor:
-        rows = torch.cat([x[b, 1 : n + 1] for b, n in enumerate(lengths)]).float()
-        new = splice(rows)
-        if new.shape != rows.shape:
-            raise ModelError(f"splice returned shape {tuple(new.shape)}, expected {tuple(rows.shape)}")
-        x = x.clone()
-        new = new.to(device=x.device, dtype=x.dtype)
-        offset = 0
-        for b, n in enumerate(lengths):
-            x[b, 1 : n + 1] = new[offset : offset + n]
-            offset += n
-        return x

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import LossResult, ProteinLM, Splice, resolve_device, token_batches
+from .base import LossResult, ProteinLM, Splice, resolve_device, splice_residue_rows, token_batches
 
 SIZES = {"unirep-64": 64, "unirep-256": 256, "unirep-1900": 1900}
 START = 24
@@ -174,7 +174,7 @@ class UniRep(ProteinLM):
             if i > 0:
                 x = self.layers[i - 1](x, valid)
             if splice is not None and i == layer:
-                x = _splice_rows(x, lengths, splice)
+                x = splice_residue_rows(x, lengths, splice)
         return x
 
     def _forward_batch(self, seqs: Sequence[str], layer: int) -> list[torch.Tensor]:
@@ -219,16 +219,3 @@ class UniRep(ProteinLM):
             count += int(valid[:, 1:].sum())
         return LossResult(total, count)
 
-
-def _splice_rows(x: torch.Tensor, lengths: list[int], splice: Splice) -> torch.Tensor:
-    rows = torch.cat([x[b, 1 : n + 1] for b, n in enumerate(lengths)]).float()
-    new = splice(rows)
-    if new.shape != rows.shape:
-        raise ModelError(f"splice returned shape {tuple(new.shape)}, expected {tuple(rows.shape)}")
-    x = x.clone()
-    new = new.to(device=x.device, dtype=x.dtype)
-    offset = 0
-    for b, n in enumerate(lengths):
-        x[b, 1 : n + 1] = new[offset : offset + n]
-        offset += n
-    return x

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--atlas", required=True, help="atlas .duckdb file (opened read-only)")
+    p.add_argument("--atlas", default=None,
+                   help="atlas .duckdb file (opened read-only); default: $PLMSCOPE_ATLAS (as in the Docker images)")
     p.add_argument("--host", default=None, help="interface to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
     p.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (each loads the models)")
@@ -28,7 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace):
     from ..settings import Settings
 
-    overrides = {"atlas": args.atlas}
+    overrides = {}
+    if args.atlas is not None:
+        overrides["atlas"] = args.atlas
+    elif not os.environ.get("PLMSCOPE_ATLAS"):
+        raise AtlasError("no atlas given: pass --atlas FILE or set PLMSCOPE_ATLAS")
     for name in ("host", "port", "workers", "device"):
         value = getattr(args, name, None)
         if value is not None:
