@@ -24,6 +24,9 @@ from ..errors import AtlasError
 from . import schema
 
 
+WRITER_MEMORY_LIMIT = "256MB"
+
+
 class AtlasWriter:
     """``with AtlasWriter(out) as w: ...`` publishes on normal exit, discards on exception."""
 
@@ -38,9 +41,10 @@ class AtlasWriter:
         self.tmp.unlink(missing_ok=True)
         if self.add_to_existing:
             shutil.copyfile(self.out, self.tmp)
-            self.con = duckdb.connect(str(self.tmp))
-        else:
-            self.con = duckdb.connect(str(self.tmp))
+        # DuckDB's buffer pool otherwise grows with the atlas (default limit: 80 % of RAM), which
+        # would make the build's peak memory depend on corpus size; past this it spills to disk.
+        self.con = duckdb.connect(str(self.tmp), config={"memory_limit": WRITER_MEMORY_LIMIT})
+        if not self.add_to_existing:
             schema.create_all(self.con)
             self.set_meta("schema_version", schema.SCHEMA_VERSION)
         return self
