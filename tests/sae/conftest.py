@@ -15,7 +15,7 @@ DEMO = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "demo" /
 
 def write_fasta(path: Path, start: int, count: int) -> Path:
     if not DEMO.exists():
-        pytest.skip(f"demo data not found at {DEMO}")
+        pytest.fail(f"demo data not found at {DEMO} (CI and sessions have ../shared beside the checkout)")
     with gzip.open(DEMO, "rt") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))[start : start + count]
     path.write_text("".join(f">{r['accession']}\n{r['sequence']}\n" for r in rows))

@@ -154,7 +154,7 @@ def test_saelens_topk_semantics_match(saved):
 
 def test_saelens_loads_and_encodes_identically(saved):
     """With sae-lens installed (the test extra), SAELens itself loads our directory."""
-    sae_lens = pytest.importorskip("sae_lens")
+    import sae_lens  # in the test extra: the real SAELens must load and encode our files
     sae, out = saved
     theirs = sae_lens.SAE.load_from_disk(str(out), device="cpu")
     assert type(theirs).__name__ == "TopKSAE" and theirs.cfg.k == 6
