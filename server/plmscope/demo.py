@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import hashlib
 import json
 import logging
 import random
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,6 @@ def write_sae_fastas(workdir: Path) -> tuple[Path, Path]:
     return train, heldout
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _step(name: str, argv: list[str]) -> None:
     from .cli import main
 
@@ -166,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
     atlas = work / "atlas.duckdb"
     stamp = work / "atlas.stamp.json"
-    key = {"corpus": _sha256(corpus), "sae": _sha256(sae_dir / "sae_weights.safetensors"), "analyze": not args.no_analyze}
+    key = {"corpus": sha256_file(corpus), "sae": sha256_file(sae_dir / "sae_weights.safetensors"), "analyze": not args.no_analyze}
     if not atlas.exists() or not stamp.exists() or json.loads(stamp.read_text()) != key:
         stamp.unlink(missing_ok=True)
         _step(

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from plmscope.cli import main
 from plmscope.sae import load_sae, load_sparsity
-from plmscope.sae.train import file_sha256
+from plmscope.provenance import sha256_file
 
 from .conftest import TINY_TRAIN
 
@@ -20,7 +20,7 @@ def test_train_sae_writes_a_loadable_saelens_directory(trained_sae, demo_fasta):
     assert (sae.architecture, sae.d_sae, sae.k) == ("topk", 64, 8)
     cfg = json.loads((trained_sae / "cfg.json").read_text())
     p = cfg["plmscope"]
-    assert p["corpus"]["sha256"] == file_sha256(demo_fasta) and p["corpus"]["n_proteins"] == 40
+    assert p["corpus"]["sha256"] == sha256_file(demo_fasta) and p["corpus"]["n_proteins"] == 40
     assert p["training"]["steps"] == 60 and p["training"]["tokens"] == 60 * 128
     assert p["training"]["k"] == 8 and p["training"]["aux_coeff"] == pytest.approx(1 / 32)
     assert set(p["training"]["final"]) == {"L0", "MSE", "EV", "dead"}

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, SAEError
+from ..provenance import sha256_file
 from ..sequences import Problem, Protein, iter_proteins
 from .aggregate import AggregateSettings, SAEAggregate, sparse_codes
 
@@ -61,14 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints (0 = every chunk)")
     p.add_argument("--shard", default="0/1", help="i/n: process chunks i, i+n, ... (with --state-out)")
     p.add_argument("--state-out", help="keep the build state here and do not write an atlas (for merge)")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def reason_of(p: Problem) -> str:

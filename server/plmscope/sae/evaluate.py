@@ -26,7 +26,7 @@ import torch
 from ..plm.base import load_plm
 from ..sequences import read_proteins
 from .io import load_sae, read_cfg, sae_id, update_cfg
-from .train import file_sha256
+from ..provenance import sha256_file
 
 DENSE_THRESHOLD = 0.10  # a latent firing on > 10% of residues is "dense" (not a sparse feature)
 EVAL_FILENAME = "eval.json"
@@ -94,7 +94,7 @@ def evaluate(sae_dir: str | Path, fasta: str | Path, *, max_proteins: int | None
         "architecture": sae.architecture,
         "d_sae": sae.d_sae,
         "k": sae.k,
-        "corpus": {"path": str(Path(fasta).resolve()), "sha256": file_sha256(fasta),
+        "corpus": {"path": str(Path(fasta).resolve()), "sha256": sha256_file(fasta),
                    "n_proteins": len(items), "n_residues": n},
         "explained_variance": 1.0 - sse / sst if sst > 0 else float("nan"),
         "mse": sse / (n * d),

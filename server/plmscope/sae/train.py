@@ -15,7 +15,6 @@ uninterrupted one (the pLM batch being consumed is recomputed with the same comp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from ..errors import SAEError
 from ..plm.base import ProteinLM, load_plm, resolve_device, token_batches
+from ..provenance import sha256_file
 from ..sequences import read_proteins
 from .io import save_sae
 from .model import DEFAULT_AUX_COEFF, DEFAULT_DEAD_TOKENS, DEFAULT_L1_COEFF, SparseAutoencoder, make_cfg
@@ -71,14 +71,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-proteins", type=int, default=None, help="use only the first N records")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- the residue stream ------------------------------------------------------------------------
@@ -242,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     t0 = time.time()
     corpus = read_proteins(args.fasta, strict=True, limit=args.max_proteins)
-    corpus_sha = file_sha256(args.fasta)
+    corpus_sha = sha256_file(args.fasta)
     out = Path(args.out)
     device = resolve_device(args.device)
     plm = load_plm(args.model, device=args.device)
