@@ -36,8 +36,8 @@ def _feed(agg, items, tmp_path, tag, group=7):
 
 
 def _tables(agg):
-    t = latent_tables(agg, "s")
-    for part in protein_tables(agg, "s"):
+    t = {}
+    for part in [dict([pair]) for pair in latent_tables(agg, "s")] + list(protein_tables(agg, "s")):
         for name, cols in part.items():
             t.setdefault(name, {k: [] for k in cols})
             for k, v in cols.items():
@@ -129,3 +129,53 @@ def test_quantize_bound():
     M = float(v.max())
     q = quantize(v, M)
     assert np.abs(q / 255 * M - v).max() <= M / 510 + 1e-6
+
+
+def test_sketch_collapse_keeps_the_defined_bin_samples_in_bounded_cells(tmp_path):
+    """Maxima that grow over five decades as proteins stream in: the sketch pools buckets below
+    max / n_bins, stays within the buckets of [max / n_bins, max] plus one per latent, and the bin
+    samples are exactly the definition's (recomputed here from all proteins)."""
+    from plmscope.atlas._state import EMPTY
+    from plmscope.atlas.aggregate import HIST_EDGES, hist_bucket, priority, protein_hash
+    from plmscope.atlas.finalize import bin_index
+
+    rng = np.random.default_rng(5)
+    s = AggregateSettings(top_n=3, n_bins=5, per_bin=2, protein_top=3)
+    n_lat, n = 6, 300
+    items = []
+    for i in range(n):
+        length = int(rng.integers(4, 20))
+        z = np.zeros((length, n_lat), np.float32)
+        scale = 10 ** (-3 + 5 * i / n)  # later proteins reach higher
+        for r in range(length):
+            lat = rng.choice(n_lat, 2, replace=False)
+            z[r, lat] = (rng.random(2) * scale).astype(np.float32)
+        items.append((f"Q{i:05d}", "".join(rng.choice(list(AA), length)), z, []))
+    agg = SAEAggregate(n_lat, s)
+    _feed(agg, items, tmp_path, "c", group=9)
+    M = agg.max_act.astype(np.float64)
+    for l in range(n_lat):
+        cells = np.flatnonzero((agg.sketch.slots[l * 56:(l + 1) * 56] != EMPTY).any(1))
+        lo = np.searchsorted(HIST_EDGES, M[l] / s.n_bins, side="right") - 2
+        assert len(cells) <= (hist_bucket(np.array([M[l]]))[0] - lo) + 1
+    t = _tables(agg)
+    ex = t["latent_examples"]
+    got = {(int(l), int(b), a) for l, k, b, a in zip(ex["latent"], ex["kind"], ex["bin"], ex["accession"]) if k == "bin"}
+    accs = [it[0] for it in items]
+    pmax = np.array([it[2].max(0) for it in items])
+    hashes = np.array([protein_hash(a) for a in accs], dtype=np.uint64)
+    want = set()
+    for l in range(n_lat):
+        act = np.flatnonzero(pmax[:, l] > 0)
+        pri = priority(hashes[act], np.full(len(act), l))
+        # candidates: the per_bin lowest (priority, accession) of every log bucket
+        cand = []
+        for bucket in np.unique(hist_bucket(pmax[act, l])):
+            members = [j for j in range(len(act)) if hist_bucket(pmax[act[j:j + 1], l])[0] == bucket]
+            cand += sorted(members, key=lambda j: (int(pri[j]), accs[act[j]]))[: s.per_bin]
+        bins = bin_index(pmax[act, l], np.full(len(act), M[l]), s.n_bins)
+        for b in range(s.n_bins):
+            inside = sorted((j for j in cand if bins[j] == b), key=lambda j: (int(pri[j]), accs[act[j]]))
+            want |= {(l, b, accs[act[j]]) for j in inside[: s.per_bin]}
+    assert got == want
+    assert (agg.sketch_floor > 0).all()  # the collapse really happened

@@ -243,3 +243,34 @@ def test_flat_file_features_become_annotations(tiny_atlas, tmp_path):
     assert types & {r[0] for r in q(con, "SELECT DISTINCT type FROM annotations")}
     assert q(con, "SELECT count(*) FROM proteins WHERE organism <> ''")[0][0] == 8
     con.close()
+
+
+def test_screen_and_dense_encode_build_the_same_atlas(tiny_atlas, tmp_path):
+    """`--encode screen` (bf16 screen + exact rescoring) and `--encode dense` give the same codes,
+    so the same atlas up to fp32 summation order."""
+    sae = make_sae(tmp_path / "sae1024", tiny_atlas.plm, d_sae=1024, k=4, seed=2)
+    args = [a if a != str(tiny_atlas.sae_dir) else str(sae) for a in tiny_atlas.build_args]
+    out = {}
+    for mode in ("screen", "dense"):
+        out[mode] = tmp_path / f"{mode}.duckdb"
+        assert main(["build", *args, "--encode", mode, "--out", str(out[mode])]) == 0
+    cons = {m: duckdb.connect(str(p), read_only=True) for m, p in out.items()}
+    meta = {m: json.loads(q(c, "SELECT value FROM atlas_meta WHERE key = 'summary'")[0][0]) for m, c in cons.items()}
+    assert [s["encode"] for s in meta["screen"]["saes"].values()] == ["bf16-screen"]
+    assert [s["encode"] for s in meta["dense"]["saes"].values()] == ["dense"]
+    st = next(iter(meta["screen"]["saes"].values()))["encode_stats"]
+    assert st["rows"] == meta["screen"]["n_residues"] and st["dense_rows"] < 0.05 * st["rows"]  # the screen did it
+    lat = {m: c.execute("SELECT * FROM latents ORDER BY latent").fetchnumpy() for m, c in cons.items()}
+    for col in ("n_active_residues", "n_active_proteins"):
+        assert (lat["screen"][col] == lat["dense"][col]).all(), col
+    np.testing.assert_allclose(lat["screen"]["max_act"], lat["dense"]["max_act"], rtol=1e-5)
+    sql = ("SELECT latent, kind, bin, rank, accession, max_pos, n_active, activations FROM latent_examples "
+           "ORDER BY latent, kind, bin, rank")
+    ex = {m: c.execute(sql).fetchall() for m, c in cons.items()}
+    assert [r[:7] for r in ex["screen"]] == [r[:7] for r in ex["dense"]]
+    for a, b in zip(ex["screen"], ex["dense"]):  # uint8 codes: at most one step apart (rounding)
+        assert np.abs(np.frombuffer(a[7], np.uint8).astype(int) - np.frombuffer(b[7], np.uint8)).max() <= 1
+    stats_sql = "SELECT accession, latent, n_active FROM protein_latent_stats ORDER BY accession, latent"
+    assert cons["screen"].execute(stats_sql).fetchall() == cons["dense"].execute(stats_sql).fetchall()
+    for c in cons.values():
+        c.close()

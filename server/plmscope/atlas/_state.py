@@ -219,6 +219,20 @@ class Reservoir:
         return all_src[kept][is_new], flat[is_new], evicted[evicted >= 0]
 
 
+    def reoffer(self, pool: SlotPool, cells: np.ndarray, ids: np.ndarray) -> None:
+        """Offer existing pool slots ``ids`` to ``cells`` (e.g. when cells merge); slots that do not
+        make it, or are evicted, are freed."""
+        if not len(ids):
+            return
+        kept, flat, evicted = self.offer(pool, cells, pool.get("max", ids), pool.get("pri", ids), pool.get("acc", ids))
+        self.slots.ravel()[flat] = ids[kept]
+        lost = np.ones(len(ids), bool)
+        lost[kept] = False
+        pool.meta["alive"][ids[kept]] = True
+        pool.free(ids[lost])
+        pool.free(evicted)
+
+
 class LabelCounter:
     """Sparse counts of (label, latent) pairs, e.g. active residues inside each Pfam family."""
 
@@ -242,16 +256,15 @@ class LabelCounter:
         if len(codes):
             self._pending.append(codes.astype(np.int64) * self.n_latents + latents)
             self._pending_n += len(codes)
-            if self._pending_n > 4_000_000:
+            if self._pending_n > 1_000_000:  # bounds the sort temporaries of compact()
                 self.compact()
 
     def add_keys(self, keys: np.ndarray, counts: np.ndarray) -> None:
         self.compact()
-        allk = np.concatenate([self.keys, keys])
-        allc = np.concatenate([self.counts, counts])
-        self.keys, inv = np.unique(allk, return_inverse=True)
-        self.counts = np.zeros(len(self.keys), dtype=np.int64)
-        np.add.at(self.counts, inv, allc)
+        k, inv = np.unique(np.asarray(keys, dtype=np.int64), return_inverse=True)
+        c = np.zeros(len(k), dtype=np.int64)
+        np.add.at(c, inv.ravel(), counts)
+        self._merge_sorted(k, c)
 
     def compact(self) -> None:
         if not self._pending:
@@ -259,14 +272,20 @@ class LabelCounter:
         new = np.concatenate(self._pending)
         self._pending, self._pending_n = [], 0
         k, c = np.unique(new, return_counts=True)
-        if len(self.keys):
-            allk = np.concatenate([self.keys, k])
-            allc = np.concatenate([self.counts, c])
-            self.keys, inv = np.unique(allk, return_inverse=True)
-            self.counts = np.zeros(len(self.keys), dtype=np.int64)
-            np.add.at(self.counts, inv, allc)
-        else:
-            self.keys, self.counts = k, c.astype(np.int64)
+        self._merge_sorted(k, c.astype(np.int64))
+
+    def _merge_sorted(self, k: np.ndarray, c: np.ndarray) -> None:
+        """Add counts ``c`` of sorted unique keys ``k``: in place where known, inserted otherwise
+        (no sort of the whole key set, so the temporaries stay the size of the new keys)."""
+        if not len(self.keys):
+            self.keys, self.counts = k.astype(np.int64), c.astype(np.int64)
+            return
+        pos = np.searchsorted(self.keys, k)
+        hit = self.keys[np.minimum(pos, len(self.keys) - 1)] == k
+        self.counts[pos[hit]] += c[hit]
+        if not hit.all():
+            self.keys = np.insert(self.keys, pos[~hit], k[~hit])
+            self.counts = np.insert(self.counts, pos[~hit], c[~hit])
 
     def merge(self, other: "LabelCounter") -> None:
         other.compact()

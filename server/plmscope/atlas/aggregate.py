@@ -13,7 +13,12 @@ latents, values of the non-zero entries, e.g. from ``sparse_codes``) and folds t
   accession (smaller first), with their sparse per-residue vectors;
 * a stratified sketch for the quantile bins: the global max is unknown until the end, so for each
   latent and each fixed log-spaced bucket of the protein max (the HIST edges) we keep the ``per_bin``
-  proteins with the lowest priority ``splitmix64(blake2b64(accession) ^ latent * phi)``.  At
+  proteins with the lowest priority ``splitmix64(blake2b64(accession) ^ latent * phi)``.  Buckets
+  that lie wholly below the latent's running max / ``n_bins`` can only end in quantile bin 0 (the
+  max never decreases), so they are collapsed into one reservoir (the latent's ``sketch_floor``
+  bucket): the lowest priorities of a union are the lowest of its parts' lowest, so the samples
+  do not change, and a latent keeps about log10(n_bins) decades of buckets (~7 with the defaults)
+  however many proteins stream past, instead of every decade its tail ever reached.  At
   finalisation each quantile bin ``[i*M/n, (i+1)*M/n)`` (M = latent max; the last bin includes M)
   takes, among the candidates whose max lies in it, the ``per_bin`` lowest priorities.  It is a
   deterministic hash sample: every sampled protein's max lies in its bin, and ``n_proteins`` per bin
@@ -24,10 +29,11 @@ latents, values of the non-zero entries, e.g. from ``sparse_codes``) and folds t
   representation.
 
 Memory bound (independent of corpus size): slot ids ``8 * L * (N + 56 * per_bin)`` bytes plus, per
-filled slot, ~40 bytes of metadata and 8 bytes per active residue of its vector, i.e. at most
-``L * (N + 56 * per_bin) * (48 + 8 * max_len)`` bytes, plus ``L * (56 + 20 + 4) * 8`` bytes of
-counters and the (label, latent) counts; per-protein outputs between two ``flush`` calls.  In
-practice a latent spans a few decades, so only ~10-20 of its 56 buckets fill.
+filled slot, ~40 bytes of metadata and 8 bytes per active residue of its vector; with the sketch
+collapse at most ``N + 8 * per_bin`` slots per latent fill (the buckets from max / n_bins up to the
+max, plus the floor), i.e. about ``L * (N + 8 * per_bin) * (48 + 8 * mean active residues)`` bytes,
+plus ``L * (56 + 20 + 4) * 8`` bytes of counters and the (label, latent) counts (which grow with
+the number of distinct labels only); per-protein outputs between two ``flush`` calls.
 
 ``merge(other)`` adds counters, unions spill lists and re-offers the other's reservoir entries;
 the selection orders are total, so build-on-shards-then-merge equals one pass exactly.
@@ -66,6 +72,23 @@ class AggregateSettings:
 def hist_bucket(values: np.ndarray) -> np.ndarray:
     """Index of the log-spaced HIST bin of each (positive) value, clamped to [0, HIST_BINS)."""
     return np.clip(np.searchsorted(HIST_EDGES, values, side="right") - 1, 0, HIST_BINS - 1)
+
+
+def sketch_floor(max_act: np.ndarray, n_bins: int) -> np.ndarray:
+    """Per latent: the highest bucket lying wholly below ``max_act / n_bins`` (0 if none).
+
+    Bucket b spans [EDGE_b, EDGE_b+1) (the last one is open above); it is wholly below t when
+    EDGE_b+1 <= t.  The 1e-9 margin keeps float rounding in ``bin_index`` from putting a value
+    of such a bucket into bin 1."""
+    t = max_act.astype(np.float64) / n_bins * (1 - 1e-9)
+    edges_le = np.searchsorted(HIST_EDGES, t, side="right")
+    return np.clip(edges_le - 2, 0, HIST_BINS - 2)
+
+
+def _stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind='stable')`` for int64 keys; torch's stable sort gives the same
+    permutation about 5x faster on this path (measured 2.1 vs 10.7 ms for 250k keys)."""
+    return torch.sort(torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64)), stable=True).indices.numpy()
 
 
 def protein_hash(accession: str) -> np.uint64:
@@ -112,6 +135,7 @@ class SAEAggregate:
         self.pool = SlotPool()
         self.top = Reservoir(L, self.s.top_n, "top")
         self.sketch = Reservoir(L * HIST_BINS, self.s.per_bin, "pri")
+        self.sketch_floor = np.zeros(L, np.int64)  # buckets <= floor are pooled in the floor's cell
         self.families = LabelCounter(L)
         self.types = LabelCounter(L)
         self.spills: list[str] = []
@@ -137,7 +161,7 @@ class SAEAggregate:
 
         p_of_row = np.repeat(np.arange(n_prot), lengths)
         p = p_of_row[rows]
-        order = np.argsort(p * L + lat, kind="stable")  # pairs contiguous, positions ascending
+        order = _stable_argsort(p * L + lat)  # pairs contiguous, positions ascending
         rows, lat, val, p = rows[order], lat[order], val[order].astype(np.float32), p[order]
         pos = (rows - offsets[p]).astype(np.int32)
 
@@ -175,7 +199,9 @@ class SAEAggregate:
         pair = dict(p=pair_p, l=pair_l, mx=pair_max, pos=pair_pos, n=counts, start=starts, pri=pair_pri)
         src = (pos, val)
         self._offer(self.top, pair_l, pair, acc_arr, lengths, src)
-        self._offer(self.sketch, pair_l * HIST_BINS + hist_bucket(pair_max), pair, acc_arr, lengths, src)
+        self._collapse_sketch()
+        bucket = np.maximum(hist_bucket(pair_max), self.sketch_floor[pair_l])
+        self._offer(self.sketch, pair_l * HIST_BINS + bucket, pair, acc_arr, lengths, src)
         self.pool.compact([self.top, self.sketch])
         self._per_protein(accessions, lengths, pair, pair_sum, src, mean_reps)
 
@@ -190,6 +216,22 @@ class SAEAggregate:
         ids = self.pool.add(acc_arr[pair["p"][c]], pair["pri"][c], pair["mx"][c], pair["pos"][c] + 1,
                             pair["n"][c], lengths[pair["p"][c]], pair["start"][c], pair["n"][c], *src)
         res.slots.ravel()[flat] = ids
+
+    def _collapse_sketch(self) -> None:
+        """Pool the sketch buckets that now lie wholly below max / n_bins into the floor bucket."""
+        floor = sketch_floor(self.max_act, self.s.n_bins)
+        changed = np.flatnonzero(floor > self.sketch_floor)
+        if not len(changed):
+            return
+        old, new = self.sketch_floor[changed], floor[changed]
+        span = new - old + 1  # cells old..new of each changed latent, the new floor included
+        cells = np.repeat(changed * HIST_BINS, span) + _segment_index(old, span)
+        target = np.repeat(changed * HIST_BINS + new, span)
+        ids = self.sketch.slots[cells]
+        has = ids != EMPTY
+        self.sketch.slots[cells] = EMPTY
+        self.sketch.reoffer(self.pool, np.repeat(target, self.s.per_bin)[has.ravel()], ids[has])
+        self.sketch_floor[changed] = new
 
     def _count_labels(self, spans, offsets, rows, lat) -> None:
         for counter_name, counter in (("family", self.families), ("type", self.types)):
@@ -211,7 +253,7 @@ class SAEAggregate:
                 continue
             ar = np.concatenate(ann_rows)
             ac = np.concatenate(ann_codes)
-            o = np.argsort(ar, kind="stable")
+            o = _stable_argsort(ar)
             ar, ac = ar[o], ac[o]
             row_cnt = np.bincount(ar, minlength=int(offsets[-1]))
             row_start = np.concatenate([[0], np.cumsum(row_cnt)[:-1]])
@@ -269,12 +311,12 @@ class SAEAggregate:
         for mine, theirs in ((self.top, other.top), (self.sketch, other.sketch)):
             cells, ranks = np.nonzero(theirs.slots != EMPTY)
             ids = theirs.slots[cells, ranks] + base
-            self.pool.free(ids)  # re-offered below; winners are revived
-            kept, flat, evicted = mine.offer(self.pool, cells, self.pool.get("max", ids),
-                                             self.pool.get("pri", ids), self.pool.get("acc", ids))
-            mine.slots.ravel()[flat] = ids[kept]
-            self.pool.meta["alive"][ids[kept]] = True
-            self.pool.free(evicted)
+            if mine is self.sketch:  # their pooled buckets may lie below my floor: pool them too
+                lat = cells // HIST_BINS
+                cells = lat * HIST_BINS + np.maximum(cells % HIST_BINS, self.sketch_floor[lat])
+            mine.reoffer(self.pool, cells, ids)
+        # my floor is <= the merged one, theirs too; the collapse pools everything below it
+        self._collapse_sketch()
         self.pool.compact([self.top, self.sketch], force=True)
 
     # ------------------------------------------------------------------ persistence
@@ -285,6 +327,7 @@ class SAEAggregate:
         arrays["settings"] = np.array(list(asdict(self.s).values()), np.int64)
         arrays["top_slots"] = self.top.slots
         arrays["sketch_slots"] = self.sketch.slots
+        arrays["sketch_floor"] = self.sketch_floor
         arrays["spills"] = np.asarray(self.spills or [""], dtype=str)[: len(self.spills)]
         arrays.update(self.pool.to_arrays("pool_"))
         arrays.update(self.families.to_arrays("fam_"))
@@ -304,6 +347,8 @@ class SAEAggregate:
             agg.n_proteins, agg.n_residues = n_prot, n_res
             agg.top.slots = np.array(a["top_slots"])
             agg.sketch.slots = np.array(a["sketch_slots"])
+            if "sketch_floor" in a:  # states from before the collapse: nothing pooled yet
+                agg.sketch_floor = np.array(a["sketch_floor"])
             agg.spills = [str(s) for s in a["spills"]]
             agg.pool = SlotPool.from_arrays(a, "pool_")
             agg.families = LabelCounter.from_arrays(a, "fam_", L)

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protein-top", type=int, default=16, help="top latents stored per protein")
     p.add_argument("--token-budget", type=int, default=8192, help="padded tokens per pLM batch")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--encode", choices=["auto", "dense", "screen"], default="auto",
+                   help="TopK encode: 'screen' = bf16 screen + exact fp32 scores of the candidates "
+                        "(same codes, ~2x faster on CPUs with AVX-512 BF16; see plmscope.sae.screen), "
+                        "'dense' = one fp32 GEMM; 'auto' = screen where it applies")
     p.add_argument("--max-length", type=int, help="skip proteins longer than this (default: keep, truncate at the pLM limit)")
     p.add_argument("--limit", type=int, help="use only the first N valid proteins")
     p.add_argument("--chunk-size", type=int, default=512, help="proteins per chunk (unit of spill, checkpoint and shard)")
@@ -92,24 +96,56 @@ def _problem_dict(p: Problem) -> dict:
             "severity": p.severity, "reason": reason_of(p)}
 
 
-def read_corpus(args, max_residues: int | None) -> tuple[list[Protein], list[Problem]]:
-    proteins, problems = [], []
+def _usable_proteins(args, max_residues: int | None, problems: list[Problem] | None) -> Iterator[Protein]:
+    """The corpus' usable proteins in file order (the same filters on every pass); the records
+    left out (and pLM truncations) are appended to ``problems`` when it is a list."""
+    n = 0
     for item in iter_proteins(args.corpus):
         if isinstance(item, Problem):
-            problems.append(item)
+            if problems is not None:
+                problems.append(item)
             continue
         if args.max_length and item.length > args.max_length:
-            problems.append(Problem(args.corpus, item.accession, f"{item.length} residues, longer than --max-length {args.max_length}; skipped"))
+            if problems is not None:
+                problems.append(Problem(args.corpus, item.accession, f"{item.length} residues, longer than --max-length {args.max_length}; skipped"))
             continue
-        if max_residues and item.length > max_residues:
+        if max_residues and item.length > max_residues and problems is not None:
             problems.append(Problem(args.corpus, item.accession, f"{item.length} residues; the pLM sees residues 1..{max_residues} (model limit)", severity="warning"))
-        proteins.append(item)
-        if args.limit and len(proteins) >= args.limit:
-            break
-    if not proteins:
+        yield item
+        n += 1
+        if args.limit and n >= args.limit:
+            return
+
+
+def scan_corpus(args, max_residues: int | None) -> tuple[int, list[Problem]]:
+    """First pass: how many usable proteins, and every problem.  Keeps no protein, so memory does
+    not grow with the corpus; the build then streams it chunk by chunk (``iter_chunks``)."""
+    problems: list[Problem] = []
+    n = sum(1 for _ in _usable_proteins(args, max_residues, problems))
+    if not n:
         first = f"; first problem: {problems[0]}" if problems else ""
         raise InputError(f"{args.corpus}: no usable protein records{first}")
-    return proteins, problems
+    return n, problems
+
+
+def iter_chunks(args, max_residues: int | None, wanted: set[int]) -> Iterator[tuple[int, list[Protein]]]:
+    """(chunk number, proteins) of the chunks in ``wanted``, in order: consecutive runs of
+    ``--chunk-size`` usable proteins in file order; only one chunk is held at a time."""
+    chunk: list[Protein] = []
+    c = pos = 0
+    last = max(wanted, default=-1)
+    for p in _usable_proteins(args, max_residues, None):
+        if c > last:
+            return
+        if c in wanted:
+            chunk.append(p)
+        pos += 1
+        if pos == args.chunk_size:
+            if c in wanted:
+                yield c, chunk
+            chunk, c, pos = [], c + 1, 0
+    if pos and c in wanted:
+        yield c, chunk
 
 
 def protein_row(p: Protein, max_residues: int | None) -> dict:
@@ -162,7 +198,7 @@ def _fingerprint(args, sae_dirs: list[Path], plm_spec: str) -> dict:
         inputs["saes"].append({"path": str(d), "cfg_sha256": sha256_file(d / "cfg.json"),
                                "weights_sha256": sha256_file(d / "sae_weights.safetensors")})
     settings = {k: getattr(args, k) for k in ("top_n", "bins", "per_bin", "protein_top", "token_budget",
-                                              "max_length", "limit", "chunk_size")}
+                                              "max_length", "limit", "chunk_size", "encode")}
     settings["plm"] = plm_spec
     return {"inputs": inputs, "settings": settings}
 
@@ -211,10 +247,11 @@ def run(args, *, on_checkpoint: Callable[[int], None] | None = None) -> int:
         plm.check_layer(layer)
         saes.append(load_sae(d, plm=plm_spec, layer=layer, d_in=plm.d_model(layer), device=plm.device))
 
-    proteins, problems = read_corpus(args, plm.max_residues)
+    encoders = [_encoder(s, args.encode, plm.device) for s in saes]
+    n_usable, problems = scan_corpus(args, plm.max_residues)
     fp = _fingerprint(args, sae_dirs, plm_spec)
-    chunks = [list(range(a, min(a + args.chunk_size, len(proteins)))) for a in range(0, len(proteins), args.chunk_size)]
-    mine = [c for c in range(len(chunks)) if c % shard_n == shard_i]
+    chunk_len = [min(args.chunk_size, n_usable - a) for a in range(0, n_usable, args.chunk_size)]
+    mine = [c for c in range(len(chunk_len)) if c % shard_n == shard_i]
 
     # ---- build state: fresh, or resumed when it belongs to the same inputs and settings
     root = Path(args.state_out) if args.state_out else Path(str(args.out) + ".build-state")
@@ -238,9 +275,10 @@ def run(args, *, on_checkpoint: Callable[[int], None] | None = None) -> int:
 
             (root / f"sae-{i}" / "sae_weights.safetensors").write_bytes(sae_weights_bytes(s))
     manifest = {
-        "version": STATE_VERSION, "fingerprint": fp, "shard": [shard_i, shard_n], "n_chunks": len(chunks),
+        "version": STATE_VERSION, "fingerprint": fp, "shard": [shard_i, shard_n], "n_chunks": len(chunk_len),
         "chunks_mine": mine, "chunks_done": done, "plm": plm_spec,
-        "saes": [{"sae_id": i, "dir": str(d), "cfg": c} for i, d, c in zip(ids, sae_dirs, cfgs)],
+        "saes": [{"sae_id": i, "dir": str(d), "cfg": c, "encode": "bf16-screen" if e is not None else "dense"}
+                 for i, d, c, e in zip(ids, sae_dirs, cfgs, encoders)],
         "corpus_problems": [_problem_dict(p) for p in problems], "started": t0,
         "checkpoint": old.get("checkpoint") if done else None,
     }
@@ -260,14 +298,13 @@ def run(args, *, on_checkpoint: Callable[[int], None] | None = None) -> int:
     for j, s in enumerate(saes):
         groups[int(s.layer)].append(j)
     todo = [c for c in mine if c not in set(done)]
-    total = sum(len(chunks[c]) for c in mine)
-    bar = tqdm(total=total, initial=total - sum(len(chunks[c]) for c in todo), unit="prot", desc="build",
+    total = sum(chunk_len[c] for c in mine)
+    bar = tqdm(total=total, initial=total - sum(chunk_len[c] for c in todo), unit="prot", desc="build",
                dynamic_ncols=True, mininterval=1.0)
     last_ckpt = time.time()
     n_res = 0
     timings = defaultdict(float)  # seconds per stage, reported in the summary and atlas_meta
-    for c in todo:
-        chunk = [proteins[i] for i in chunks[c]]
+    for c, chunk in iter_chunks(args, plm.max_residues, set(todo)):
         if args.pfam:
             from .pfam import annotate
 
@@ -294,7 +331,7 @@ def run(args, *, on_checkpoint: Callable[[int], None] | None = None) -> int:
                          / lengths.to(X.device)[:, None]).cpu().numpy()
                 for j in members:
                     te = time.perf_counter()
-                    rows, lat, val = _encode(saes[j], X)
+                    rows, lat, val = _encode(saes[j], X, encoders[j])
                     ta = time.perf_counter()
                     aggs[j].update(accs, seqs, rows, lat, val, mean_reps=means, spans=[spans[a] for a in accs])
                     timings["sae_encode"] += ta - te
@@ -320,12 +357,16 @@ def run(args, *, on_checkpoint: Callable[[int], None] | None = None) -> int:
 
     if args.state_out:
         print(f"plmscope build: shard {shard_i}/{shard_n} state written to {root} "
-              f"({sum(len(chunks[c]) for c in mine)} proteins); merge with `plmscope merge --state {root} ... --out ATLAS`")
+              f"({sum(chunk_len[c] for c in mine)} proteins); merge with `plmscope merge --state {root} ... --out ATLAS`")
         return 0
     from .merge import write_atlas
 
+    encode_stats = {i: e.stats for i, e in zip(ids, encoders) if e is not None}
+    # write_atlas reloads the checkpointed state: drop the models and the in-memory state first,
+    # so that the write phase does not hold two copies of the state (or a 650M pLM it no longer needs)
+    aggs = encoders = saes = plm = stream = X = batch = None  # noqa: F841 (unbound when nothing was left to do)
     tw = time.perf_counter()
-    summary = write_atlas([root], Path(args.out), t0=t0, timings=timings)
+    summary = write_atlas([root], Path(args.out), t0=t0, timings=timings, encode_stats=encode_stats)
     summary["timings"]["finalize+write_atlas"] = round(time.perf_counter() - tw, 2)
     shutil.rmtree(root, ignore_errors=True)
     print_summary(summary)
@@ -345,8 +386,22 @@ def _residue_batches(stream, budget: int):
         yield batch
 
 
+def _encoder(sae, mode: str, device: torch.device):
+    """The TopK screen for ``sae`` when ``mode`` asks for it (or 'auto' and it applies), else None."""
+    from ..sae.screen import TopKScreen, screen_applies
+
+    if mode == "dense" or sae.architecture != "topk":
+        return None
+    if mode == "auto" and not screen_applies(sae, device):
+        return None
+    try:
+        return TopKScreen(sae)
+    except ValueError as exc:
+        raise SAEError(f"--encode screen: {exc}") from None
+
+
 @torch.no_grad()
-def _encode(sae, X: torch.Tensor, max_rows: int = 8192):
+def _encode(sae, X: torch.Tensor, screen=None, max_rows: int = 8192):
     """Sparse (rows, latents, values) of ``sae.encode(X)``, in row chunks to bound memory.
 
     The chunks are of equal size (not ``max_rows`` plus a small remainder): a short GEMM call costs
@@ -359,7 +414,12 @@ def _encode(sae, X: torch.Tensor, max_rows: int = 8192):
     parts = []
     for a in range(0, n, step):
         x = X[a : a + step]
-        if sae.architecture == "topk" and hasattr(sae, "encode_topk"):
+        if screen is not None:
+            vals, idx = screen(x)
+            keep = vals > 0
+            rows = keep.nonzero()[:, 0]
+            parts.append(((rows + a).numpy(), idx[keep].numpy(), vals[keep].numpy()))
+        elif sae.architecture == "topk" and hasattr(sae, "encode_topk"):
             # TopK codes are k values per row: take them straight from the top-k instead of
             # scattering into a dense (rows, d_sae) matrix and scanning it again (the same values
             # as SparseAutoencoder.encode, which scatters exactly these).
@@ -438,7 +498,12 @@ def print_summary(s: dict) -> None:
              f"  proteins: {s['n_proteins']}  residues: {s['n_residues']}  truncated: {s['n_truncated']}  "
              f"with structure: {s['n_with_structure']}"]
     for sid, d in s["saes"].items():
-        lines.append(f"  SAE {sid}: {d['n_dead']} dead of {d['d_sae']} latents")
+        enc = d.get("encode", "dense")
+        if d.get("encode_stats"):
+            st = d["encode_stats"]
+            enc += (f", {st['candidates'] / max(st['rows'], 1):.0f} candidates/residue rescored, "
+                    f"{st['dense_rows']} of {st['rows']} residues dense")
+        lines.append(f"  SAE {sid}: {d['n_dead']} dead of {d['d_sae']} latents (encode: {enc})")
     if s.get("timings"):
         lines.append("  time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["timings"].items()))
     if s["skipped"]:

@@ -22,31 +22,52 @@ def bin_index(values: np.ndarray, scale: np.ndarray, n_bins: int) -> np.ndarray:
     return np.clip((values.astype(np.float64) * n_bins / s).astype(np.int64), 0, n_bins - 1)
 
 
+# Residues per piece when vectors are quantised into blobs (a few tens of MB of temporaries): the
+# write phase's peak memory then does not depend on how many examples an atlas has.
+BLOB_PIECE_RESIDUES = 4_000_000
+
+
+def _pieces(plen: np.ndarray, budget: int = BLOB_PIECE_RESIDUES) -> list[slice]:
+    """Consecutive slices of rows whose lengths add up to about ``budget`` residues each."""
+    if not len(plen):
+        return []
+    piece = np.cumsum(plen.astype(np.int64)) // budget
+    cuts = np.flatnonzero(np.diff(piece)) + 1
+    bounds = np.concatenate([[0], cuts, [len(plen)]])
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _blobs(vec_pos, vec_val, seg_off, seg_n, plen, scale) -> np.ndarray:
     """uint8 blobs (object array of bytes) of sparse vectors, each scaled by its own ``scale``."""
+    if len(plen) and int(np.sum(plen, dtype=np.int64)) > BLOB_PIECE_RESIDUES:
+        return np.concatenate([_blobs(vec_pos, vec_val, seg_off[p], seg_n[p], plen[p], scale[p])
+                               for p in _pieces(plen)])
     plen = plen.astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(plen)[:-1]]).astype(np.int64)
-    dense = np.zeros(int(plen.sum()), np.float64)
     seg = _segment_index(seg_off, seg_n)
-    dense[np.repeat(starts, seg_n) + vec_pos[seg]] = vec_val[seg]
-    sc = np.repeat(np.where(scale > 0, scale.astype(np.float64), np.inf), plen)
-    q = np.clip(np.rint(dense * (255.0 / sc)), 0, 255).astype(np.uint8)
+    # quantise the non-zero values only (zeros stay code 0), then scatter the codes
+    sc = np.repeat(np.where(scale > 0, scale.astype(np.float64), np.inf), seg_n)
+    codes = np.clip(np.rint(vec_val[seg].astype(np.float64) * (255.0 / sc)), 0, 255).astype(np.uint8)
+    q = np.zeros(int(plen.sum()), np.uint8)
+    q[np.repeat(starts, seg_n) + vec_pos[seg]] = codes
     out = np.empty(len(plen), dtype=object)
     for i, (a, n) in enumerate(zip(starts.tolist(), plen.tolist())):
         out[i] = q[a : a + n].tobytes()
     return out
 
 
-def _examples(agg: SAEAggregate, sae_id: str, kind: str, lat, bins, ranks, ids) -> dict:
+def _examples(agg: SAEAggregate, sae_id: str, kind, lat, bins, ranks, ids) -> Iterator[dict]:
+    """latent_examples columns, in pieces of about ``BLOB_PIECE_RESIDUES`` residues."""
     pool = agg.pool
     m = pool.meta
-    return {
-        "sae_id": np.full(len(ids), sae_id, dtype=object), "latent": lat.astype(np.int32), "kind": np.full(len(ids), kind, dtype=object),
-        "bin": bins, "rank": ranks.astype(np.int32), "accession": pool.acc[ids], "max_act": m["max"][ids],
-        "max_pos": m["pos"][ids], "n_active": m["nact"][ids],
-        "activations": _blobs(pool.vec_pos, pool.vec_val, m["off"][ids], m["n"][ids], m["plen"][ids],
-                              agg.max_act[lat]),
-    }
+    for p in _pieces(m["plen"][ids]):
+        i, la = ids[p], lat[p]
+        yield {
+            "sae_id": np.full(len(i), sae_id, dtype=object), "latent": la.astype(np.int32), "kind": kind[p],
+            "bin": bins[p], "rank": ranks[p].astype(np.int32), "accession": pool.acc[i], "max_act": m["max"][i],
+            "max_pos": m["pos"][i], "n_active": m["nact"][i],
+            "activations": _blobs(pool.vec_pos, pool.vec_val, m["off"][i], m["n"][i], m["plen"][i], agg.max_act[la]),
+        }
 
 
 def bin_counts(agg: SAEAggregate) -> np.ndarray:
@@ -63,7 +84,11 @@ def bin_counts(agg: SAEAggregate) -> np.ndarray:
 def _label_rows(agg, counter, sae_id: str, column: str) -> tuple[dict, np.ndarray, np.ndarray]:
     lat, codes, cnt = counter.table()
     labels = np.asarray(counter.labels + [""], dtype=object)
-    o = np.lexsort((labels[codes].astype(str), -cnt, lat))
+    # ties broken by label text, through each label's rank in sorted order: integer sort keys
+    # instead of a string array as long as the (label, latent) table
+    label_rank = np.empty(len(labels), np.int64)
+    label_rank[np.argsort(labels.astype(str), kind="stable")] = np.arange(len(labels))
+    o = np.lexsort((label_rank[codes], -cnt, lat))
     lat, codes, cnt = lat[o], codes[o], cnt[o]
     rank = np.arange(len(lat)) - np.searchsorted(lat, lat, side="left")
     keep = rank < agg.s.label_top
@@ -99,8 +124,9 @@ def neighbors(W_dec: torch.Tensor, sae_id: str, k: int = 10, chunk: int = 1024) 
             "cosine": np.concatenate(cos).astype(np.float32)}
 
 
-def latent_tables(agg: SAEAggregate, sae_id: str) -> dict[str, dict]:
-    """Columns of latents, latent_examples, latent_bins, latent_families, latent_annotation_types."""
+def latent_tables(agg: SAEAggregate, sae_id: str) -> Iterator[tuple[str, dict]]:
+    """(table, columns) of latents, latent_bins, latent_families, latent_annotation_types and
+    latent_examples; the examples come in several pieces (bounded memory), the rest whole."""
     L, s = agg.L, agg.s
     n_res, n_prot = max(agg.n_residues, 1), max(agg.n_proteins, 1)
     dead = agg.n_active_res == 0
@@ -116,10 +142,12 @@ def latent_tables(agg: SAEAggregate, sae_id: str) -> dict[str, dict]:
         "top_family": top_fam, "top_family_frac": top_fam_frac,
         "top_annotation_type": top_typ, "top_annotation_frac": top_typ_frac,
     }
+    yield "latents", latents
+    yield "latent_families", fam_rows
+    yield "latent_annotation_types", typ_rows
     # top examples: reservoir rows are already sorted strongest first
     t_lat, t_rank = np.nonzero(agg.top.slots != EMPTY)
-    top = _examples(agg, sae_id, "top", t_lat, np.full(len(t_lat), None, dtype=object), t_rank,
-                    agg.top.slots[t_lat, t_rank])
+    t_ids = agg.top.slots[t_lat, t_rank]
     # quantile-bin samples from the stratified sketch
     cells, _ = np.nonzero(agg.sketch.slots != EMPTY)
     ids = agg.sketch.slots[agg.sketch.slots != EMPTY]
@@ -133,8 +161,12 @@ def latent_tables(agg: SAEAggregate, sae_id: str) -> dict[str, dict]:
     o2 = keep[np.lexsort((acc[keep], -mx[keep], b[keep], b_lat[keep]))]
     grp2 = b_lat[o2] * s.n_bins + b[o2]
     rank2 = np.arange(len(o2)) - np.searchsorted(grp2, grp2, side="left")
-    binned = _examples(agg, sae_id, "bin", b_lat[o2], b[o2].astype(object), rank2, ids[o2])
-    examples = {k: np.concatenate([top[k], binned[k]]) for k in top}
+    n_top, n_bin = len(t_ids), len(o2)
+    yield from (("latent_examples", part) for part in _examples(
+        agg, sae_id, np.array(["top"] * n_top + ["bin"] * n_bin, dtype=object),
+        np.concatenate([t_lat, b_lat[o2]]),
+        np.concatenate([np.full(n_top, None, dtype=object), b[o2].astype(object)]),
+        np.concatenate([t_rank, rank2]), np.concatenate([t_ids, ids[o2]]).astype(np.int64)))
     # bins: exact counts, only for latents that fired
     counts = bin_counts(agg)
     live = np.flatnonzero(~dead)
@@ -147,8 +179,7 @@ def latent_tables(agg: SAEAggregate, sae_id: str) -> dict[str, dict]:
         "hi": (np.repeat(M, nb) * np.tile(np.arange(1, nb + 1), len(live)) / nb).astype(np.float32),
         "n_proteins": counts[live].ravel(),
     }
-    return {"latents": latents, "latent_examples": examples, "latent_bins": bins,
-            "latent_families": fam_rows, "latent_annotation_types": typ_rows}
+    yield "latent_bins", bins
 
 
 def _rows_as_lists(a: np.ndarray) -> np.ndarray:

@@ -78,8 +78,10 @@ def _load_states(roots: list[Path]) -> tuple[list[dict], dict[str, SAEAggregate]
     return manifests, aggs
 
 
-def write_atlas(roots: list[Path], out: Path, *, t0: float, timings: dict | None = None) -> dict:
-    """Merge the states in ``roots`` and publish the atlas ``out`` atomically; returns the summary."""
+def write_atlas(roots: list[Path], out: Path, *, t0: float, timings: dict | None = None,
+                encode_stats: dict | None = None) -> dict:
+    """Merge the states in ``roots`` and publish the atlas ``out`` atomically; returns the summary.
+    ``encode_stats``: per SAE id, the TopK screen's counters of this run (``TopKScreen.stats``)."""
     import duckdb
     import torch
 
@@ -141,7 +143,7 @@ def write_atlas(roots: list[Path], out: Path, *, t0: float, timings: dict | None
                          "n_dead": st["n_dead"], "n_proteins": st["n_proteins"], "n_residues": st["n_residues"],
                          "hist_edges": st["hist_edges"], "aa_background": st["aa_background"], "weights": weights,
                          "built_at": None})
-            for table, cols in latent_tables(agg, sid).items():
+            for table, cols in latent_tables(agg, sid):
                 w.insert(table, cols)
             with torch.no_grad():
                 w.insert("latent_neighbors", neighbors(sae.W_dec, sid))
@@ -149,7 +151,10 @@ def write_atlas(roots: list[Path], out: Path, *, t0: float, timings: dict | None
                 for table, cols in part.items():
                     w.insert(table, cols)
             sae_summary[sid] = {"n_dead": st["n_dead"], "d_sae": int(cfg["d_sae"]), "n_proteins": st["n_proteins"],
-                                "n_residues": st["n_residues"]}
+                                "n_residues": st["n_residues"], "encode": "+".join(sorted({m_s.get("encode", "dense") for m in manifests
+                                                                                   for m_s in m["saes"] if m_s["sae_id"] == sid}))}
+            if (encode_stats or {}).get(sid):
+                sae_summary[sid]["encode_stats"] = dict(encode_stats[sid])
         skipped = summarize_problems(problems)
         elapsed = time.time() - min(float(m.get("started", t0)) for m in manifests)
         inputs = dict(m0["fingerprint"]["inputs"])

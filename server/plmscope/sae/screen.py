@@ -1,0 +1,184 @@
+"""TopK codes on CPU in about half the time, still exact: a bf16 screen, then fp32 scores for the
+few candidates it cannot rule out.
+
+The dense TopK encode is one (n, d_in) x (d_in, d_sae) fp32 GEMM plus a top-k over d_sae columns.
+On a CPU with AVX-512 BF16 the same GEMM in bf16 runs about 3.5x faster, but bf16 keeps 8
+significant bits, so its pre-activations are only approximate.  ``TopKScreen`` uses them only to
+rule latents *out*, with a proven error bound, and computes the survivors exactly:
+
+1. ``a = bf16(x - b_dec) @ bf16([W_enc; b_enc])`` (the bias is an extra input column, so every
+   rounding is an input rounding or the single fp32 -> bf16 output rounding);
+2. a row bound ``E >= |a_j - pre_j|`` for every latent j (``BOUND_UNITS`` units of bf16 roundoff
+   times ``||x - b_dec|| * max_j ||W_enc[:, j]|| + max_j |b_enc[j]|``, by Cauchy-Schwarz);
+3. ``tau`` = the k-th largest of the maxima of ``d_sae / GROUP`` column groups: at least k latents
+   have ``a >= tau``, so the k-th largest exact pre-activation is ``>= tau - E`` and every latent of
+   the exact top k has ``a >= tau - 2E``; a latent with ``a < -E`` cannot be positive;
+4. the latents with ``a >= max(tau - 2E, -E)`` (about 3-4 k per row) are scored exactly in fp32
+   (``torch.sparse.sampled_addmm``) and the top k of those exact scores is the answer.
+
+So the selected latents and their values are those of ``SparseAutoencoder.encode`` after the
+ReLU; values differ only by fp32 summation order (~1e-7 relative), and among exactly tied
+pre-activations either latent may be picked, as with ``torch.topk``.  Rows where the argument
+does not apply (a non-positive threshold, too many candidates, non-finite input) take the dense
+fp32 path.  Tests check all of it against the dense encode, including adversarial rows.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+GROUP = 64  # columns per group for the k-th-largest lower bound (tau)
+U = 2.0**-8  # unit roundoff of bf16 (8 significant bits, round to nearest even)
+# |a_j - pre_j| <= (2u + u^2) S + u S (1 + u)^2 (1 + g) + g (1 + u)^2 S  with S = sum_i |x_i W_ij| + |b_j|
+# (input roundings of x and W, one output rounding, fp32 accumulation g = (d+1) 2^-24 / (1 - ...)):
+# at most 3.02 u for d_in <= 8192; 3.1 u leaves room for the fp32 arithmetic of the bound itself.
+BOUND_UNITS = 3.1
+MAX_CANDIDATES_PER_K = 6  # rows with more than 6 k candidates take the dense path
+# Rows per pass: the (rows, d_sae) bf16 screen then stays in cache for the compare and scan that
+# follow (measured 2048 rows: ~85 ms per 8192 rows vs ~115 ms in one 8192-row pass, d_sae 4096).
+BLOCK_ROWS = 2048
+
+
+def bf16_fast() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 / AMX); emulated bf16 is slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def screen_applies(sae, device: torch.device | str = "cpu") -> bool:
+    """Worth it and valid: a TopK SAE on a bf16-capable CPU, wide enough that the bf16 GEMM
+    dominates (d_sae a multiple of GROUP with at least 2k groups, d_in >= 128)."""
+    return (
+        torch.device(device).type == "cpu"
+        and getattr(sae, "architecture", None) == "topk"
+        and sae.d_in >= 128
+        and sae.d_in <= 8192
+        and sae.d_sae % GROUP == 0
+        and sae.d_sae // GROUP >= 2 * sae.k
+        and bf16_fast()
+    )
+
+
+class TopKScreen:
+    """Exact TopK codes of a (CPU, fp32) ``SparseAutoencoder`` through a bf16 screen."""
+
+    def __init__(self, sae) -> None:
+        if sae.architecture != "topk" or sae.d_sae % GROUP or sae.d_sae // GROUP < sae.k:
+            raise ValueError("TopKScreen needs a TopK SAE with d_sae a multiple of 64 and >= 64 k")
+        with torch.no_grad():
+            self.sae = sae
+            self.k = sae.k
+            # normalisation is folded into the weights for every saved SAE; keep it general anyway
+            scale = float(sae.norm_scale)
+            self.mean = sae.norm_mean.detach().float()
+            self.scale = scale
+            self.W = sae.W_enc.detach().float().contiguous()  # (d_in, d_sae)
+            self.b_enc = sae.b_enc.detach().float().contiguous()
+            self.b_dec = sae.b_dec.detach().float()
+            # bias as one more input row; pad K to a multiple of 16 for the bf16 kernels
+            d = self.W.shape[0]
+            self.K = -(-(d + 1) // 16) * 16
+            Wa = torch.zeros(self.K, sae.d_sae)
+            Wa[:d] = self.W
+            Wa[d] = self.b_enc
+            self.Wb = Wa.bfloat16().contiguous()
+            self.w_max = float(self.W.norm(dim=0).max())
+            self.b_max = float(self.b_enc.abs().max())
+        self.stats = {"rows": 0, "dense_rows": 0, "candidates": 0}
+
+    def _dense(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = xc @ self.W
+        return pre.add_(self.b_enc).topk(self.k, dim=-1, sorted=False)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, latents), (n, k) each: the top-k pre-activations (before the ReLU) as far as
+        they are positive; entries the ReLU would zero may name other latents than ``encode``."""
+        x = x.float()
+        if self.scale != 1.0 or bool(self.mean.any()):
+            x = (x - self.mean) / self.scale
+        xc = x - self.b_dec
+        if xc.shape[0] <= BLOCK_ROWS:
+            return self._block(xc)
+        parts = [self._block(xc[a : a + BLOCK_ROWS]) for a in range(0, xc.shape[0], BLOCK_ROWS)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def approx(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 pre-activations (n, d_sae) of centred inputs ``xc`` and a per-row bound (n,) on
+        their distance to the exact ones."""
+        n, d = xc.shape
+        xa = torch.zeros(n, self.K, dtype=torch.bfloat16)
+        xa[:, :d] = xc
+        xa[:, d] = 1.0
+        bound = BOUND_UNITS * U * (xc.norm(dim=1) * self.w_max + self.b_max) + 1e-30
+        return xa @ self.Wb, bound
+
+    def _block(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, d = xc.shape
+        L, k = self.W.shape[1], self.k
+        if n == 0:
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
+        if not bool(torch.isfinite(xc).all()):
+            return self._dense(xc)
+        a, bound = self.approx(xc)
+        # Non-negative bf16 values order like their bit patterns read as int16 (negative ones
+        # come out negative): int16 max/compare is exact here and much faster than bf16 ops
+        # (numpy's int16 compare and flatnonzero measured ~1.6x faster than torch's here).
+        ai = a.view(torch.int16)
+        group_max = ai.view(n, L // GROUP, GROUP).amax(-1).numpy()
+        tau_bits = torch.from_numpy(np.partition(group_max, L // GROUP - k, axis=1)[:, L // GROUP - k].copy())
+        ai = ai.numpy()
+        tau = tau_bits.view(torch.bfloat16).float()
+        thr = torch.maximum(tau - 2 * bound, -bound)
+        thr_b = _bf16_round_down(thr)
+        ok = (tau_bits > 0) & (thr_b > 0) & torch.isfinite(bound)
+        thr_bits = torch.where(ok, thr_b.view(torch.int16), torch.tensor(32767, dtype=torch.int16))
+        flat = np.flatnonzero(ai >= thr_bits.numpy()[:, None])
+        del a, ai
+        rows_np, cols_np = np.divmod(flat, L)
+        rows, cols = torch.from_numpy(rows_np), torch.from_numpy(cols_np)
+        counts = torch.from_numpy(np.bincount(rows_np, minlength=n))
+        ok &= counts <= MAX_CANDIDATES_PER_K * k
+        if not bool(ok.all()):
+            keep = ok[rows]
+            rows, cols = rows[keep], cols[keep]
+            counts = torch.where(ok, counts, 0)
+        crow = torch.zeros(n + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=crow[1:])
+        width = MAX_CANDIDATES_PER_K * k
+        vals = torch.full((n, k), -math.inf)
+        idx = torch.zeros((n, k), dtype=torch.int64)
+        if len(cols):
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": sampled_addmm is all we use
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, cols, self.b_enc[cols], size=(n, L), check_invariants=False)
+            exact = torch.sparse.sampled_addmm(pattern, xc, self.W).values()  # b_enc + xc . W[:, j]
+            slot = rows * width + (torch.arange(len(rows)) - crow[rows])
+            padded = torch.full((n * width,), -math.inf)
+            padded[slot] = exact
+            v, i = padded.view(n, width).topk(k, dim=-1, sorted=False)
+            # every ok row has >= k candidates (the k group maxima are >= tau >= thr)
+            src = (crow[:-1, None] + i).clamp_(max=len(cols) - 1)
+            vals, idx = v, cols[src]
+        dense_rows = (~ok).nonzero().squeeze(1)
+        if len(dense_rows):
+            vals[dense_rows], idx[dense_rows] = self._dense(xc[dense_rows])
+        self.stats["rows"] += n
+        self.stats["dense_rows"] += len(dense_rows)
+        self.stats["candidates"] += len(cols)
+        return vals, idx
+
+
+def _bf16_round_down(t: torch.Tensor) -> torch.Tensor:
+    """bf16 values <= t (round to nearest, then one step down where that rounded up)."""
+    b = t.bfloat16()
+    up = b.float() > t
+    if bool(up.any()):
+        b = torch.where(up, torch.nextafter(b, torch.tensor(-math.inf, dtype=torch.bfloat16)), b)
+    return b
