@@ -414,16 +414,11 @@ def _encode(sae, X: torch.Tensor, screen=None, max_rows: int = 8192):
     parts = []
     for a in range(0, n, step):
         x = X[a : a + step]
-        if screen is not None:
-            vals, idx = screen(x)
-            keep = vals > 0
-            rows = keep.nonzero()[:, 0]
-            parts.append(((rows + a).numpy(), idx[keep].numpy(), vals[keep].numpy()))
-        elif sae.architecture == "topk" and hasattr(sae, "encode_topk"):
+        if screen is not None or (sae.architecture == "topk" and hasattr(sae, "encode_topk")):
             # TopK codes are k values per row: take them straight from the top-k instead of
             # scattering into a dense (rows, d_sae) matrix and scanning it again (the same values
-            # as SparseAutoencoder.encode, which scatters exactly these).
-            vals, idx = sae.encode_topk(x)
+            # as SparseAutoencoder.encode, which scatters exactly these; the screen finds the same).
+            vals, idx = screen(x) if screen is not None else sae.encode_topk(x)
             keep = vals > 0
             rows = keep.nonzero()[:, 0]  # row-major: rows ascending, as the dense scan gave
             parts.append(((rows + a).cpu().numpy(), idx[keep].cpu().numpy().astype(np.int64),

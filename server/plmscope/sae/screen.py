@@ -72,7 +72,6 @@ class TopKScreen:
         if sae.architecture != "topk" or sae.d_sae % GROUP or sae.d_sae // GROUP < sae.k:
             raise ValueError("TopKScreen needs a TopK SAE with d_sae a multiple of 64 and >= 64 k")
         with torch.no_grad():
-            self.sae = sae
             self.k = sae.k
             # normalisation is folded into the weights for every saved SAE; keep it general anyway
             scale = float(sae.norm_scale)
