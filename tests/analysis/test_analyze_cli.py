@@ -1,7 +1,6 @@
 import json
 
 import duckdb
-import pytest
 
 from plmscope.cli import main
 

@@ -1,5 +1,3 @@
-import re
-
 from plmscope.analysis import describe
 
 

@@ -40,8 +40,9 @@ def _tables(agg):
     for part in [dict([pair]) for pair in latent_tables(agg, "s")] + list(protein_tables(agg, "s")):
         for name, cols in part.items():
             t.setdefault(name, {k: [] for k in cols})
-            for k, v in cols.items():
-                t[name][k].extend(list(v))
+            n = max(len(v) for v in cols.values() if not isinstance(v, str))
+            for k, v in cols.items():  # a str column (sae_id) is one value for every row
+                t[name][k].extend([v] * n if isinstance(v, str) else list(v))
     return t
 
 

@@ -40,6 +40,27 @@ def test_publish_adds_rows_to_a_copy(tiny_atlas, tmp_path):
     con.close()
 
 
+def test_insert_binds_scalar_columns_once_per_row(tmp_path):
+    """A scalar column (sae_id) is the same value on every row; mismatched lengths are refused."""
+    with AtlasWriter(tmp_path / "a.duckdb") as w:
+        n = w.insert("latent_neighbors", {"sae_id": "s.L1", "latent": np.arange(3, dtype=np.int32), "rank": 0,
+                                          "neighbor": np.array([2, 0, 1], dtype=np.int32),
+                                          "cosine": np.array([0.5, 0.25, 0.125], dtype=np.float32)})
+        assert n == 3
+        assert w.insert("latent_neighbors", {"sae_id": "s.L1", "latent": np.empty(0, np.int32), "rank": 0,
+                                             "neighbor": np.empty(0, np.int32), "cosine": np.empty(0, np.float32)}) == 0
+        with pytest.raises(ValueError, match="different lengths"):
+            w.insert("latent_neighbors", {"sae_id": "s", "latent": [1, 2], "rank": [0], "neighbor": [0, 1], "cosine": [0.1, 0.2]})
+        with pytest.raises(ValueError, match="no column with rows"):
+            w.insert("latent_neighbors", {"sae_id": "s", "latent": 1, "rank": 0, "neighbor": 0, "cosine": 0.1})
+        with pytest.raises(ValueError, match="unknown atlas table"):
+            w.insert("nope", {"a": [1]})
+    con = duckdb.connect(str(tmp_path / "a.duckdb"), read_only=True)
+    rows = con.execute("SELECT sae_id, latent, rank, neighbor, cosine FROM latent_neighbors ORDER BY latent").fetchall()
+    con.close()
+    assert rows == [("s.L1", 0, 0, 2, 0.5), ("s.L1", 1, 0, 0, 0.25), ("s.L1", 2, 0, 1, 0.125)]
+
+
 def test_uint8_round_trip_bound():
     rng = np.random.default_rng(1)
     for scale in (1e-3, 0.7, 13.0, 900.0):

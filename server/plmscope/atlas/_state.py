@@ -234,15 +234,24 @@ class Reservoir:
 
 
 class LabelCounter:
-    """Sparse counts of (label, latent) pairs, e.g. active residues inside each Pfam family."""
+    """Sparse counts of (label, latent) pairs, e.g. active residues inside each Pfam family.
+
+    Keys are ``label_code * n_latents + latent``, kept sorted and unique in segments of
+    ``SEGMENT_LABELS`` label codes each.  New pairs are inserted into their own segment only:
+    one sorted array for all pairs was reallocated whole at every compaction, and those
+    ever-larger long-lived arrays, interleaved with the batches' temporaries, fragmented the heap
+    (peak RSS of a 20k-protein build: 622-642 MiB with one array, 538 MiB without label counts).
+    """
+
+    SEGMENT_LABELS = 64
 
     def __init__(self, n_latents: int) -> None:
         self.n_latents = n_latents
         self.vocab: dict[str, int] = {}
         self.labels: list[str] = []
-        self.keys = np.empty(0, dtype=np.int64)  # label_code * n_latents + latent, sorted unique
-        self.counts = np.empty(0, dtype=np.int64)
-        self._pending: list[np.ndarray] = []
+        self.seg_keys: list[np.ndarray] = []  # segment s: label codes [s * SEGMENT_LABELS, (s+1) * SEGMENT_LABELS)
+        self.seg_counts: list[np.ndarray] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted unique keys, counts) per batch
         self._pending_n = 0
 
     def code(self, label: str) -> int:
@@ -254,54 +263,75 @@ class LabelCounter:
 
     def add(self, codes: np.ndarray, latents: np.ndarray) -> None:
         if len(codes):
-            self._pending.append(codes.astype(np.int64) * self.n_latents + latents)
-            self._pending_n += len(codes)
+            # one (key, count) per distinct pair of the batch: pending stays a fraction of the raw
+            # per-residue entries, and compactions (which grow the segments) are rarer
+            k, c = np.unique(codes.astype(np.int64) * self.n_latents + latents, return_counts=True)
+            self._pending.append((k, c))
+            self._pending_n += len(k)
             if self._pending_n > 1_000_000:  # bounds the sort temporaries of compact()
                 self.compact()
 
     def add_keys(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Add ``counts`` of ``keys`` (any order, repeats allowed)."""
+        self._pending.append((np.asarray(keys, dtype=np.int64), np.asarray(counts, dtype=np.int64)))
         self.compact()
-        k, inv = np.unique(np.asarray(keys, dtype=np.int64), return_inverse=True)
-        c = np.zeros(len(k), dtype=np.int64)
-        np.add.at(c, inv.ravel(), counts)
-        self._merge_sorted(k, c)
 
     def compact(self) -> None:
         if not self._pending:
             return
-        new = np.concatenate(self._pending)
+        keys = np.concatenate([k for k, _ in self._pending])
+        counts = np.concatenate([c for _, c in self._pending]).astype(np.int64)
         self._pending, self._pending_n = [], 0
-        k, c = np.unique(new, return_counts=True)
-        self._merge_sorted(k, c.astype(np.int64))
+        k, inv = np.unique(keys, return_inverse=True)
+        self._merge_sorted(k, np.bincount(inv.ravel(), weights=counts, minlength=len(k)).astype(np.int64))
 
     def _merge_sorted(self, k: np.ndarray, c: np.ndarray) -> None:
-        """Add counts ``c`` of sorted unique keys ``k``: in place where known, inserted otherwise
-        (no sort of the whole key set, so the temporaries stay the size of the new keys)."""
-        if not len(self.keys):
-            self.keys, self.counts = k.astype(np.int64), c.astype(np.int64)
+        """Add counts ``c`` of sorted unique keys ``k``, segment by segment: in place where known,
+        inserted otherwise (temporaries the size of the new keys and of one segment)."""
+        if not len(k):
             return
-        pos = np.searchsorted(self.keys, k)
-        hit = self.keys[np.minimum(pos, len(self.keys) - 1)] == k
-        self.counts[pos[hit]] += c[hit]
-        if not hit.all():
-            self.keys = np.insert(self.keys, pos[~hit], k[~hit])
-            self.counts = np.insert(self.counts, pos[~hit], c[~hit])
+        span = self.SEGMENT_LABELS * self.n_latents
+        seg = k // span
+        n_seg = int(seg[-1]) + 1
+        while len(self.seg_keys) < n_seg:
+            self.seg_keys.append(np.empty(0, np.int64))
+            self.seg_counts.append(np.empty(0, np.int64))
+        bounds = np.searchsorted(seg, np.arange(n_seg + 1))
+        for s in np.unique(seg).tolist():
+            ks, cs = k[bounds[s] : bounds[s + 1]], c[bounds[s] : bounds[s + 1]]
+            keys, counts = self.seg_keys[s], self.seg_counts[s]
+            pos = np.searchsorted(keys, ks)
+            hit = keys[np.minimum(pos, len(keys) - 1)] == ks if len(keys) else np.zeros(len(ks), bool)
+            counts[pos[hit]] += cs[hit]
+            if not hit.all():
+                self.seg_keys[s] = np.insert(keys, pos[~hit], ks[~hit])
+                self.seg_counts[s] = np.insert(counts, pos[~hit], cs[~hit])
+
+    @property
+    def keys(self) -> np.ndarray:
+        """All keys, sorted (a copy)."""
+        self.compact()
+        return np.concatenate(self.seg_keys) if self.seg_keys else np.empty(0, np.int64)
+
+    @property
+    def counts(self) -> np.ndarray:
+        self.compact()
+        return np.concatenate(self.seg_counts) if self.seg_counts else np.empty(0, np.int64)
 
     def merge(self, other: "LabelCounter") -> None:
         other.compact()
         remap = np.array([self.code(lab) for lab in other.labels], dtype=np.int64)
-        if len(other.keys):
-            codes, lat = np.divmod(other.keys, other.n_latents)
-            self.add_keys(remap[codes] * self.n_latents + lat, other.counts)
+        for keys, counts in zip(other.seg_keys, other.seg_counts):
+            if len(keys):
+                codes, lat = np.divmod(keys, other.n_latents)
+                self.add_keys(remap[codes] * self.n_latents + lat, counts)
 
     def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(latent, label code, count) of every non-zero pair."""
-        self.compact()
         codes, lat = np.divmod(self.keys, self.n_latents)
         return lat, codes, self.counts
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        self.compact()
         return {f"{prefix}keys": self.keys, f"{prefix}counts": self.counts,
                 f"{prefix}labels": np.asarray(self.labels or [""], dtype=str)[: len(self.labels)]}
 
@@ -310,6 +340,5 @@ class LabelCounter:
         c = cls(n_latents)
         for lab in arrays[f"{prefix}labels"]:
             c.code(str(lab))
-        c.keys = np.array(arrays[f"{prefix}keys"], dtype=np.int64)
-        c.counts = np.array(arrays[f"{prefix}counts"], dtype=np.int64)
+        c._merge_sorted(np.array(arrays[f"{prefix}keys"], dtype=np.int64), np.array(arrays[f"{prefix}counts"], dtype=np.int64))
         return c

@@ -63,7 +63,7 @@ def _examples(agg: SAEAggregate, sae_id: str, kind, lat, bins, ranks, ids) -> It
     for p in _pieces(m["plen"][ids]):
         i, la = ids[p], lat[p]
         yield {
-            "sae_id": np.full(len(i), sae_id, dtype=object), "latent": la.astype(np.int32), "kind": kind[p],
+            "sae_id": sae_id, "latent": la.astype(np.int32), "kind": kind[p],
             "bin": bins[p], "rank": ranks[p].astype(np.int32), "accession": pool.acc[i], "max_act": m["max"][i],
             "max_pos": m["pos"][i], "n_active": m["nact"][i],
             "activations": _blobs(pool.vec_pos, pool.vec_val, m["off"][i], m["n"][i], m["plen"][i], agg.max_act[la]),
@@ -94,7 +94,7 @@ def _label_rows(agg, counter, sae_id: str, column: str) -> tuple[dict, np.ndarra
     keep = rank < agg.s.label_top
     lat, codes, cnt, rank = lat[keep], codes[keep], cnt[keep], rank[keep]
     frac = cnt / np.maximum(agg.n_active_res[lat], 1)
-    rows = {"sae_id": np.full(len(lat), sae_id, dtype=object), "latent": lat.astype(np.int32),
+    rows = {"sae_id": sae_id, "latent": lat.astype(np.int32),
             column: labels[codes], "n_residues": cnt, "frac": frac}
     first = rank == 0
     top_label = np.full(agg.L, None, dtype=object)
@@ -119,7 +119,7 @@ def neighbors(W_dec: torch.Tensor, sae_id: str, k: int = 10, chunk: int = 1024) 
         nb.append(i.numpy().ravel())
         cos.append(v.numpy().ravel())
     lat = np.concatenate(lat) if lat else np.empty(0, np.int64)
-    return {"sae_id": np.full(len(lat), sae_id, dtype=object), "latent": lat.astype(np.int32),
+    return {"sae_id": sae_id, "latent": lat.astype(np.int32),
             "rank": np.tile(np.arange(k, dtype=np.int32), L), "neighbor": np.concatenate(nb).astype(np.int32),
             "cosine": np.concatenate(cos).astype(np.float32)}
 
@@ -134,7 +134,7 @@ def latent_tables(agg: SAEAggregate, sae_id: str) -> Iterator[tuple[str, dict]]:
     fam_rows, top_fam, top_fam_frac = _label_rows(agg, agg.families, sae_id, "family")
     typ_rows, top_typ, top_typ_frac = _label_rows(agg, agg.types, sae_id, "type")
     latents = {
-        "sae_id": np.full(L, sae_id, dtype=object), "latent": np.arange(L, dtype=np.int32),
+        "sae_id": sae_id, "latent": np.arange(L, dtype=np.int32),
         "max_act": agg.max_act, "mean_act": mean.astype(np.float32), "n_active_residues": agg.n_active_res,
         "n_active_proteins": agg.n_active_prot, "frac_residues": agg.n_active_res / n_res,
         "frac_proteins": agg.n_active_prot / n_prot, "is_dead": dead,
@@ -173,7 +173,7 @@ def latent_tables(agg: SAEAggregate, sae_id: str) -> Iterator[tuple[str, dict]]:
     nb = s.n_bins
     M = agg.max_act[live].astype(np.float64)
     bins = {
-        "sae_id": np.full(len(live) * nb, sae_id, dtype=object), "latent": np.repeat(live, nb).astype(np.int32),
+        "sae_id": sae_id, "latent": np.repeat(live, nb).astype(np.int32),
         "bin": np.tile(np.arange(nb, dtype=np.int32), len(live)),
         "lo": (np.repeat(M, nb) * np.tile(np.arange(nb), len(live)) / nb).astype(np.float32),
         "hi": (np.repeat(M, nb) * np.tile(np.arange(1, nb + 1), len(live)) / nb).astype(np.float32),
@@ -194,21 +194,20 @@ def protein_tables(agg: SAEAggregate, sae_id: str) -> Iterator[dict[str, dict]]:
     for path in agg.spills:
         with np.load(path) as a:
             acc = a["acc"].astype(object)
-            sid = lambda n: np.full(n, sae_id, dtype=object)  # noqa: E731
-            stats = {"sae_id": sid(len(a["st_p"])), "accession": acc[a["st_p"]], "latent": a["st_l"].astype(np.int32),
+            stats = {"sae_id": sae_id, "accession": acc[a["st_p"]], "latent": a["st_l"].astype(np.int32),
                      "max_act": a["st_max"], "sum_act": a["st_sum"], "n_active": a["st_n"].astype(np.int32)}
             tp, tl = a["tp_p"], a["tp_l"]
             rank = np.arange(len(tp)) - np.searchsorted(tp, tp, side="left")
             n = a["tp_n"]
             off = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
-            top = {"sae_id": sid(len(tp)), "accession": acc[tp], "rank": rank.astype(np.int32),
+            top = {"sae_id": sae_id, "accession": acc[tp], "rank": rank.astype(np.int32),
                    "latent": tl.astype(np.int32), "max_act": a["tp_max"], "max_pos": a["tp_pos"].astype(np.int32),
                    "n_active": n.astype(np.int32),
                    "activations": _blobs(a["vec_pos"], a["vec_val"], off, n, a["plen"][tp], agg.max_act[tl])}
             out = {"protein_latents": top, "protein_latent_stats": stats}
             emb = a["emb"]
             if emb.shape[1]:
-                out["protein_embeddings"] = {"sae_id": sid(len(acc)), "accession": acc,
+                out["protein_embeddings"] = {"sae_id": sae_id, "accession": acc,
                                              "mean_rep": _rows_as_lists(emb)}
             yield out
 

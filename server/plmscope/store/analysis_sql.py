@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import AtlasError
 from .schema import SCHEMA_VERSION
+from .writer import insert_columns
 
 ANALYSIS_TABLES = ("latent_analysis", "latent_concepts", "probe_results", "probe_latents", "analysis_summary")
 _INPUT_TABLES = ("atlas_meta", "saes", "proteins", "annotations", "latents", "latent_examples", "protein_latent_stats")
@@ -144,25 +145,12 @@ def clear_analysis(con, sae_id: str) -> None:
         con.execute(f"DELETE FROM {table} WHERE sae_id = ?", [sae_id])  # noqa: S608 (table names from the schema)
 
 
-def _insert(con, table: str, columns: dict[str, Any]) -> None:
-    if not len(next(iter(columns.values()))):
-        return
-    con.register("_plmscope_rows", columns)
-    try:
-        names = ", ".join(f'"{c}"' for c in columns)
-        con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _plmscope_rows")  # noqa: S608
-    finally:
-        con.unregister("_plmscope_rows")
-
-
 def write_latent_analysis(con, sae_id: str, rows: dict[str, np.ndarray]) -> None:
-    n = len(rows["latent"])
-    _insert(con, "latent_analysis", {"sae_id": np.array([sae_id] * n, dtype=object), **rows})
+    insert_columns(con, "latent_analysis", {"sae_id": sae_id, **rows})
 
 
 def write_latent_concepts(con, sae_id: str, rows: dict[str, np.ndarray]) -> None:
-    n = len(rows["latent"])
-    _insert(con, "latent_concepts", {"sae_id": np.array([sae_id] * n, dtype=object), **rows})
+    insert_columns(con, "latent_concepts", {"sae_id": sae_id, **rows})
 
 
 def write_probe(con, sae_id: str, result: dict, latent_rows: list[dict]) -> None:

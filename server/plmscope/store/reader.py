@@ -414,12 +414,6 @@ class AtlasReader:
                 return decode_activations(row[0], row[1])
         return None
 
-    def latent_on_protein_stats(self, sae_id: str, accession: str, latent: int) -> dict | None:
-        return self._one(
-            "SELECT max_act, sum_act, n_active FROM protein_latent_stats WHERE sae_id = ? AND accession = ? AND latent = ?",
-            [sae_id, accession, latent],
-        )
-
     def search_proteins(self, q: str, limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
         """Proteins whose accession, names, organism or Pfam families (ids or names) match ``q``."""
         like = f"%{q.strip()}%"

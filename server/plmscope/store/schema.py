@@ -253,11 +253,13 @@ TABLES: dict[str, str] = {
         )""",
 }
 
+# The web app's point lookups.  protein_latent_stats has none: it is only read whole, per SAE (by
+# the analysis), and an ART index over its rows (13M at 20k proteins) was the writer's largest
+# allocation.
 INDEXES: list[str] = [
     "CREATE INDEX idx_annotations_acc ON annotations (accession)",
     "CREATE INDEX idx_examples ON latent_examples (sae_id, latent)",
     "CREATE INDEX idx_protein_latents ON protein_latents (sae_id, accession)",
-    "CREATE INDEX idx_protein_latent_stats ON protein_latent_stats (sae_id, latent)",
     "CREATE INDEX idx_structures_acc ON structures (accession)",
     "CREATE INDEX idx_structure_residues ON structure_residues (structure_id)",
 ]

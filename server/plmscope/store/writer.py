@@ -24,7 +24,7 @@ from ..errors import AtlasError
 from . import schema
 
 
-WRITER_MEMORY_LIMIT = "128MB"
+WRITER_MEMORY_LIMIT = "64MB"
 
 
 class AtlasWriter:
@@ -43,7 +43,8 @@ class AtlasWriter:
             shutil.copyfile(self.out, self.tmp)
         # DuckDB's buffer pool otherwise grows with the atlas (default limit: 80 % of RAM), which
         # would make the build's peak memory depend on corpus size; past this it spills to disk.
-        # Bulk appends need little of it: 128 MB keeps 2k- and 20k-protein builds level.
+        # Bulk appends need little of it (measured: 32 MB suffices for a 20k-protein build; 64 MB
+        # leaves room for wider SAEs and longer proteins).
         self.con = duckdb.connect(str(self.tmp), config={"memory_limit": WRITER_MEMORY_LIMIT})
         if not self.add_to_existing:
             schema.create_all(self.con)
@@ -72,22 +73,8 @@ class AtlasWriter:
 
     # ------------------------------------------------------------------ generic bulk insert
     def insert(self, table: str, columns: dict[str, Any]) -> int:
-        """Insert equal-length columns (numpy arrays or lists) into ``table``; returns the row count."""
-        if table not in schema.TABLES:
-            raise ValueError(f"unknown atlas table {table!r}")
-        cols = {k: (v if isinstance(v, np.ndarray) else _obj(v)) for k, v in columns.items()}
-        n = {len(v) for v in cols.values()}
-        if len(n) != 1:
-            raise ValueError(f"{table}: columns of different lengths {n}")
-        if not n.pop():
-            return 0
-        names = ", ".join(f'"{c}"' for c in cols)
-        self.con.register("_src", cols)
-        try:
-            self.con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _src")
-        finally:
-            self.con.unregister("_src")
-        return len(next(iter(cols.values())))
+        """Insert equal-length columns into ``table``; returns the row count (see ``insert_columns``)."""
+        return insert_columns(self.con, table, columns)
 
     # ------------------------------------------------------------------ meta and lookups
     def set_meta(self, key: str, value: Any) -> None:
@@ -125,6 +112,33 @@ class AtlasWriter:
             self.con.register("_acc", {"accession": _obj(accessions_with_structure)})
             self.con.execute("UPDATE proteins SET has_structure = true WHERE accession IN (SELECT accession FROM _acc)")
             self.con.unregister("_acc")
+
+
+def insert_columns(con, table: str, columns: dict[str, Any]) -> int:
+    """``INSERT INTO table`` from equal-length columns (numpy arrays or lists); returns the row count.
+
+    A scalar column (e.g. ``sae_id``, the same on every row) is bound as one SQL parameter: as a
+    numpy object column it would cost a pointer per row in Python and a string per row in DuckDB's
+    conversion (``np.full(n, "id", dtype=object)`` even makes n separate str objects).
+    """
+    if table not in schema.TABLES:
+        raise ValueError(f"unknown atlas table {table!r}")
+    consts = {k: v for k, v in columns.items() if v is None or isinstance(v, (str, bytes, int, float, bool, np.generic))}
+    cols = {k: (v if isinstance(v, np.ndarray) else _obj(v)) for k, v in columns.items() if k not in consts}
+    n = {len(v) for v in cols.values()}
+    if len(n) != 1:
+        raise ValueError(f"{table}: columns of different lengths {n}" if n else f"{table}: no column with rows")
+    if not n.pop():
+        return 0
+    names = ", ".join(f'"{c}"' for c in [*consts, *cols])
+    select = ", ".join(["?"] * len(consts) + [f'"{c}"' for c in cols])
+    con.register("_src", cols)
+    try:
+        con.execute(f"INSERT INTO {table} ({names}) SELECT {select} FROM _src",  # noqa: S608 (schema names)
+                    [v.item() if isinstance(v, np.generic) else v for v in consts.values()])
+    finally:
+        con.unregister("_src")
+    return len(next(iter(cols.values())))
 
 
 def read_existing_meta(path: str | Path) -> dict[str, Any]:
