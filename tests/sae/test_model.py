@@ -158,6 +158,12 @@ def test_encode_topk_is_exactly_what_encode_scatters():
             vals, idx = sae.encode_topk(x)
             z_scatter = torch.zeros_like(z).scatter_(-1, idx, torch.relu(vals))
             assert torch.equal(z, z_scatter)
+            # a reused pre-activation buffer (taller than the block, holding an earlier block's
+            # values) gives the very same codes
+            scratch = torch.full((512, 96), 7.0)
+            for _ in range(2):
+                v_out, i_out = sae.encode_topk(x, out=scratch)
+                assert torch.equal(v_out, vals) and torch.equal(i_out, idx)
             # and both equal the plain formula (the grad path of _pre: out-of-place bias add)
         with torch.enable_grad():
             pre_grad = sae._pre(sae.normalize(x))
@@ -169,7 +175,7 @@ def test_encode_topk_is_exactly_what_encode_scatters():
 
 def test_build_sparse_codes_equal_dense_encode():
     from plmscope.atlas.aggregate import sparse_codes
-    from plmscope.atlas.build import _encode
+    from plmscope.atlas.build import _encode, encode_scratch
 
     g = torch.Generator().manual_seed(4)
     sae = _sae(d_in=16, d_sae=64, k=5, seed=4)
@@ -183,4 +189,8 @@ def test_build_sparse_codes_equal_dense_encode():
         o = np.lexsort((lat, rows))  # encode_topk's order within a row is topk's, not by latent
         assert np.array_equal(rows, np.sort(rows))  # rows ascending, as the aggregation expects
         assert np.array_equal(rows[o], r2) and np.array_equal(lat[o], l2) and np.array_equal(val[o], v2)
+        # the build's reused pre-activation buffer changes nothing
+        with_scratch = _encode(sae, x, max_rows=max_rows, scratch=encode_scratch(sae, None))
+        assert all(np.array_equal(a, b) for a, b in zip(with_scratch, (rows, lat, val)))
+    assert encode_scratch(_sae(arch="relu"), None) is None
     assert all(len(a) == 0 for a in _encode(sae, x[:0]))

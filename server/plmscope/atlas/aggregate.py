@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ..store.schema import AMINO_ACIDS, HIST_BINS, HIST_MAX_EXP, HIST_MIN_EXP
-from ._state import EMPTY, LabelCounter, Reservoir, SlotPool, _segment_index
+from ._state import EMPTY, LabelCounter, Reservoir, SlotPool, _segment_index, state_copy
 
 HIST_EDGES = np.logspace(HIST_MIN_EXP, HIST_MAX_EXP, HIST_BINS + 1)
 FIXED_POINT = 2.0**16  # resolution of the exact, mergeable activation sums
@@ -280,6 +280,11 @@ class SAEAggregate:
                           ("vec_pos", src[0][seg]), ("vec_val", src[1][seg])):
             pend.setdefault(name, []).append(arr)
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of per-protein outputs gathered since the last ``flush``."""
+        return sum(a.nbytes for parts in self._pending.values() for a in parts)
+
     def flush(self, path: str | Path) -> None:
         """Write the per-protein outputs gathered since the last flush to ``path`` (.npz)."""
         pend, self._pending = self._pending, {}
@@ -344,8 +349,8 @@ class SAEAggregate:
             for name in ("n_active_res", "n_active_prot", "sum_fx", "max_act", "hist", "aa", "background"):
                 setattr(agg, name, np.array(a[name]))
             agg.n_proteins, agg.n_residues = n_prot, n_res
-            agg.top.slots = np.array(a["top_slots"])
-            agg.sketch.slots = np.array(a["sketch_slots"])
+            agg.top.slots = state_copy(a["top_slots"])
+            agg.sketch.slots = state_copy(a["sketch_slots"])
             if "sketch_floor" in a:  # states from before the collapse: nothing pooled yet
                 agg.sketch_floor = np.array(a["sketch_floor"])
             agg.spills = [str(s) for s in a["spills"]]

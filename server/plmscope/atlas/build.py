@@ -320,6 +320,7 @@ def _stream_pass(args, plm, saes, encoders, aggs, *, ids, root, state, manifest,
 
     from tqdm import tqdm
 
+    scratches = [encode_scratch(s, e) for s, e in zip(saes, encoders)]
     groups = defaultdict(list)  # layer -> SAE indices
     for j, s in enumerate(saes):
         groups[int(s.layer)].append(j)
@@ -342,6 +343,7 @@ def _stream_pass(args, plm, saes, encoders, aggs, *, ids, root, state, manifest,
         timings["structures+chunk_files"] += time.perf_counter() - tw
         spans = {p.accession: [("family", a.label, a.start, a.end) for a in p.annotations if a.kind == "pfam"]
                  + [("type", a.type, a.start, a.end) for a in p.annotations] for p in chunk}
+        parts = [0] * len(aggs)
         for layer, members in groups.items():
             items = [(p.accession, p.sequence) for p in chunk]
             stream = plm.iter_representations(items, layer, token_budget=args.token_budget, sort_window=len(items) or 1)
@@ -357,19 +359,23 @@ def _stream_pass(args, plm, saes, encoders, aggs, *, ids, root, state, manifest,
                          / lengths.to(X.device)[:, None]).cpu().numpy()
                 for j in members:
                     te = time.perf_counter()
-                    rows, lat, val = _encode(saes[j], X, encoders[j])
+                    rows, lat, val = _encode(saes[j], X, encoders[j], scratch=scratches[j])
                     ta = time.perf_counter()
                     aggs[j].update(accs, seqs, rows, lat, val, mean_reps=means, spans=[spans[a] for a in accs])
                     timings["sae_encode"] += ta - te
                     timings["aggregate"] += time.perf_counter() - ta
+                    if aggs[j].pending_bytes >= SPILL_BYTES:
+                        aggs[j].flush(_spill_path(root, ids[j], c, parts[j]))
+                        parts[j] += 1
+                        _release_free_heap()
                 if layer == next(iter(groups)):
                     n_res += X.shape[0]
                     bar.update(len(batch))
                     bar.set_postfix(residues=n_res, refresh=False)
                 tf = time.perf_counter()
         tw = time.perf_counter()
-        for i, agg in zip(ids, aggs):
-            agg.flush(root / f"sae-{i}" / f"spill-{c:06d}.npz")
+        for j, agg in enumerate(aggs):
+            agg.flush(_spill_path(root, ids[j], c, parts[j]))
         done.append(c)
         if args.checkpoint_every <= 0 or time.time() - last_ckpt >= args.checkpoint_every or c == todo[-1]:
             _checkpoint(state, manifest, done, ids, aggs)
@@ -384,13 +390,25 @@ def _stream_pass(args, plm, saes, encoders, aggs, *, ids, root, state, manifest,
     return timings
 
 
+SPILL_BYTES = 8 << 20
+
+
+def _spill_path(root: Path, sae: str, chunk: int, part: int) -> Path:
+    """Spill file ``part`` of ``chunk``.  A chunk's per-protein outputs are written whenever
+    ``SPILL_BYTES`` of them are pending (a 1024-protein chunk of a 4096-latent SAE holds ~30 MB),
+    so they never pile up between the batches' temporaries (a 2k-protein build's streaming peak:
+    410 MiB with parts, 465 MiB with one spill per chunk, in one pair of runs).  The names follow
+    from the batches, so a chunk redone after an interruption rewrites the same files; only the
+    checkpointed ``spills`` list counts."""
+    return root / f"sae-{sae}" / f"spill-{chunk:06d}-{part:03d}.npz"
+
+
 def _release_free_heap() -> None:
     """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``; elsewhere a no-op).
 
-    Each chunk allocates and frees a few hundred MB of numpy/torch temporaries between long-lived
-    arrays of the state, and glibc keeps freed pages inside its heaps.  Once per chunk costs ~1 ms;
-    its effect on the peak is within the spread between runs so far (20k-protein builds: 565-603
-    MiB with it, 579-609 MiB without).
+    Called after each spill (part or chunk end), when the batches' temporaries and the spilled
+    outputs are gone; ~1 ms each.  glibc otherwise keeps freed pages inside its heap, so that RSS
+    would stay at the highest point any batch reached.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -438,17 +456,37 @@ def _encoder(sae, mode: str, device: torch.device):
 ENCODE_BLOCK_BYTES = 16 << 20
 
 
+def encode_block_rows(sae) -> int:
+    """Rows per encode block: ``ENCODE_BLOCK_BYTES`` of fp32 pre-activations (1024 rows of a
+    4096-latent SAE).  A whole 8192-residue batch would be a 128 MiB transient and no faster
+    (measured on this CPU: 1024-row blocks ~20 % faster than 8192 rows, as the top-k then reads
+    from cache)."""
+    return max(128, ENCODE_BLOCK_BYTES // (4 * int(sae.W_dec.shape[0])))
+
+
+def encode_scratch(sae, screen) -> torch.Tensor | None:
+    """The reusable pre-activation buffer of ``_encode`` for a dense-encoded TopK SAE, else None.
+
+    Allocated once per build: a fresh (rows, d_sae) block per encode call came and went between
+    the aggregation's longer-lived arrays and fragmented the heap (a 20k-protein build's RSS rose
+    by up to 95 MiB within single encode steps)."""
+    if screen is not None or sae.architecture != "topk":
+        return None
+    return torch.empty(encode_block_rows(sae), int(sae.W_dec.shape[0]), dtype=sae.W_enc.dtype,
+                       device=sae.W_enc.device)
+
+
 @torch.no_grad()
-def _encode(sae, X: torch.Tensor, screen=None, max_rows: int | None = None):
+def _encode(sae, X: torch.Tensor, screen=None, max_rows: int | None = None, scratch: torch.Tensor | None = None):
     """Sparse (rows, latents, values) of ``sae.encode(X)``, in row blocks to bound memory.
 
-    A block's fp32 pre-activations take ``ENCODE_BLOCK_BYTES`` (1024 rows of a 4096-latent SAE):
-    a whole 8192-residue batch would be a 128 MiB transient, the largest allocation of the build,
-    and it is no faster (measured on this CPU: 1024-row blocks ~20 % faster than 8192 rows, as the
-    top-k then reads from cache).  The blocks are of equal size, not ``max_rows`` plus a small
-    remainder: a short GEMM call costs far more per row than a tall one (~6x per row at 128 rows).
+    The blocks are of equal size, not ``max_rows`` plus a small remainder: a short GEMM call
+    costs far more per row than a tall one (~6x per row at 128 rows).  ``scratch``
+    (``encode_scratch``) holds the dense TopK path's pre-activations when given.
     """
-    max_rows = max_rows or max(128, ENCODE_BLOCK_BYTES // (4 * int(sae.W_dec.shape[0])))
+    max_rows = max_rows or encode_block_rows(sae)
+    if scratch is not None:
+        max_rows = min(max_rows, scratch.shape[0])
     n = X.shape[0]
     n_chunks = max(1, -(-n // max_rows))
     step = -(-n // n_chunks) if n else 1
@@ -459,7 +497,7 @@ def _encode(sae, X: torch.Tensor, screen=None, max_rows: int | None = None):
             # TopK codes are k values per row: take them straight from the top-k instead of
             # scattering into a dense (rows, d_sae) matrix and scanning it again (the same values
             # as SparseAutoencoder.encode, which scatters exactly these; the screen finds the same).
-            vals, idx = screen(x) if screen is not None else sae.encode_topk(x)
+            vals, idx = screen(x) if screen is not None else sae.encode_topk(x, out=scratch)
             keep = vals > 0
             rows = keep.nonzero()[:, 0]  # row-major: rows ascending, as the dense scan gave
             parts.append(((rows + a).cpu().numpy(), idx[keep].cpu().numpy().astype(np.int64),

@@ -81,18 +81,26 @@ def bin_counts(agg: SAEAggregate) -> np.ndarray:
     return counts.reshape(agg.L, n)
 
 
+LABEL_BLOCK_LATENTS = 512
+
+
 def _label_rows(agg, counter, sae_id: str, column: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    lat, codes, cnt = counter.table()
     labels = np.asarray(counter.labels + [""], dtype=object)
     # ties broken by label text, through each label's rank in sorted order: integer sort keys
     # instead of a string array as long as the (label, latent) table
     label_rank = np.empty(len(labels), np.int64)
     label_rank[np.argsort(labels.astype(str), kind="stable")] = np.arange(len(labels))
-    o = np.lexsort((label_rank[codes], -cnt, lat))
-    lat, codes, cnt = lat[o], codes[o], cnt[o]
-    rank = np.arange(len(lat)) - np.searchsorted(lat, lat, side="left")
-    keep = rank < agg.s.label_top
-    lat, codes, cnt, rank = lat[keep], codes[keep], cnt[keep], rank[keep]
+    # the (label, latent) table grows with the corpus (1.26M pairs at 20k demo proteins); ranking
+    # it a block of latents at a time keeps the sort temporaries a fraction of it
+    kept = []
+    for a in range(0, agg.L, LABEL_BLOCK_LATENTS):
+        lat, codes, cnt = counter.table(a, a + LABEL_BLOCK_LATENTS)
+        o = np.lexsort((label_rank[codes], -cnt, lat))
+        lat, codes, cnt = lat[o], codes[o], cnt[o]
+        rank = np.arange(len(lat)) - np.searchsorted(lat, lat, side="left")
+        keep = rank < agg.s.label_top
+        kept.append((lat[keep], codes[keep], cnt[keep], rank[keep]))
+    lat, codes, cnt, rank = (np.concatenate([k[i] for k in kept]) for i in range(4))
     frac = cnt / np.maximum(agg.n_active_res[lat], 1)
     rows = {"sae_id": sae_id, "latent": lat.astype(np.int32),
             column: labels[codes], "n_residues": cnt, "frac": frac}

@@ -202,13 +202,22 @@ class SparseAutoencoder(nn.Module):
         return self._activate(self._pre(self._normalized_input(x)))
 
     @torch.no_grad()
-    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_topk(self, x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK SAE only: the k kept pre-activations and their latents, (n, k) each, unsorted,
         *before* the ReLU — exactly what ``encode`` scatters into its dense (n, d_sae) output
-        (same operations, so the same values), without building or scanning that dense matrix."""
+        (same operations, so the same values), without building or scanning that dense matrix.
+
+        ``out``: a contiguous (>= n, d_sae) buffer in the encoder's dtype for the pre-activations,
+        reused across calls by a streaming caller so that each block does not allocate (and
+        free) an (n, d_sae) matrix of its own."""
         if self.architecture != "topk":
             raise SAEError("encode_topk needs a TopK SAE")
-        return self._pre(self._normalized_input(x)).topk(self.k, dim=-1, sorted=False)
+        xn = self._normalized_input(x)
+        if out is None:
+            pre = self._pre(xn)
+        else:
+            pre = torch.mm(xn - self.b_dec, self.W_enc, out=out[: xn.shape[0]]).add_(self.b_enc)
+        return pre.topk(self.k, dim=-1, sorted=False)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw-space reconstruction (n, d_in)."""

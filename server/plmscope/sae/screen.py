@@ -90,6 +90,7 @@ class TopKScreen:
             self.w_max = float(self.W.norm(dim=0).max())
             self.b_max = float(self.b_enc.abs().max())
         self.stats = {"rows": 0, "dense_rows": 0, "candidates": 0}
+        self._approx_out: torch.Tensor | None = None
 
     def _dense(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = xc @ self.W
@@ -110,13 +111,18 @@ class TopKScreen:
 
     def approx(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bf16 pre-activations (n, d_sae) of centred inputs ``xc`` and a per-row bound (n,) on
-        their distance to the exact ones."""
+        their distance to the exact ones.  The pre-activations are a view of a buffer that the
+        next call overwrites."""
         n, d = xc.shape
         xa = torch.zeros(n, self.K, dtype=torch.bfloat16)
         xa[:, :d] = xc
         xa[:, d] = 1.0
         bound = BOUND_UNITS * U * (xc.norm(dim=1) * self.w_max + self.b_max) + 1e-30
-        return xa @ self.Wb, bound
+        # one (BLOCK_ROWS, d_sae) bf16 buffer reused by every block: a fresh one per block came
+        # and went between a streaming build's longer-lived arrays and fragmented the heap
+        if self._approx_out is None or self._approx_out.shape[0] < n:
+            self._approx_out = torch.empty(max(n, min(BLOCK_ROWS, 1024)), self.Wb.shape[1], dtype=torch.bfloat16)
+        return torch.mm(xa, self.Wb, out=self._approx_out[:n]), bound
 
     def _block(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, d = xc.shape
