@@ -154,10 +154,11 @@ class SlotPool:
         self.vec_pos = state_take(self.vec_pos, idx)
         self.vec_val = state_take(self.vec_val, idx)
         self.vec_used = len(idx)
-        n = m["n"][alive]
-        new_off = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
-        self.meta = {k: state_take(v, alive) for k, v in m.items()}
-        self.meta["off"] = new_off
+        self.meta = {k: state_take(v, alive) for k, v in m.items() if k != "off"}
+        off = self.meta["off"] = state_empty(len(alive), np.int64)  # vectors now lie end to end
+        if len(alive):
+            off[0] = 0
+            np.cumsum(self.meta["n"][:-1], dtype=np.int64, out=off[1:])
         self.acc = self.acc[alive].copy()
         self.size = len(alive)
         self.dead_values = 0

@@ -121,7 +121,7 @@ class TopKScreen:
         # one (BLOCK_ROWS, d_sae) bf16 buffer reused by every block: a fresh one per block came
         # and went between a streaming build's longer-lived arrays and fragmented the heap
         if self._approx_out is None or self._approx_out.shape[0] < n:
-            self._approx_out = torch.empty(max(n, min(BLOCK_ROWS, 1024)), self.Wb.shape[1], dtype=torch.bfloat16)
+            self._approx_out = torch.empty(max(n, 1024), self.Wb.shape[1], dtype=torch.bfloat16)
         return torch.mm(xa, self.Wb, out=self._approx_out[:n]), bound
 
     def _block(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
