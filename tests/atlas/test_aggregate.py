@@ -1,10 +1,13 @@
 """The aggregator on synthetic sparse codes: brute-force checks and exact shard merging."""
 
+import duckdb
 import numpy as np
 import pytest
 
 from plmscope.atlas.aggregate import AggregateSettings, SAEAggregate, quantize
-from plmscope.atlas.finalize import latent_tables, protein_tables
+from plmscope.atlas.finalize import LABEL_COLUMNS, label_parts, latent_tables, protein_tables
+from plmscope.store import schema
+from plmscope.store.writer import rank_labels
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 L = 24
@@ -35,9 +38,18 @@ def _feed(agg, items, tmp_path, tag, group=7):
         agg.flush(tmp_path / f"{tag}-{g}.npz")
 
 
-def _tables(agg):
+def _tables(agg, scratch):
+    """Every table the atlas gets from ``agg``; the label tables are ranked by the writer's SQL in
+    an in-memory DuckDB, as in a build."""
+    con = duckdb.connect()
+    schema.create_all(con)
+    top, label_tables = {}, []
+    for prefix, table, column, top_col, frac_col in LABEL_COLUMNS:
+        top[top_col], top[frac_col] = rank_labels(con, table, column, "s", label_parts(agg, prefix),
+                                                  agg.n_active_res, agg.s.label_top, scratch_dir=scratch)
+        label_tables.append({table: con.execute(f"SELECT * FROM {table}").fetchnumpy()})
     t = {}
-    for part in [dict([pair]) for pair in latent_tables(agg, "s")] + list(protein_tables(agg, "s")):
+    for part in [dict([pair]) for pair in latent_tables(agg, "s", top)] + list(protein_tables(agg, "s")) + label_tables:
         for name, cols in part.items():
             t.setdefault(name, {k: [] for k in cols})
             n = max(len(v) for v in cols.values() if not isinstance(v, str))
@@ -68,15 +80,15 @@ def test_merge_equals_one_pass(tmp_path):
     merged = SAEAggregate.load(tmp_path / "state.npz")
     merged.merge(shards[1])
     merged.merge(shards[2])
-    assert _canon(_tables(one)) == _canon(_tables(merged))
+    assert _canon(_tables(one, tmp_path / "scratch")) == _canon(_tables(merged, tmp_path / "scratch"))
 
 
 def test_against_brute_force(tmp_path):
     items = _corpus(seed=3)
-    s = AggregateSettings(top_n=5, n_bins=4, per_bin=3, protein_top=4)
+    s = AggregateSettings(top_n=5, n_bins=4, per_bin=3, protein_top=4, label_top=2)  # 3 families: a cut
     agg = SAEAggregate(L, s)
     _feed(agg, items, tmp_path, "bf")
-    t = _tables(agg)
+    t = _tables(agg, tmp_path / "scratch")
     pmax = np.array([it[2].max(0) for it in items])  # (proteins, L)
     lat_t = t["latents"]
     for l in range(L):
@@ -115,6 +127,30 @@ def test_against_brute_force(tmp_path):
         q = np.frombuffer(ex["activations"][i], np.uint8)
         assert len(q) == len(true)
         assert np.abs(q / 255 * M - true).max() <= M / 510 + 1e-7
+    # (label, latent) counts: active residues inside each label's spans (a residue once per label),
+    # the label_top largest per latent, ties by label; the latents table names the first
+    for table, column, kind, top_col in (("latent_families", "family", "family", "top_family"),
+                                         ("latent_annotation_types", "type", "type", "top_annotation_type")):
+        counts = {}
+        for it in items:
+            for label in {sp[1] for sp in it[3] if sp[0] == kind}:
+                inside = np.zeros(len(it[1]), bool)
+                for k2, lab2, a, b in it[3]:
+                    if k2 == kind and lab2 == label:
+                        inside[a - 1 : b] = True
+                for l in range(L):
+                    n = int(((it[2][:, l] > 0) & inside).sum())
+                    if n:
+                        counts[(l, label)] = counts.get((l, label), 0) + n
+        lt = t[table]
+        got = sorted(zip(lt["latent"], lt[column], lt["n_residues"], lt["frac"]))
+        expect = []
+        for l in range(L):
+            ranked = sorted(((lab, n) for (ll, lab), n in counts.items() if ll == l), key=lambda x: (-x[1], x[0]))
+            expect += [(l, lab, n, n / lat_t["n_active_residues"][l]) for lab, n in ranked[: s.label_top]]
+            assert lat_t[top_col][l] == (ranked[0][0] if ranked else None)
+        assert [g[:3] for g in got] == sorted(e[:3] for e in expect)
+        assert np.allclose([g[3] for g in got], [e[3] for e in sorted(expect)])
     # per-protein top latents
     pl = t["protein_latents"]
     for j, it in enumerate(items):
@@ -159,7 +195,7 @@ def test_sketch_collapse_keeps_the_defined_bin_samples_in_bounded_cells(tmp_path
         cells = np.flatnonzero((agg.sketch.slots[l * 56:(l + 1) * 56] != EMPTY).any(1))
         lo = np.searchsorted(HIST_EDGES, M[l] / s.n_bins, side="right") - 2
         assert len(cells) <= (hist_bucket(np.array([M[l]]))[0] - lo) + 1
-    t = _tables(agg)
+    t = _tables(agg, tmp_path / "scratch")
     ex = t["latent_examples"]
     got = {(int(l), int(b), a) for l, k, b, a in zip(ex["latent"], ex["kind"], ex["bin"], ex["accession"]) if k == "bin"}
     accs = [it[0] for it in items]

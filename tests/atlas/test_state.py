@@ -6,9 +6,8 @@ from collections import Counter
 import mmap
 
 import numpy as np
-import pytest
 
-from plmscope.atlas._state import MAPPED_MIN_BYTES, LabelCounter, SlotPool, state_empty, state_insert, state_take
+from plmscope.atlas._state import MAPPED_MIN_BYTES, LabelCounter, SlotPool, state_empty, state_take
 
 L = 50
 
@@ -30,62 +29,63 @@ def _feed(counter: LabelCounter, batches) -> Counter:
 
 
 def _as_counter(c: LabelCounter) -> Counter:
-    lat, codes, cnt = c.table()
-    return Counter({(c.labels[k], int(la)): int(n) for la, k, n in zip(lat, codes, cnt)})
+    codes, lat, cnt = c.table()
+    return Counter({(c.labels[k], int(la)): int(n) for k, la, n in zip(codes, lat, cnt)})
 
 
-def test_counts_match_brute_force_across_segments(monkeypatch):
+def _drained(parts) -> Counter:
+    """Sum of drained parts, through each part's own labels (as the write phase sums them)."""
+    out = Counter()
+    for d in parts:
+        out.update({(str(d["labels"][k]), int(la)): int(n) for k, la, n in zip(d["code"], d["latent"], d["n"])})
+    return out
+
+
+def test_counts_match_brute_force_with_frequent_compactions(monkeypatch):
     c = LabelCounter(L)
-    monkeypatch.setattr(c, "SEGMENT_LABELS", 8)  # 300 labels -> ~38 segments
+    monkeypatch.setattr(c, "PENDING_KEYS", 100)  # compacts after nearly every batch
     truth = _feed(c, _stream(0, 300, 60))
     assert _as_counter(c) == truth
-    assert len(c.seg_keys) > 8 and sum(len(k) for k in c.seg_keys) == len(truth)
-    keys = c.keys
-    assert np.all(np.diff(keys) > 0)  # one sorted, unique key set across the segments
+    codes, lat, cnt = c.table()
+    keys = codes * L + lat
+    assert np.all(np.diff(keys) > 0) and (cnt > 0).all()  # sorted, unique, no empty pairs
+    assert c.nbytes >= 16 * len(keys)
 
 
-def test_merge_and_round_trip_equal_one_counter(monkeypatch):
-    monkeypatch.setattr(LabelCounter, "SEGMENT_LABELS", 8)
-    one, a, b = LabelCounter(L), LabelCounter(L), LabelCounter(L)
+def test_drained_parts_sum_to_one_counter_and_start_afresh():
+    """Draining after every few batches (as every spill part does) loses and doubles nothing,
+    and each part names its own labels (codes restart at 0)."""
     batches = list(_stream(1, 200, 40))
+    one, c = LabelCounter(L), LabelCounter(L)
+    truth = _feed(one, batches)
+    parts = []
+    for i in range(0, len(batches), 7):
+        _feed(c, batches[i : i + 7])
+        parts.append(c.drain())
+        assert c.labels == [] and c.nbytes == 0 and len(c.table()[2]) == 0
+    assert _drained(parts) == _as_counter(one) == truth
+    assert all(d["code"].dtype == np.int32 and d["latent"].dtype == np.int32 for d in parts)
+    assert all(len(d["code"]) == 0 or d["code"].max() < len(d["labels"]) for d in parts)
+    empty = LabelCounter(L).drain()
+    assert len(empty["labels"]) == len(empty["n"]) == 0
+
+
+def test_merge_and_round_trip_equal_one_counter():
+    one, a, b = LabelCounter(L), LabelCounter(L), LabelCounter(L)
+    batches = list(_stream(2, 200, 40))
     truth = _feed(one, batches)
     _feed(a, batches[::2])
     _feed(b, batches[1::2])  # b codes labels in another order than a
     a.merge(LabelCounter.from_arrays(b.to_arrays("x_"), "x_", L))
     assert _as_counter(a) == _as_counter(one) == truth
     empty = LabelCounter.from_arrays(LabelCounter(L).to_arrays("e_"), "e_", L)
-    assert len(empty.keys) == 0 and _as_counter(empty) == Counter()
-
-
-def test_frequent_compactions_and_latent_blocks_match_brute_force(monkeypatch):
-    c = LabelCounter(L)
-    monkeypatch.setattr(c, "SEGMENT_LABELS", 8)
-    monkeypatch.setattr(c, "PENDING_KEYS", 100)  # compacts after nearly every batch
-    truth = _feed(c, _stream(2, 300, 40))
-    assert _as_counter(c) == truth
-    full = c.table()
-    blocks = [c.table(a, a + 7) for a in range(0, L, 7)]  # 7 does not divide 50: a short last block
-    for b in blocks:
-        assert len(b[0]) == 0 or (b[0].min() >= 0 and b[0].max() < L)
-    got = Counter()
-    for lat, codes, cnt in blocks:
-        got.update({(int(la), int(k)): int(n) for la, k, n in zip(lat, codes, cnt)})
-    assert got == Counter({(int(la), int(k)): int(n) for la, k, n in zip(*full)})
-    assert sum(len(b[0]) for b in blocks) == len(full[0])
+    assert _as_counter(empty) == Counter()
 
 
 def _is_mapped(a: np.ndarray) -> bool:
     while isinstance(a, np.ndarray):
         a = a.base
     return isinstance(getattr(a, "obj", a), mmap.mmap)
-
-
-@pytest.mark.parametrize("pos", [[0, 0, 3, 3, 3, 5], [], [5, 5], [0]])
-def test_state_insert_equals_np_insert(pos):
-    rng = np.random.default_rng(3)
-    a = rng.integers(0, 100, 5)
-    values = rng.integers(100, 200, len(pos))
-    assert np.array_equal(state_insert(a, np.array(pos, dtype=np.int64), values), np.insert(a, pos, values))
 
 
 def test_large_state_arrays_live_in_their_own_mappings():

@@ -7,8 +7,7 @@ latents, values of the non-zero entries, e.g. from ``sparse_codes``) and folds t
   2**-16 resolution: integer addition is associative, so shards merge *exactly*), a histogram of the
   non-zero per-residue activations over the fixed log-spaced edges ``HIST_EDGES`` (values outside
   [1e-4, 1e3] are counted in the first/last bin, so the totals equal the active residue counts),
-  amino-acid counts of active residues, and sparse (label, latent) counts of active residues inside
-  Pfam families / annotation types;
+  amino-acid counts of active residues;
 * top-N examples per latent: the N proteins with the highest max activation, ties broken by
   accession (smaller first), with their sparse per-residue vectors;
 * a stratified sketch for the quantile bins: the global max is unknown until the end, so for each
@@ -26,14 +25,16 @@ latents, values of the non-zero entries, e.g. from ``sparse_codes``) and folds t
   samples when a bucket straddling its edge kept only proteins from the other side.
 * per protein (streamed to spill files, not kept in memory): every active (protein, latent) pair
   (max, sum, n_active), the top ``protein_top`` latents with vectors, and the mean raw pLM
-  representation.
+  representation;
+* per spill part (not kept either): sparse (label, latent) counts of active residues inside Pfam
+  families / annotation types, summed over the parts when the atlas is written.
 
 Memory bound (independent of corpus size): slot ids ``8 * L * (N + 56 * per_bin)`` bytes plus, per
 filled slot, ~40 bytes of metadata and 8 bytes per active residue of its vector; with the sketch
 collapse at most ``N + 8 * per_bin`` slots per latent fill (the buckets from max / n_bins up to the
 max, plus the floor), i.e. about ``L * (N + 8 * per_bin) * (48 + 8 * mean active residues)`` bytes,
-plus ``L * (56 + 20 + 4) * 8`` bytes of counters and the (label, latent) counts (which grow with
-the number of distinct labels only); per-protein outputs between two ``flush`` calls.
+plus ``L * (56 + 20 + 4) * 8`` bytes of counters; per-protein outputs and (label, latent) counts
+between two ``flush`` calls.
 
 ``merge(other)`` adds counters, unions spill lists and re-offers the other's reservoir entries;
 the selection orders are total, so build-on-shards-then-merge equals one pass exactly.
@@ -282,17 +283,21 @@ class SAEAggregate:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes of per-protein outputs gathered since the last ``flush``."""
-        return sum(a.nbytes for parts in self._pending.values() for a in parts)
+        """Bytes of per-protein outputs and (label, latent) counts gathered since the last ``flush``."""
+        return (sum(a.nbytes for parts in self._pending.values() for a in parts)
+                + self.families.nbytes + self.types.nbytes)
 
     def flush(self, path: str | Path) -> None:
-        """Write the per-protein outputs gathered since the last flush to ``path`` (.npz)."""
+        """Write the per-protein outputs and the (label, latent) counts gathered since the last
+        flush to ``path`` (.npz); the counts go as ``fam_*`` and ``typ_*`` arrays (``LabelCounter.drain``)."""
         pend, self._pending = self._pending, {}
         if not pend:
             return
         arrays = {k: np.concatenate(v) for k, v in pend.items()}
         if "emb" not in arrays:
             arrays["emb"] = np.zeros((len(arrays["acc"]), 0), np.float32)
+        for prefix, counter in (("fam_", self.families), ("typ_", self.types)):
+            arrays.update({prefix + k: v for k, v in counter.drain().items()})
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)

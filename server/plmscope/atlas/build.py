@@ -484,6 +484,8 @@ def _encode(sae, X: torch.Tensor, screen=None, max_rows: int | None = None, scra
     costs far more per row than a tall one (~6x per row at 128 rows).  ``scratch``
     (``encode_scratch``) holds the dense TopK path's pre-activations when given.
     """
+    if screen is not None:  # its own block size: its bf16 buffer is half the size per row
+        max_rows = max_rows or screen.block_rows
     max_rows = max_rows or encode_block_rows(sae)
     if scratch is not None:
         max_rows = min(max_rows, scratch.shape[0])

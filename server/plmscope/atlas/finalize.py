@@ -81,35 +81,23 @@ def bin_counts(agg: SAEAggregate) -> np.ndarray:
     return counts.reshape(agg.L, n)
 
 
-LABEL_BLOCK_LATENTS = 512
+# (spill prefix, label table, its label column, the latents table's top label and frac columns)
+LABEL_COLUMNS = (("fam_", "latent_families", "family", "top_family", "top_family_frac"),
+                 ("typ_", "latent_annotation_types", "type", "top_annotation_type", "top_annotation_frac"))
 
 
-def _label_rows(agg, counter, sae_id: str, column: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    labels = np.asarray(counter.labels + [""], dtype=object)
-    # ties broken by label text, through each label's rank in sorted order: integer sort keys
-    # instead of a string array as long as the (label, latent) table
-    label_rank = np.empty(len(labels), np.int64)
-    label_rank[np.argsort(labels.astype(str), kind="stable")] = np.arange(len(labels))
-    # the (label, latent) table grows with the corpus (1.26M pairs at 20k demo proteins); ranking
-    # it a block of latents at a time keeps the sort temporaries a fraction of it
-    kept = []
-    for a in range(0, agg.L, LABEL_BLOCK_LATENTS):
-        lat, codes, cnt = counter.table(a, a + LABEL_BLOCK_LATENTS)
-        o = np.lexsort((label_rank[codes], -cnt, lat))
-        lat, codes, cnt = lat[o], codes[o], cnt[o]
-        rank = np.arange(len(lat)) - np.searchsorted(lat, lat, side="left")
-        keep = rank < agg.s.label_top
-        kept.append((lat[keep], codes[keep], cnt[keep], rank[keep]))
-    lat, codes, cnt, rank = (np.concatenate([k[i] for k in kept]) for i in range(4))
-    frac = cnt / np.maximum(agg.n_active_res[lat], 1)
-    rows = {"sae_id": sae_id, "latent": lat.astype(np.int32),
-            column: labels[codes], "n_residues": cnt, "frac": frac}
-    first = rank == 0
-    top_label = np.full(agg.L, None, dtype=object)
-    top_frac = np.full(agg.L, None, dtype=object)
-    top_label[lat[first]] = labels[codes[first]]
-    top_frac[lat[first]] = frac[first]
-    return rows, top_label, top_frac
+def label_parts(agg: SAEAggregate, prefix: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(labels, code, latent, n) of the (label, latent) counts in every spill part, then of the
+    counts still in memory (none after a build; a state merged in may hold some).  ``prefix``:
+    ``fam_`` (Pfam families) or ``typ_`` (annotation types)."""
+    for path in agg.spills:
+        with np.load(path) as a:
+            if prefix + "n" in a:  # parts written before the counts were spilled carry none
+                yield a[prefix + "labels"], a[prefix + "code"], a[prefix + "latent"], a[prefix + "n"]
+    counter = agg.families if prefix == "fam_" else agg.types
+    codes, lat, n = counter.table()
+    if len(n):
+        yield np.asarray(counter.labels, dtype=str), codes.astype(np.int32), lat.astype(np.int32), n
 
 
 def neighbors(W_dec: torch.Tensor, sae_id: str, k: int = 10, chunk: int = 1024) -> dict:
@@ -132,27 +120,24 @@ def neighbors(W_dec: torch.Tensor, sae_id: str, k: int = 10, chunk: int = 1024) 
             "cosine": np.concatenate(cos).astype(np.float32)}
 
 
-def latent_tables(agg: SAEAggregate, sae_id: str) -> Iterator[tuple[str, dict]]:
-    """(table, columns) of latents, latent_bins, latent_families, latent_annotation_types and
-    latent_examples; the examples come in several pieces (bounded memory), the rest whole."""
+def latent_tables(agg: SAEAggregate, sae_id: str, top_labels: dict[str, np.ndarray]) -> Iterator[tuple[str, dict]]:
+    """(table, columns) of latents, latent_bins and latent_examples; the examples come in several
+    pieces (bounded memory), the rest whole.  ``top_labels``: the latents table's ``top_family``,
+    ``top_family_frac``, ``top_annotation_type`` and ``top_annotation_frac`` columns, from the
+    label tables (``store.writer.rank_labels``), which are ranked before this runs."""
     L, s = agg.L, agg.s
     n_res, n_prot = max(agg.n_residues, 1), max(agg.n_proteins, 1)
     dead = agg.n_active_res == 0
     mean = np.where(dead, 0.0, (agg.sum_fx / FIXED_POINT) / np.maximum(agg.n_active_res, 1))
-    fam_rows, top_fam, top_fam_frac = _label_rows(agg, agg.families, sae_id, "family")
-    typ_rows, top_typ, top_typ_frac = _label_rows(agg, agg.types, sae_id, "type")
     latents = {
         "sae_id": sae_id, "latent": np.arange(L, dtype=np.int32),
         "max_act": agg.max_act, "mean_act": mean.astype(np.float32), "n_active_residues": agg.n_active_res,
         "n_active_proteins": agg.n_active_prot, "frac_residues": agg.n_active_res / n_res,
         "frac_proteins": agg.n_active_prot / n_prot, "is_dead": dead,
         "hist_counts": _rows_as_lists(agg.hist), "aa_counts": _rows_as_lists(agg.aa),
-        "top_family": top_fam, "top_family_frac": top_fam_frac,
-        "top_annotation_type": top_typ, "top_annotation_frac": top_typ_frac,
+        **{k: top_labels[k] for k in ("top_family", "top_family_frac", "top_annotation_type", "top_annotation_frac")},
     }
     yield "latents", latents
-    yield "latent_families", fam_rows
-    yield "latent_annotation_types", typ_rows
     # top examples: reservoir rows are already sorted strongest first
     t_lat, t_rank = np.nonzero(agg.top.slots != EMPTY)
     t_ids = agg.top.slots[t_lat, t_rank]

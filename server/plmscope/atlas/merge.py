@@ -88,7 +88,7 @@ def write_atlas(roots: list[Path], out: Path, *, t0: float, timings: dict | None
     from ..sae.io import sae_from_bytes
     from ..store.writer import AtlasWriter, read_existing_meta
     from .build import summarize_problems
-    from .finalize import latent_tables, neighbors, protein_tables, sae_stats
+    from .finalize import LABEL_COLUMNS, label_parts, latent_tables, neighbors, protein_tables, sae_stats
 
     manifests, aggs = _load_states(roots)
     m0 = manifests[0]
@@ -143,7 +143,11 @@ def write_atlas(roots: list[Path], out: Path, *, t0: float, timings: dict | None
                          "n_dead": st["n_dead"], "n_proteins": st["n_proteins"], "n_residues": st["n_residues"],
                          "hist_edges": st["hist_edges"], "aa_background": st["aa_background"], "weights": weights,
                          "built_at": None})
-            for table, cols in latent_tables(agg, sid):
+            top_labels = {}
+            for prefix, table, column, top_col, frac_col in LABEL_COLUMNS:
+                top_labels[top_col], top_labels[frac_col] = w.rank_labels(
+                    table, column, sid, label_parts(agg, prefix), agg.n_active_res, agg.s.label_top)
+            for table, cols in latent_tables(agg, sid, top_labels):
                 w.insert(table, cols)
             with torch.no_grad():
                 w.insert("latent_neighbors", neighbors(sae.W_dec, sid))
