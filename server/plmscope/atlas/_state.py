@@ -287,6 +287,9 @@ class LabelCounter:
 
     def __init__(self, n_latents: int) -> None:
         self.n_latents = n_latents
+        self._reset()
+
+    def _reset(self) -> None:
         self.vocab: dict[str, int] = {}
         self.labels: list[str] = []
         self._keys = np.empty(0, np.int64)  # label_code * n_latents + latent, sorted, unique
@@ -339,7 +342,7 @@ class LabelCounter:
         codes, lat, n = self.table()
         out = {"labels": np.asarray(self.labels or [""], dtype=str)[: len(self.labels)],
                "code": codes.astype(np.int32), "latent": lat.astype(np.int32), "n": n}
-        self.__init__(self.n_latents)
+        self._reset()
         return out
 
     def merge(self, other: "LabelCounter") -> None:
