@@ -150,9 +150,6 @@ def insert_columns(con, table: str, columns: dict[str, Any]) -> int:
     return len(next(iter(cols.values())))
 
 
-LABEL_TABLES = {"latent_families": "family", "latent_annotation_types": "type"}
-
-
 def rank_labels(con, table: str, column: str, sae_id: str, parts, n_active_res: np.ndarray, top: int,
                 *, scratch_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Sum the (label, latent) counts of ``parts`` and insert each latent's ``top`` labels into
@@ -168,8 +165,6 @@ def rank_labels(con, table: str, column: str, sae_id: str, parts, n_active_res: 
     ``frac`` = the count over the latent's active residues.  Returns every latent's top label
     and its ``frac`` (object arrays, None where a latent has none) for the ``latents`` table.
     """
-    if LABEL_TABLES.get(table) != column:
-        raise ValueError(f"not a label table: {table}.{column}")
     L = len(n_active_res)
     ids: dict[str, int] = {}
     scratch = duckdb.connect(":memory:", config={"memory_limit": WRITER_MEMORY_LIMIT, "temp_directory": str(scratch_dir)})
