@@ -15,7 +15,9 @@ alone), then ``--repeats`` times the full build (forward + SAE encode + aggregat
 checkpoint + writing the atlas) followed by bare extraction again; an untimed warm-up forward
 comes first.  ratio = build residues/s / bare residues/s of the fastest
 run of each (best-of-N, as ``timeit`` does: on a shared machine the slower runs measure the
-neighbours); ``ratio_of_means`` is printed too.  Target >= 0.9.  The build's own stage timings
+neighbours); ``ratio_of_means`` is printed too, and ``ratio_paired``: each build against the mean
+of the bare runs just before and after it (the machine's speed drifts over a run of many
+minutes), with its median.  Target >= 0.9.  The build's own stage timings
 (of the last build) are printed too.
 """
 
@@ -49,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--token-budget", type=int, default=8192)
     p.add_argument("--queries", type=int, default=200, help="calls per query kind")
     p.add_argument("--repeats", type=int, default=2, help="builds, each followed by a bare extraction")
+    p.add_argument("--pipeline", type=int, choices=[0, 1], default=1, help="the build's --pipeline")
     p.add_argument("--workdir", help="keep inputs and atlas here (default: a temp dir)")
     p.add_argument("--child-build", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -88,7 +91,7 @@ def setup(work: Path, n: int, args) -> dict:
 
 def build_argv(inp: dict, out: Path, args) -> list[str]:
     return ["build", "--corpus", inp["corpus"], "--sae", inp["sae"], "--out", str(out), "--device", "cpu",
-            "--token-budget", str(args.token_budget), "--chunk-size", "1024"]
+            "--token-budget", str(args.token_budget), "--chunk-size", "1024", "--pipeline", str(args.pipeline)]
 
 
 def bare_extraction(inp: dict, args, warm_up: bool = False) -> tuple[int, float]:
@@ -121,7 +124,7 @@ def child_build(args) -> None:
     t = time.perf_counter()
     rc = main(build_argv(inp, out, args))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    print(json.dumps({"rc": rc, "plm": args.plm, "proteins": args.proteins, "peak_rss_mib": round(rss, 1),
+    print(json.dumps({"rc": rc, "plm": args.plm, "pipeline": args.pipeline, "proteins": args.proteins, "peak_rss_mib": round(rss, 1),
                       "seconds": round(time.perf_counter() - t, 1)}))
 
 
@@ -184,16 +187,21 @@ def run(args) -> dict:
         print(f"build {t_builds[-1]:.1f} s, bare extraction again {t_bares[-1]:.1f} s", file=sys.stderr, flush=True)
     t_bare, t_build = min(t_bares), min(t_builds)
     mean_ratio = (sum(t_bares) / len(t_bares)) / (sum(t_builds) / len(t_builds))
+    # each build against the mean of the bare runs just before and after it: follows the
+    # machine's drift over the run, which best-of and the plain means do not
+    paired = sorted((t_bares[i] + t_bares[i + 1]) / 2 / t_builds[i] for i in range(len(t_builds)))
+    paired_median = (paired[(len(paired) - 1) // 2] + paired[len(paired) // 2]) / 2
     import duckdb
 
     con = duckdb.connect(str(out), read_only=True)
     summary = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'summary'").fetchone()[0])
     con.close()
     report = {
-        "plm": args.plm, "proteins": args.proteins, "residues": res_bare, "latents": args.latents, "k": args.k, "layer": args.layer,
+        "plm": args.plm, "pipeline": args.pipeline, "proteins": args.proteins, "residues": res_bare, "latents": args.latents, "k": args.k, "layer": args.layer,
         "bare_residues_per_s": round(res_bare / t_bare, 1), "build_residues_per_s": round(res_bare / t_build, 1),
         "bare_s": [round(x, 1) for x in t_bares], "build_s": [round(x, 1) for x in t_builds],
         "ratio": round(t_bare / t_build, 3), "ratio_of_means": round(mean_ratio, 3),
+        "ratio_paired": [round(x, 3) for x in paired], "ratio_paired_median": round(paired_median, 3),
         "build_stage_s": summary["timings"], "encode": {k: {"path": v.get("encode"), **(v.get("encode_stats") or {})}
                                                         for k, v in summary["saes"].items()},
         "atlas_mib": round(out.stat().st_size / 2**20, 1),
@@ -204,7 +212,7 @@ def run(args) -> dict:
         proc = subprocess.run([sys.executable, __file__, "--child-build", "--proteins", str(n), "--workdir", str(work),
                                "--plm", args.rss_plm or args.plm,
                                "--latents", str(args.latents), "--k", str(args.k), "--layer", str(args.layer),
-                               "--token-budget", str(args.token_budget)],
+                               "--token-budget", str(args.token_budget), "--pipeline", str(args.pipeline)],
                               capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
         report["rss"].append(json.loads(line[-1]) if line else {"proteins": n, "error": proc.stderr[-500:]})

@@ -277,14 +277,15 @@ def test_screen_and_dense_encode_build_the_same_atlas(tiny_atlas, tmp_path):
 
 
 def test_spill_parts_build_the_same_atlas(tiny_atlas, tmp_path, monkeypatch):
-    """Per-protein outputs spilled after every batch (many parts per chunk) give the atlas of one
-    spill per chunk, row for row."""
-    from plmscope.atlas import build
+    """Per-protein outputs spilled after every batch (many parts per chunk), by the pipelined
+    build, give the atlas of one spill per chunk by the serial build (``--pipeline 0``), row for
+    row."""
+    from plmscope.atlas import encode
 
     args = [a if a != "2048" else "256" for a in tiny_atlas.build_args]  # several batches per chunk
     one = tmp_path / "one.duckdb"
-    assert main(["build", *args, "--out", str(one)]) == 0
-    monkeypatch.setattr(build, "SPILL_BYTES", 1)
+    assert main(["build", *args, "--pipeline", "0", "--out", str(one)]) == 0
+    monkeypatch.setattr(encode, "SPILL_BYTES", 1)
     state = tmp_path / "state"
     assert main(["build", *args, "--state-out", str(state)]) == 0
     parts = sorted(p.name for p in state.glob("sae-*/spill-000000-*.npz"))

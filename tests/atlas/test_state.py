@@ -1,13 +1,14 @@
-"""The (label, latent) counter of the aggregate state against a brute-force count, and the
-state arrays' own mappings."""
+"""The (label, latent) counter of the aggregate state against a brute-force count, the state
+arrays' own mappings and the reusable pending columns."""
 
 from collections import Counter
 
 import mmap
 
 import numpy as np
+import pytest
 
-from plmscope.atlas._state import MAPPED_MIN_BYTES, LabelCounter, SlotPool, state_empty, state_take
+from plmscope.atlas._state import MAPPED_MIN_BYTES, Columns, LabelCounter, SlotPool, state_empty, state_take
 
 L = 50
 
@@ -104,3 +105,29 @@ def test_large_state_arrays_live_in_their_own_mappings():
     assert _is_mapped(pool.vec_pos) and _is_mapped(pool.vec_val)
     back = SlotPool.from_arrays(pool.to_arrays("p_"), "p_")
     assert _is_mapped(back.vec_val) and np.array_equal(back.dense(0), pool.dense(0))
+
+
+def test_columns_append_refill_and_keep_their_mapped_buffers():
+    rng = np.random.default_rng(3)
+    cols, reused = Columns(), 0
+    for part in range(3):  # three spill parts through the same columns
+        size = 5000 if part == 0 else 3000
+        ints = [rng.integers(0, 100, int(rng.integers(0, size))).astype(np.int32) for _ in range(7)]
+        rows = [rng.random((int(rng.integers(1, 40)), 5), dtype=np.float32) for _ in range(7)]
+        for a, r in zip(ints, rows):
+            cols.append("n", a)
+            cols.append("emb", r)
+        got = cols.arrays()
+        assert np.array_equal(got["n"], np.concatenate(ints)) and got["n"].dtype == np.int32
+        assert np.array_equal(got["emb"], np.concatenate(rows)) and got["emb"].shape[1] == 5
+        assert cols.nbytes == sum(a.nbytes for a in ints) + sum(r.nbytes for r in rows)
+        assert _is_mapped(got["n"]) and _is_mapped(got["emb"])
+        if part and len(got["n"]) <= len(buffer):  # refilled within the capacity: the same buffer
+            assert np.shares_memory(got["n"], buffer)
+            reused += 1
+        buffer = cols._buf["n"]
+        cols.clear()
+        assert len(cols) == 0 and cols.nbytes == 0 and len(cols.arrays()["n"]) == 0
+    assert reused == 2
+    with pytest.raises(TypeError, match="'n' holds int32"):
+        cols.append("n", np.zeros(3, np.int64))

@@ -175,7 +175,7 @@ def test_encode_topk_is_exactly_what_encode_scatters():
 
 def test_build_sparse_codes_equal_dense_encode():
     from plmscope.atlas.aggregate import sparse_codes
-    from plmscope.atlas.build import _encode, encode_scratch
+    from plmscope.atlas.encode import encode_scratch, sparse_encode as _encode
 
     g = torch.Generator().manual_seed(4)
     sae = _sae(d_in=16, d_sae=64, k=5, seed=4)

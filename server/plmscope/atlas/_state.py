@@ -57,6 +57,60 @@ def _grow(a: np.ndarray, need: int) -> np.ndarray:
     return out
 
 
+class Columns:
+    """Append-only numeric columns, emptied by ``clear`` and refilled: a spill part's pending
+    per-protein outputs, a counter's pending (key, count) pairs.
+
+    Each column is one state array (``state_empty``, at least ``MAPPED_MIN_BYTES``, so a mapping
+    of its own) kept across ``clear``: after the first part or two nothing is allocated for the
+    rest of the build.  Lists of per-batch arrays that live until the next spill came from the
+    heap between the batches' temporaries and left holes there (the same creep as in
+    ``state_empty``); they also needed a concatenating copy at every spill.  Rows of 2-d inputs
+    are flattened; ``arrays`` gives them their shape back.
+    """
+
+    def __init__(self) -> None:
+        self._buf: dict[str, np.ndarray] = {}
+        self._used: dict[str, int] = {}
+        self._row_shape: dict[str, tuple[int, ...]] = {}
+
+    def append(self, name: str, arr) -> None:
+        arr = np.asarray(arr)
+        flat = arr.reshape(-1)
+        used = self._used.get(name, 0)
+        buf = self._buf.get(name)
+        if buf is not None and buf.dtype != flat.dtype:
+            raise TypeError(f"column {name!r} holds {buf.dtype}, not {flat.dtype}")
+        if buf is None or used + flat.size > len(buf):
+            cap = max(used + flat.size, 2 * (len(buf) if buf is not None else 0),
+                      -(-MAPPED_MIN_BYTES // flat.dtype.itemsize))
+            grown = state_empty(cap, flat.dtype)
+            if used:
+                grown[:used] = buf[:used]
+            self._buf[name] = buf = grown
+        buf[used : used + flat.size] = flat
+        self._used[name] = used + flat.size
+        self._row_shape[name] = arr.shape[1:]
+
+    def __len__(self) -> int:
+        return sum(self._used.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the values appended since the last ``clear`` (not the buffers' capacity)."""
+        return sum(n * self._buf[k].dtype.itemsize for k, n in self._used.items())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Views of the filled part of every column (valid until the next ``append``/``clear``)."""
+        out = {}
+        for k, n in self._used.items():
+            out[k] = self._buf[k][:n].reshape(-1, *self._row_shape[k])
+        return out
+
+    def clear(self) -> None:
+        self._used = {k: 0 for k in self._used}
+
+
 class SlotPool:
     """Candidate (protein, latent) entries with their sparse activation vectors.
 
@@ -281,12 +335,13 @@ class LabelCounter:
     Label codes are local to a counter and reset by ``drain``: every part carries its own labels.
     """
 
-    # Batches' (key, count) arrays wait in ``_pending`` until this many keys, then are summed
+    # Batches' (key, count) pairs wait in ``_pending`` until this many keys, then are summed
     # into the sorted unique key set: bounds the sort temporaries and the number of small arrays.
     PENDING_KEYS = 1 << 16
 
     def __init__(self, n_latents: int) -> None:
         self.n_latents = n_latents
+        self._pending = Columns()  # keys, counts; its buffers outlive drains
         self._reset()
 
     def _reset(self) -> None:
@@ -294,8 +349,7 @@ class LabelCounter:
         self.labels: list[str] = []
         self._keys = np.empty(0, np.int64)  # label_code * n_latents + latent, sorted, unique
         self._counts = np.empty(0, np.int64)
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self._pending_n = 0
+        self._pending.clear()
 
     def code(self, label: str) -> int:
         c = self.vocab.get(label)
@@ -312,23 +366,27 @@ class LabelCounter:
 
     def add_keys(self, keys: np.ndarray, counts: np.ndarray) -> None:
         """Add ``counts`` of ``keys`` (any order, repeats allowed)."""
-        self._pending.append((np.asarray(keys, dtype=np.int64), np.asarray(counts, dtype=np.int64)))
-        self._pending_n += len(keys)
-        if self._pending_n > self.PENDING_KEYS:
+        self._pending.append("keys", np.asarray(keys, dtype=np.int64))
+        self._pending.append("counts", np.asarray(counts, dtype=np.int64))
+        if self._pending.nbytes > 16 * self.PENDING_KEYS:
             self.compact()
 
     def compact(self) -> None:
-        if not self._pending:
+        if not len(self._pending):
             return
-        keys = np.concatenate([self._keys] + [k for k, _ in self._pending])
-        counts = np.concatenate([self._counts] + [c for _, c in self._pending])
-        self._pending, self._pending_n = [], 0
-        self._keys, inv = np.unique(keys, return_inverse=True)
-        self._counts = np.bincount(inv.ravel(), weights=counts, minlength=len(self._keys)).astype(np.int64)
+        pend = self._pending.arrays()
+        keys = np.concatenate([self._keys, pend["keys"]])
+        counts = np.concatenate([self._counts, pend["counts"]])
+        self._pending.clear()
+        # the sorted set lives until the next drain, across batches: state arrays (see Columns)
+        uniq, inv = np.unique(keys, return_inverse=True)
+        self._keys = state_copy(uniq)
+        self._counts = state_empty(len(uniq), np.int64)
+        self._counts[:] = np.bincount(inv.ravel(), weights=counts, minlength=len(uniq))
 
     @property
     def nbytes(self) -> int:
-        return self._keys.nbytes + self._counts.nbytes + 16 * self._pending_n
+        return self._keys.nbytes + self._counts.nbytes + self._pending.nbytes
 
     def table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(label code, latent, count) of every pair counted, sorted by code then latent."""

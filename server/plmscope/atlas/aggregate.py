@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from ..store.schema import AMINO_ACIDS, HIST_BINS, HIST_MAX_EXP, HIST_MIN_EXP
-from ._state import EMPTY, LabelCounter, Reservoir, SlotPool, _segment_index, state_copy
+from ._state import EMPTY, Columns, LabelCounter, Reservoir, SlotPool, _segment_index, state_copy
 
 HIST_EDGES = np.logspace(HIST_MIN_EXP, HIST_MAX_EXP, HIST_BINS + 1)
 FIXED_POINT = 2.0**16  # resolution of the exact, mergeable activation sums
@@ -139,7 +139,8 @@ class SAEAggregate:
         self.families = LabelCounter(L)
         self.types = LabelCounter(L)
         self.spills: list[str] = []
-        self._pending: dict[str, list] = {}
+        self._pending = Columns()  # per-protein outputs since the last flush
+        self._pending_acc: list[str] = []
 
     # ------------------------------------------------------------------ streaming
     def update(self, accessions: list[str], sequences: list[str], rows: np.ndarray, lat: np.ndarray,
@@ -269,31 +270,30 @@ class SAEAggregate:
         t = o[rank < k]
         seg = _segment_index(pair["start"][t], pair["n"][t])
         pend = self._pending
-        off = sum(len(a) for a in pend.get("acc", []))
-        pend.setdefault("acc", []).append(np.asarray(accessions, dtype=str))
-        pend.setdefault("plen", []).append(lengths.astype(np.int32))
+        off = len(self._pending_acc)
+        self._pending_acc += accessions
+        pend.append("plen", lengths.astype(np.int32))
         if mean_reps is not None:
-            pend.setdefault("emb", []).append(np.asarray(mean_reps, dtype=np.float32))
+            pend.append("emb", np.asarray(mean_reps, dtype=np.float32))
         for name, arr in (("st_p", pair["p"] + off), ("st_l", pair["l"]), ("st_max", pair["mx"]),
                           ("st_sum", pair_sum.astype(np.float32)), ("st_n", pair["n"]),
                           ("tp_p", pair["p"][t] + off), ("tp_l", pair["l"][t]), ("tp_max", pair["mx"][t]),
                           ("tp_pos", pair["pos"][t] + 1), ("tp_n", pair["n"][t]),
                           ("vec_pos", src[0][seg]), ("vec_val", src[1][seg])):
-            pend.setdefault(name, []).append(arr)
+            pend.append(name, arr)
 
     @property
     def pending_bytes(self) -> int:
         """Bytes of per-protein outputs and (label, latent) counts gathered since the last ``flush``."""
-        return (sum(a.nbytes for parts in self._pending.values() for a in parts)
-                + self.families.nbytes + self.types.nbytes)
+        return self._pending.nbytes + self.families.nbytes + self.types.nbytes
 
     def flush(self, path: str | Path) -> None:
         """Write the per-protein outputs and the (label, latent) counts gathered since the last
         flush to ``path`` (.npz); the counts go as ``fam_*`` and ``typ_*`` arrays (``LabelCounter.drain``)."""
-        pend, self._pending = self._pending, {}
-        if not pend:
+        if not self._pending_acc:
             return
-        arrays = {k: np.concatenate(v) for k, v in pend.items()}
+        arrays = self._pending.arrays()
+        arrays["acc"] = np.asarray(self._pending_acc, dtype=str)
         if "emb" not in arrays:
             arrays["emb"] = np.zeros((len(arrays["acc"]), 0), np.float32)
         for prefix, counter in (("fam_", self.families), ("typ_", self.types)):
@@ -302,6 +302,8 @@ class SAEAggregate:
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(path)
+        self._pending.clear()
+        self._pending_acc = []
         self.spills.append(str(path))
 
     # ------------------------------------------------------------------ merging

@@ -7,7 +7,9 @@ per-protein outputs are spilled to the build-state directory (``OUT.build-state`
 interrupted build from its last checkpoint and produces the same atlas.  ``--shard i/n`` processes
 chunks ``i, i+n, i+2n ...`` only and, with ``--state-out DIR``, stops after writing the state;
 ``plmscope merge --state DIR ... --out ATLAS`` merges shard states into the atlas that one pass
-would have written (aggregates are exactly mergeable).
+would have written (aggregates are exactly mergeable).  Within a chunk, each batch's SAE encode and
+aggregation run on a worker thread while the pLM computes the next batch (``encode.Pipeline``;
+``--pipeline 0``: one thread), in batch order, so the atlas is the same either way.
 
 Bad input never stops the build: rejected records (invalid residues, empty, duplicate accessions),
 proteins longer than ``--max-length`` (skipped), proteins longer than the pLM's limit (kept, the pLM
@@ -19,7 +21,6 @@ Exit status 2 only when no usable protein remains or an SAE does not fit the pLM
 from __future__ import annotations
 
 import argparse
-import functools
 import gzip
 import hashlib
 import json
@@ -30,13 +31,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-import torch
-
 from ..errors import InputError, SAEError
 from ..provenance import sha256_file
 from ..sequences import Problem, Protein, iter_proteins
-from .aggregate import AggregateSettings, SAEAggregate, sparse_codes
+from .aggregate import AggregateSettings, SAEAggregate
+from .encode import Pipeline, SAEStage, encoder_for, release_free_heap, residue_batches
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -61,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="TopK encode: 'screen' = bf16 screen + exact fp32 scores of the candidates "
                         "(same codes, ~2x faster on CPUs with AVX-512 BF16; see plmscope.sae.screen), "
                         "'dense' = one fp32 GEMM; 'auto' = screen where it applies")
+    p.add_argument("--pipeline", type=int, default=1, choices=[0, 1],
+                   help="1: encode and aggregate each batch on a worker thread while the pLM computes the next; "
+                        "0: one thread, one stage after the other (same atlas)")
     p.add_argument("--max-length", type=int, help="skip proteins longer than this (default: keep, truncate at the pLM limit)")
     p.add_argument("--limit", type=int, help="use only the first N valid proteins")
     p.add_argument("--chunk-size", type=int, default=512, help="proteins per chunk (unit of spill, checkpoint and shard)")
@@ -248,7 +250,7 @@ def run(args, *, on_checkpoint: Callable[[int], None] | None = None) -> int:
         plm.check_layer(layer)
         saes.append(load_sae(d, plm=plm_spec, layer=layer, d_in=plm.d_model(layer), device=plm.device))
 
-    encoders = [_encoder(s, args.encode, plm.device) for s in saes]
+    encoders = [encoder_for(s, args.encode, plm.device) for s in saes]
     n_usable, problems = scan_corpus(args, plm.max_residues)
     fp = _fingerprint(args, sae_dirs, plm_spec)
     chunk_len = [min(args.chunk_size, n_usable - a) for a in range(0, n_usable, args.chunk_size)]
@@ -320,7 +322,7 @@ def _stream_pass(args, plm, saes, encoders, aggs, *, ids, root, state, manifest,
 
     from tqdm import tqdm
 
-    scratches = [encode_scratch(s, e) for s, e in zip(saes, encoders)]
+    sae_stage = SAEStage(saes, encoders, aggs, ids, root, plm.device, slots=args.pipeline + 1)
     groups = defaultdict(list)  # layer -> SAE indices
     for j, s in enumerate(saes):
         groups[int(s.layer)].append(j)
@@ -331,184 +333,58 @@ def _stream_pass(args, plm, saes, encoders, aggs, *, ids, root, state, manifest,
     last_ckpt = time.time()
     n_res = 0
     timings = defaultdict(float)  # seconds per stage, reported in the summary and atlas_meta
-    for c, chunk in iter_chunks(args, plm.max_residues, set(todo)):
-        if args.pfam:
-            from .pfam import annotate
+    pipeline = Pipeline(in_flight=args.pipeline)
+    with pipeline:
+        for c, chunk in iter_chunks(args, plm.max_residues, set(todo)):
+            if args.pfam:
+                from .pfam import annotate
 
-            pfam_hits, pfam_families = annotate(chunk, args.pfam)
-            for p in chunk:
-                p.annotations = [a for a in p.annotations if a.kind != "pfam"] + pfam_hits.get(p.accession, [])
-        tw = time.perf_counter()
-        _write_chunk(root, c, chunk, plm.max_residues, args, families, pfam_families)
-        timings["structures+chunk_files"] += time.perf_counter() - tw
-        spans = {p.accession: [("family", a.label, a.start, a.end) for a in p.annotations if a.kind == "pfam"]
-                 + [("type", a.type, a.start, a.end) for a in p.annotations] for p in chunk}
-        parts = [0] * len(aggs)
-        for layer, members in groups.items():
-            items = [(p.accession, p.sequence) for p in chunk]
-            stream = plm.iter_representations(items, layer, token_budget=args.token_budget, sort_window=len(items) or 1)
-            tf = time.perf_counter()
-            for batch in _residue_batches(stream, args.token_budget):
-                timings["plm_forward"] += time.perf_counter() - tf
-                accs = [b[0] for b in batch]
-                seqs = [b[1][: len(b[2])] for b in batch]
-                X = torch.cat([b[2] for b in batch]).to(plm.device)
-                lengths = torch.tensor([len(b[2]) for b in batch])
-                prot_of_row = torch.repeat_interleave(torch.arange(len(batch)), lengths).to(X.device)
-                means = (torch.zeros(len(batch), X.shape[1], device=X.device).index_add_(0, prot_of_row, X)
-                         / lengths.to(X.device)[:, None]).cpu().numpy()
-                for j in members:
-                    te = time.perf_counter()
-                    rows, lat, val = _encode(saes[j], X, encoders[j], scratch=scratches[j])
-                    ta = time.perf_counter()
-                    aggs[j].update(accs, seqs, rows, lat, val, mean_reps=means, spans=[spans[a] for a in accs])
-                    timings["sae_encode"] += ta - te
-                    timings["aggregate"] += time.perf_counter() - ta
-                    if aggs[j].pending_bytes >= SPILL_BYTES:
-                        aggs[j].flush(_spill_path(root, ids[j], c, parts[j]))
-                        parts[j] += 1
-                        _release_free_heap()
-                if layer == next(iter(groups)):
-                    n_res += X.shape[0]
-                    bar.update(len(batch))
-                    bar.set_postfix(residues=n_res, refresh=False)
+                pfam_hits, pfam_families = annotate(chunk, args.pfam)
+                for p in chunk:
+                    p.annotations = [a for a in p.annotations if a.kind != "pfam"] + pfam_hits.get(p.accession, [])
+            tw = time.perf_counter()
+            _write_chunk(root, c, chunk, plm.max_residues, args, families, pfam_families)
+            timings["structures+chunk_files"] += time.perf_counter() - tw
+            sae_stage.start_chunk(c, {p.accession: [("family", a.label, a.start, a.end) for a in p.annotations
+                                                    if a.kind == "pfam"]
+                                      + [("type", a.type, a.start, a.end) for a in p.annotations] for p in chunk})
+            for layer, members in groups.items():
+                items = [(p.accession, p.sequence) for p in chunk]
+                stream = plm.iter_representations(items, layer, token_budget=args.token_budget,
+                                                  sort_window=len(items) or 1)
                 tf = time.perf_counter()
-        tw = time.perf_counter()
-        for j, agg in enumerate(aggs):
-            agg.flush(_spill_path(root, ids[j], c, parts[j]))
-        done.append(c)
-        if args.checkpoint_every <= 0 or time.time() - last_ckpt >= args.checkpoint_every or c == todo[-1]:
-            _checkpoint(state, manifest, done, ids, aggs)
-            last_ckpt = time.time()
-        timings["spill+checkpoint"] += time.perf_counter() - tw
-        _release_free_heap()
-        if on_checkpoint is not None and manifest["chunks_done"] == done:
-            on_checkpoint(len(done))
+                for batch in residue_batches(stream, args.token_budget):
+                    timings["plm_forward"] += time.perf_counter() - tf
+                    tw = time.perf_counter()
+                    packed = sae_stage.pack(batch)
+                    n_prot = len(batch)
+                    del batch  # the forward's tensors: gone before the next forward (see pack)
+                    pipeline.submit(sae_stage, packed, members)  # waits for the batch before
+                    timings["sae_handoff"] += time.perf_counter() - tw
+                    if layer == next(iter(groups)):
+                        n_res += packed[3].shape[0]
+                        bar.update(n_prot)
+                        bar.set_postfix(residues=n_res, refresh=False)
+                    tf = time.perf_counter()
+            tw = time.perf_counter()
+            pipeline.wait()
+            timings["sae_handoff"] += time.perf_counter() - tw
+            tw = time.perf_counter()
+            sae_stage.end_chunk()
+            done.append(c)
+            if args.checkpoint_every <= 0 or time.time() - last_ckpt >= args.checkpoint_every or c == todo[-1]:
+                _checkpoint(state, manifest, done, ids, aggs)
+                last_ckpt = time.time()
+            timings["spill+checkpoint"] += time.perf_counter() - tw
+            release_free_heap()
+            if on_checkpoint is not None and manifest["chunks_done"] == done:
+                on_checkpoint(len(done))
+    for k, v in sae_stage.timings.items():
+        timings[k] += v
     bar.close()
     if not todo:
         _checkpoint(state, manifest, done, ids, aggs)
     return timings
-
-
-SPILL_BYTES = 8 << 20
-
-
-def _spill_path(root: Path, sae: str, chunk: int, part: int) -> Path:
-    """Spill file ``part`` of ``chunk``.  A chunk's per-protein outputs are written whenever
-    ``SPILL_BYTES`` of them are pending (a 1024-protein chunk of a 4096-latent SAE holds ~30 MB),
-    so they never pile up between the batches' temporaries (a 2k-protein build's streaming peak:
-    410 MiB with parts, 465 MiB with one spill per chunk, in one pair of runs).  The names follow
-    from the batches, so a chunk redone after an interruption rewrites the same files; only the
-    checkpointed ``spills`` list counts."""
-    return root / f"sae-{sae}" / f"spill-{chunk:06d}-{part:03d}.npz"
-
-
-def _release_free_heap() -> None:
-    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``; elsewhere a no-op).
-
-    Called after each spill (part or chunk end), when the batches' temporaries and the spilled
-    outputs are gone; ~1 ms each.  glibc otherwise keeps freed pages inside its heap, so that RSS
-    would stay at the highest point any batch reached.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def _residue_batches(stream, budget: int):
-    """Group the pLM stream into batches of about ``budget`` residues for the SAE encoder."""
-    batch, n = [], 0
-    for item in stream:
-        batch.append(item)
-        n += len(item[2])
-        if n >= budget:
-            yield batch
-            batch, n = [], 0
-    if batch:
-        yield batch
-
-
-def _encoder(sae, mode: str, device: torch.device):
-    """The TopK screen for ``sae`` when ``mode`` asks for it (or 'auto' and it applies), else None."""
-    from ..sae.screen import TopKScreen, screen_applies
-
-    if mode == "dense" or sae.architecture != "topk":
-        return None
-    if mode == "auto" and not screen_applies(sae, device):
-        return None
-    try:
-        return TopKScreen(sae)
-    except ValueError as exc:
-        raise SAEError(f"--encode screen: {exc}") from None
-
-
-ENCODE_BLOCK_BYTES = 16 << 20
-
-
-def encode_block_rows(sae) -> int:
-    """Rows per encode block: ``ENCODE_BLOCK_BYTES`` of fp32 pre-activations (1024 rows of a
-    4096-latent SAE).  A whole 8192-residue batch would be a 128 MiB transient and no faster
-    (measured on this CPU: 1024-row blocks ~20 % faster than 8192 rows, as the top-k then reads
-    from cache)."""
-    return max(128, ENCODE_BLOCK_BYTES // (4 * int(sae.W_dec.shape[0])))
-
-
-def encode_scratch(sae, screen) -> torch.Tensor | None:
-    """The reusable pre-activation buffer of ``_encode`` for a dense-encoded TopK SAE, else None.
-
-    Allocated once per build: a fresh (rows, d_sae) block per encode call came and went between
-    the aggregation's longer-lived arrays and fragmented the heap (a 20k-protein build's RSS rose
-    by up to 95 MiB within single encode steps)."""
-    if screen is not None or sae.architecture != "topk":
-        return None
-    return torch.empty(encode_block_rows(sae), int(sae.W_dec.shape[0]), dtype=sae.W_enc.dtype,
-                       device=sae.W_enc.device)
-
-
-@torch.no_grad()
-def _encode(sae, X: torch.Tensor, screen=None, max_rows: int | None = None, scratch: torch.Tensor | None = None):
-    """Sparse (rows, latents, values) of ``sae.encode(X)``, in row blocks to bound memory.
-
-    The blocks are of equal size, not ``max_rows`` plus a small remainder: a short GEMM call
-    costs far more per row than a tall one (~6x per row at 128 rows).  ``scratch``
-    (``encode_scratch``) holds the dense TopK path's pre-activations when given.
-    """
-    if screen is not None:  # its own block size: its bf16 buffer is half the size per row
-        max_rows = max_rows or screen.block_rows
-    max_rows = max_rows or encode_block_rows(sae)
-    if scratch is not None:
-        max_rows = min(max_rows, scratch.shape[0])
-    n = X.shape[0]
-    n_chunks = max(1, -(-n // max_rows))
-    step = -(-n // n_chunks) if n else 1
-    parts = []
-    for a in range(0, n, step):
-        x = X[a : a + step]
-        if screen is not None or (sae.architecture == "topk" and hasattr(sae, "encode_topk")):
-            # TopK codes are k values per row: take them straight from the top-k instead of
-            # scattering into a dense (rows, d_sae) matrix and scanning it again (the same values
-            # as SparseAutoencoder.encode, which scatters exactly these; the screen finds the same).
-            vals, idx = screen(x) if screen is not None else sae.encode_topk(x, out=scratch)
-            keep = vals > 0
-            rows = keep.nonzero()[:, 0]  # row-major: rows ascending, as the dense scan gave
-            parts.append(((rows + a).cpu().numpy(), idx[keep].cpu().numpy().astype(np.int64),
-                          vals[keep].float().cpu().numpy()))
-        else:
-            parts.append(sparse_codes(sae.encode(x).cpu(), a))
-    if not parts:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
-    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
 
 
 def _checkpoint(state: BuildState, manifest: dict, done: list[int], ids: list[str], aggs: list[SAEAggregate]) -> None:
