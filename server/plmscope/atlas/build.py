@@ -359,8 +359,12 @@ def _stream_pass(args, plm, saes, encoders, aggs, *, ids, root, state, manifest,
                     packed = sae_stage.pack(batch)
                     n_prot = len(batch)
                     del batch  # the forward's tensors: gone before the next forward (see pack)
-                    pipeline.submit(sae_stage, packed, members)  # waits for the batch before
-                    timings["sae_handoff"] += time.perf_counter() - tw
+                    ts = time.perf_counter()
+                    # waits for the batch before (serial build: runs this one, so the wait is the
+                    # stage's own encode + aggregation time, also counted under their names)
+                    pipeline.submit(sae_stage, packed, members)
+                    timings["sae_handoff"] += ts - tw
+                    timings["sae_wait"] += time.perf_counter() - ts
                     if layer == next(iter(groups)):
                         n_res += packed[3].shape[0]
                         bar.update(n_prot)
@@ -368,7 +372,7 @@ def _stream_pass(args, plm, saes, encoders, aggs, *, ids, root, state, manifest,
                     tf = time.perf_counter()
             tw = time.perf_counter()
             pipeline.wait()
-            timings["sae_handoff"] += time.perf_counter() - tw
+            timings["sae_wait"] += time.perf_counter() - tw
             tw = time.perf_counter()
             sae_stage.end_chunk()
             done.append(c)
