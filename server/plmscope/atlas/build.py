@@ -333,8 +333,7 @@ def _stream_pass(args, plm, saes, encoders, aggs, *, ids, root, state, manifest,
     last_ckpt = time.time()
     n_res = 0
     timings = defaultdict(float)  # seconds per stage, reported in the summary and atlas_meta
-    pipeline = Pipeline(in_flight=args.pipeline)
-    with pipeline:
+    with Pipeline(in_flight=args.pipeline) as pipeline:
         for c, chunk in iter_chunks(args, plm.max_residues, set(todo)):
             if args.pfam:
                 from .pfam import annotate
