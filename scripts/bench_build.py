@@ -142,16 +142,21 @@ def child_bare(args) -> None:
     print(json.dumps({"residues": n, "seconds": round(t, 2)}))
 
 
-def _child(kind: str, args) -> float:
-    """Seconds of one bare extraction or build in a fresh process."""
-    proc = subprocess.run([sys.executable, __file__, f"--child-{kind}", "--proteins", str(args.proteins),
-                           "--workdir", str(args.workdir), "--plm", args.plm, "--latents", str(args.latents),
+def _child(kind: str, args, *, proteins: int, plm: str) -> tuple[dict | None, str]:
+    """One ``--child-bare`` or ``--child-build`` in a fresh process: (its JSON line, stderr)."""
+    proc = subprocess.run([sys.executable, __file__, f"--child-{kind}", "--proteins", str(proteins),
+                           "--workdir", str(args.workdir), "--plm", plm, "--latents", str(args.latents),
                            "--k", str(args.k), "--layer", str(args.layer), "--token-budget", str(args.token_budget),
                            "--pipeline", str(args.pipeline)], capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    if not line:
-        raise SystemExit(f"--child-{kind} failed: {proc.stderr[-2000:]}")
-    return json.loads(line[-1])["seconds"]
+    return (json.loads(line[-1]) if line else None), proc.stderr
+
+
+def _isolated(kind: str, args) -> dict:
+    out, err = _child(kind, args, proteins=args.proteins, plm=args.plm)
+    if out is None:
+        raise SystemExit(f"--child-{kind} failed: {err[-2000:]}")
+    return out
 
 
 def percentile(xs, q):
@@ -202,7 +207,8 @@ def run(args) -> dict:
     build_parser("build")  # import the build module now, so the timed build does not pay for imports
     if args.isolated:
         args.workdir = str(work)
-        res_bare, t = sum(len(r["sequence"]) for r in csv.DictReader(open(inp["corpus"]), delimiter="\t")), _child("bare", args)
+        first = _isolated("bare", args)
+        res_bare, t = first["residues"], first["seconds"]
     else:
         res_bare, t = bare_extraction(inp, args, warm_up=True)
     t_bares, t_builds = [t], []
@@ -212,8 +218,8 @@ def run(args) -> dict:
         out.unlink(missing_ok=True)  # a fresh atlas, not an SAE added to an old one
         if args.isolated:  # the child build writes rss<N>.duckdb
             out = work / f"rss{args.proteins}.duckdb"
-            t_builds.append(_child("build", args))
-            t_bares.append(_child("bare", args))
+            t_builds.append(_isolated("build", args)["seconds"])
+            t_bares.append(_isolated("bare", args)["seconds"])
         else:
             t = time.perf_counter()
             assert main(build_argv(inp, out, args)) == 0
@@ -245,13 +251,9 @@ def run(args) -> dict:
     report["queries"] = query_latency(out, args.queries)
     report["rss"] = []
     for n in args.rss:
-        proc = subprocess.run([sys.executable, __file__, "--child-build", "--proteins", str(n), "--workdir", str(work),
-                               "--plm", args.rss_plm or args.plm,
-                               "--latents", str(args.latents), "--k", str(args.k), "--layer", str(args.layer),
-                               "--token-budget", str(args.token_budget), "--pipeline", str(args.pipeline)],
-                              capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-        report["rss"].append(json.loads(line[-1]) if line else {"proteins": n, "error": proc.stderr[-500:]})
+        args.workdir = str(work)
+        child, err = _child("build", args, proteins=n, plm=args.rss_plm or args.plm)
+        report["rss"].append(child or {"proteins": n, "error": err[-500:]})
     print(json.dumps(report, indent=1))
     if tmp:
         tmp.cleanup()

@@ -81,13 +81,9 @@ class Columns:
         buf = self._buf.get(name)
         if buf is not None and buf.dtype != flat.dtype:
             raise TypeError(f"column {name!r} holds {buf.dtype}, not {flat.dtype}")
-        if buf is None or used + flat.size > len(buf):
-            cap = max(used + flat.size, 2 * (len(buf) if buf is not None else 0),
-                      -(-MAPPED_MIN_BYTES // flat.dtype.itemsize))
-            grown = state_empty(cap, flat.dtype)
-            if used:
-                grown[:used] = buf[:used]
-            self._buf[name] = buf = grown
+        if buf is None:  # at least MAPPED_MIN_BYTES, so that even a short column is mapped
+            buf = state_empty(max(flat.size, -(-MAPPED_MIN_BYTES // flat.dtype.itemsize)), flat.dtype)
+        self._buf[name] = buf = _grow(buf, used + flat.size)
         buf[used : used + flat.size] = flat
         self._used[name] = used + flat.size
         self._row_shape[name] = arr.shape[1:]
