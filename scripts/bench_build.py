@@ -2,7 +2,7 @@
 latency of the web app's reads on the resulting atlas.
 
 Setup (all local, no downloads): ESM-2 8M architecture with random weights (``save_random_esm2``),
-a TopK SAE with 4096 latents (random init), demo proteins (``../shared/data/demo/proteins.tsv.gz``).
+a TopK SAE with 4096 latents (random init), demo proteins (``data/demo/proteins.tsv.gz``).
 
     python scripts/bench_build.py --proteins 2000                  # throughput + queries
     python scripts/bench_build.py --proteins 2000 --rss 2000 20000  # + peak RSS, one subprocess each
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO.parent / "shared" / "data" / "demo"
+DEMO = REPO / "data" / "demo"
 
 
 def parse_args(argv=None):

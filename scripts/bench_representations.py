@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Residues/s of plmscope's ESM-2 extraction of one middle layer vs bare fair-esm full forwards.
 
-Same sequences (real proteins from ../shared/data/demo), same weights, same process:
+Same sequences (real proteins from data/demo), same weights, same process:
 
 * ``plmscope``: ``ESM2.iter_representations`` -- length-sorted token batches, stops after the layer.
 * ``fair-esm extract.py``: exactly what fair-esm's scripts/extract.py does -- batches from
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / ".." / "shared" / "data" / "demo" / "proteins.tsv.gz"
+DEMO = REPO / "data" / "demo" / "proteins.tsv.gz"
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO.parent / "shared" / "data" / "demo"
+DEMO = REPO / "data" / "demo"
 AA = "ACDEFGHIKLMNPQRSTVWY"
 
 

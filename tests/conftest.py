@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO.parent / "shared" / "data" / "demo"
+from tests._paths import DEMO
 
 
 @dataclass

@@ -1,14 +1,13 @@
 """Stage 1: corpus reading and the residue policy."""
 
 import gzip
-from pathlib import Path
 
 import pytest
 
 from plmscope.errors import InputError
 from plmscope.sequences import clean_sequence, parse_fasta_header, read_proteins
 
-DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "demo"
+from tests._paths import DEMO
 
 
 def write(tmp_path, name, text):

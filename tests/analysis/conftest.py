@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO.parent / "shared" / "data" / "demo"
+from tests._paths import DEMO
 N_PROTEINS = 60
 D_SAE = 48
 STANDARD = set("ACDEFGHIKLMNPQRSTVWY")

