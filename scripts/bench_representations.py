@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from _machine import matmul_gflops
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "proteins.tsv.gz"
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -162,6 +164,12 @@ def run(args: argparse.Namespace) -> dict:
             best[name] = min(best[name], fn())
     results = {name: (best[name], flops) for name, (_, flops) in methods.items()}
 
+    machine = matmul_gflops("cpu")
+    print(f"machine: torch fp32 matmul {machine['gflops']:.0f} GFLOP/s on the CPU ({machine['torch_threads']} threads)", end="")
+    if device.type == "cuda":
+        gpu = matmul_gflops(str(device), dtype="bf16")
+        print(f", bf16 matmul {gpu['gflops'] / 1000:.0f} TFLOP/s on the GPU", end="")
+    print()
     ours = residues / results["plmscope"][0]
     for name, (t, flops) in results.items():
         rate = residues / t

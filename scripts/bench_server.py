@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import matmul_gflops
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 AA = "ACDEFGHIKLMNPQRSTVWY"
@@ -43,7 +45,9 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--proteins", type=int, default=300, help="proteins in the built atlas")
     p.add_argument("--latents", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--layer", type=int, default=6)
+    p.add_argument("--layer", type=int, default=None, help="SAE layer (default: the last one)")
+    p.add_argument("--arch", default="esm2_t6_8M_UR50D", help="ESM-2 architecture (random weights)")
+    p.add_argument("--device", default="cpu", help="where the build, the server and the bare forward run")
     p.add_argument("--queries", type=int, default=300, help="requests per page kind")
     p.add_argument("--infer-runs", type=int, default=30, help="single /api/infer calls (and bare forwards)")
     p.add_argument("--length", type=int, default=300, help="residues of the inference sequence")
@@ -60,19 +64,20 @@ def build_atlas(work: Path, args) -> Path:
     import torch
 
     from plmscope.cli import main
-    from plmscope.plm.esm2 import save_random_esm2
+    from plmscope.plm.esm2 import ARCHS, save_random_esm2
     from plmscope.sae.io import save_sae
     from plmscope.sae.model import SparseAutoencoder, make_cfg
 
-    out = work / f"bench_server_{args.proteins}_{args.latents}.duckdb"
+    out = work / f"bench_server_{args.arch}_{args.proteins}_{args.latents}.duckdb"
     if out.exists():
         return out
-    plm = work / "esm2_8M_random.pt"
+    plm = work / f"{args.arch}_random.pt"
     if not plm.exists():
-        save_random_esm2(plm, "esm2_t6_8M_UR50D", seed=0)
-    sae_dir = work / f"sae{args.latents}"
+        save_random_esm2(plm, args.arch, seed=0)
+    d_in = ARCHS[args.arch][1]
+    sae_dir = work / f"sae_{args.arch}_{args.latents}"
     if not (sae_dir / "cfg.json").exists():
-        cfg = make_cfg(plm=str(plm), layer=args.layer, d_in=320, d_sae=args.latents, architecture="topk", k=args.k)
+        cfg = make_cfg(plm=str(plm), layer=args.layer, d_in=d_in, d_sae=args.latents, architecture="topk", k=args.k)
         save_sae(SparseAutoencoder.from_config(cfg, generator=torch.Generator().manual_seed(0)), sae_dir)
     with gzip.open(DEMO / "proteins.tsv.gz", "rt") as fh:
         rows = [r for r in csv.DictReader(fh, delimiter="\t") if int(r["length"]) <= 1022]
@@ -83,7 +88,7 @@ def build_atlas(work: Path, args) -> Path:
         w.writeheader()
         w.writerows(rows)
     t = time.perf_counter()
-    rc = main(["build", "--corpus", str(corpus), "--sae", str(sae_dir), "--out", str(out), "--device", "cpu"])
+    rc = main(["build", "--corpus", str(corpus), "--sae", str(sae_dir), "--out", str(out), "--device", args.device])
     if rc != 0:
         raise SystemExit(f"plmscope build failed with status {rc}")
     print(f"built {out.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -93,14 +98,14 @@ def build_atlas(work: Path, args) -> Path:
 class Server:
     """`plmscope serve` as a subprocess with settings passed as PLMSCOPE_* variables."""
 
-    def __init__(self, atlas: Path, **settings):
+    def __init__(self, atlas: Path, device: str = "cpu", **settings):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = dict(os.environ, **{f"PLMSCOPE_{k.upper()}": str(v) for k, v in settings.items()})
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "plmscope.cli", "serve", "--atlas", str(atlas), "--host",
-                                      "127.0.0.1", "--port", str(self.port), "--device", "cpu"],
+                                      "127.0.0.1", "--port", str(self.port), "--device", device],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
 
@@ -167,7 +172,7 @@ def page_latency(base: str, args, rng: random.Random) -> dict:
     return out
 
 
-def bare_forward(atlas: Path, seqs: list[str]) -> dict:
+def bare_forward(atlas: Path, seqs: list[str], device: str = "cpu") -> dict:
     """The same pLM layer + SAE encode the server runs, called directly (no HTTP, no queue).
 
     Timed on a worker thread, as the server computes (its single inference thread), and on the main
@@ -182,7 +187,7 @@ def bare_forward(atlas: Path, seqs: list[str]) -> dict:
     from plmscope.web.inference import load_models
 
     reader = AtlasReader(atlas)
-    m = next(iter(load_models(reader, "cpu").values()))
+    m = next(iter(load_models(reader, device).values()))
     reader.close()
 
     def timed() -> list[float]:
@@ -203,10 +208,10 @@ def bare_forward(atlas: Path, seqs: list[str]) -> dict:
     return out
 
 
-def bare_forward_fresh(atlas: Path, seqs: list[str]) -> dict:
+def bare_forward_fresh(atlas: Path, seqs: list[str], device: str = "cpu") -> dict:
     """bare_forward in a new process: nothing left over from the build (threads, allocator) skews it."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump({"atlas": str(atlas), "seqs": seqs}, fh)
+        json.dump({"atlas": str(atlas), "seqs": seqs, "device": device}, fh)
     out = subprocess.run([sys.executable, __file__, "--child-bare", fh.name], capture_output=True, text=True, check=True)
     os.unlink(fh.name)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -257,25 +262,31 @@ def run(args) -> dict:
     conc = [variants(base_seq, args.per_client, rng) for _ in range(args.clients)]
     results: dict = {"atlas": str(atlas), "length": args.length}
     # the bare forward first, with no server running: the two never compete for the CPUs
-    results["bare_forward"] = bare_forward_fresh(atlas, single)
+    results["bare_forward"] = bare_forward_fresh(atlas, single, args.device)
     common = {"rate_limit_per_minute": 0, "cache_size": 0, "infer_queue_size": 4 * args.clients}
-    with Server(atlas, infer_batch_size=args.batch_size, infer_max_wait_ms=args.max_wait_ms, **common) as srv:
+    with Server(atlas, args.device, infer_batch_size=args.batch_size, infer_max_wait_ms=args.max_wait_ms, **common) as srv:
         results["pages"] = page_latency(srv.base, args, rng)
         results["api_infer"] = infer_latency(srv.base, single)
         results["batched"] = asyncio.run(_throughput(srv.base, conc))
     results["overhead_ratio_p50"] = round(results["api_infer"]["p50_ms"] / results["bare_forward"]["p50_ms"], 3)
-    with Server(atlas, infer_batch_size=1, infer_max_wait_ms=0, **common) as srv:
+    with Server(atlas, args.device, infer_batch_size=1, infer_max_wait_ms=0, **common) as srv:
         results["one_at_a_time"] = asyncio.run(_throughput(srv.base, conc))
     results["batching_speedup"] = round(results["batched"]["requests_per_s"] / results["one_at_a_time"]["requests_per_s"], 3)
-    results["cpu_count"] = os.cpu_count()
+    results["machine"] = matmul_gflops("cpu")
+    if args.device.startswith("cuda"):
+        results["gpu"] = matmul_gflops(args.device, dtype="bf16")
     return results
 
 
 def main(argv=None) -> int:
     args = create_parser().parse_args(argv)
+    if args.layer is None:
+        from plmscope.plm.esm2 import ARCHS
+
+        args.layer = ARCHS[args.arch][0]
     if args.child_bare:
         spec = json.loads(Path(args.child_bare).read_text())
-        print(json.dumps(bare_forward(Path(spec["atlas"]), spec["seqs"])))
+        print(json.dumps(bare_forward(Path(spec["atlas"]), spec["seqs"], spec["device"])))
         return 0
     print(json.dumps(run(args), indent=2))
     return 0

@@ -84,3 +84,17 @@ def test_atlas_blobs_decode_within_bound(tiny_atlas):
         assert len(q) == n
         assert abs(q[pos - 1] / 255 * scale - mx) <= scale / 510 * (1 + 1e-6)
         assert q.max() / 255 * scale <= scale * (1 + 1e-6)
+
+
+def test_sae_weights_larger_than_the_writer_pool(tmp_path):
+    """An ESM-2 650M-sized SAE (10,240 x 1280 latents: ~105 MB of weights) fits in one row although
+    the writer's buffer pool is capped far below that for streaming."""
+    weights = np.random.default_rng(0).bytes(2 * 10240 * 1280 * 4 + 1)
+    row = {"sae_id": "big", "plm": "esm2_t33_650M_UR50D", "layer": 24, "architecture": "topk", "d_in": 1280,
+           "d_sae": 10240, "k": 64, "cfg": {}, "metrics": None, "n_dead": 0, "n_proteins": 1, "n_residues": 1,
+           "hist_edges": [0.0, 1.0], "aa_background": [0] * 20, "weights": weights}
+    with AtlasWriter(tmp_path / "a.duckdb") as w:
+        w.write_sae(row)
+    con = duckdb.connect(str(tmp_path / "a.duckdb"), read_only=True)
+    assert con.execute("SELECT weights FROM saes WHERE sae_id = 'big'").fetchone()[0] == weights
+    con.close()

@@ -27,6 +27,10 @@ from . import schema
 WRITER_MEMORY_LIMIT = "64MB"
 
 
+def _limit_bytes() -> int:
+    return int(WRITER_MEMORY_LIMIT.removesuffix("MB")) * 1000 * 1000
+
+
 class AtlasWriter:
     """``with AtlasWriter(out) as w: ...`` publishes on normal exit, discards on exception."""
 
@@ -35,6 +39,7 @@ class AtlasWriter:
         self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}")
         self.add_to_existing = add_to_existing and self.out.exists()
         self.con: duckdb.DuckDBPyConnection | None = None
+        self._extra_memory = 0  # bytes above WRITER_MEMORY_LIMIT, for SAE weight blobs
 
     def __enter__(self) -> "AtlasWriter":
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +116,13 @@ class AtlasWriter:
         for k in ("cfg", "metrics"):
             row[k] = None if row.get(k) is None else json.dumps(row[k])
         names = list(row)
+        # The weights are one BLOB (an ESM-2 650M SAE of 10,240 latents: 105 MB) that DuckDB must
+        # pin whole, at the insert and again at every checkpoint up to the close, so the streaming
+        # cap of the buffer pool grows by a few copies of the largest SAE for the rest of the write.
+        blob = len(row.get("weights") or b"")
+        if 4 * blob > self._extra_memory:
+            self._extra_memory = 4 * blob
+            self.con.execute(f"SET memory_limit = '{_limit_bytes() + self._extra_memory}B'")
         self.con.execute(
             f"INSERT INTO saes ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)})",
             [row[k] for k in names],
