@@ -98,3 +98,30 @@ def test_sae_weights_larger_than_the_writer_pool(tmp_path):
     con = duckdb.connect(str(tmp_path / "a.duckdb"), read_only=True)
     assert con.execute("SELECT weights FROM saes WHERE sae_id = 'big'").fetchone()[0] == weights
     con.close()
+
+
+def test_write_phase_memory_does_not_depend_on_the_core_count(tmp_path, monkeypatch):
+    """Every DuckDB connection of the write phase asks for WRITER_THREADS threads: with DuckDB's
+    default (one per core) the 64 MB pool ran out ranking 8M (label, latent) counts on a 16-core
+    machine.  Here the same ranking runs; the settings asked for and those in force are checked."""
+    from plmscope.store import writer as W
+
+    seen = []
+    connect = duckdb.connect
+
+    def recording_connect(database, *args, **kwargs):
+        con = connect(database, *args, **kwargs)
+        asked = kwargs.get("config", {}).get("threads")
+        seen.append((asked, con.execute("SELECT current_setting('threads')").fetchall()[0][0]))
+        return con
+
+    monkeypatch.setattr(W.duckdb, "connect", recording_connect)
+    rng = np.random.default_rng(0)
+    labels = np.array([f"PF{i:05d}" for i in range(3000)], dtype=object)
+    parts = ((labels, rng.integers(0, 3000, 200_000), rng.integers(0, 10240, 200_000), rng.integers(1, 50, 200_000))
+             for _ in range(40))
+    with W.AtlasWriter(tmp_path / "a.duckdb") as w:
+        top, _ = W.rank_labels(w.con, "latent_families", "family", "s", parts, np.full(10240, 1000), 5,
+                               scratch_dir=tmp_path)
+    assert sum(x is not None for x in top) == 10240
+    assert len(seen) == 2 and all(asked == used == W.WRITER_THREADS for asked, used in seen)

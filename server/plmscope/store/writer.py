@@ -25,6 +25,15 @@ from . import schema
 
 
 WRITER_MEMORY_LIMIT = "64MB"
+# DuckDB sizes its per-thread operator state by its thread count (default: every core), so a fixed
+# buffer pool that suffices on 2 threads runs out on a 16-core GPU machine: the write phase uses a
+# fixed number of threads, which makes its memory the same on every machine.
+WRITER_THREADS = 2
+
+
+def writer_config(**extra) -> dict:
+    """DuckDB settings of every connection the atlas write opens (the atlas and scratch tables)."""
+    return {"memory_limit": WRITER_MEMORY_LIMIT, "threads": WRITER_THREADS, **extra}
 
 
 def _limit_bytes() -> int:
@@ -50,7 +59,7 @@ class AtlasWriter:
         # would make the build's peak memory depend on corpus size; past this it spills to disk.
         # Bulk appends need little of it (measured: 32 MB suffices for a 20k-protein build; 64 MB
         # leaves room for wider SAEs and longer proteins).
-        self.con = duckdb.connect(str(self.tmp), config={"memory_limit": WRITER_MEMORY_LIMIT})
+        self.con = duckdb.connect(str(self.tmp), config=writer_config())
         if not self.add_to_existing:
             schema.create_all(self.con)
             self.set_meta("schema_version", schema.SCHEMA_VERSION)
@@ -179,7 +188,7 @@ def rank_labels(con, table: str, column: str, sae_id: str, parts, n_active_res: 
     """
     L = len(n_active_res)
     ids: dict[str, int] = {}
-    scratch = duckdb.connect(":memory:", config={"memory_limit": WRITER_MEMORY_LIMIT, "temp_directory": str(scratch_dir)})
+    scratch = duckdb.connect(":memory:", config=writer_config(temp_directory=str(scratch_dir)))
     try:
         scratch.execute("CREATE TABLE label_counts (label INTEGER, latent INTEGER, n BIGINT)")
         for labels, code, latent, n in parts:
