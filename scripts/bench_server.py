@@ -193,10 +193,10 @@ def bare_forward(atlas: Path, seqs: list[str], device: str = "cpu") -> dict:
     def timed() -> list[float]:
         ms = []
         with torch.no_grad():
-            m.sae.encode(m.plm.representations([seqs[0]], m.layer)[0])  # warm-up
+            m.sae.encode(m.plm.representations([seqs[0]], m.layer)[0].to(m.plm.device))  # warm-up
             for s in seqs:
                 t = time.perf_counter()
-                z = m.sae.encode(m.plm.representations([s], m.layer)[0])
+                z = m.sae.encode(m.plm.representations([s], m.layer)[0].to(m.plm.device))
                 (z > 0).nonzero()
                 ms.append((time.perf_counter() - t) * 1000)
         return ms
@@ -212,8 +212,10 @@ def bare_forward_fresh(atlas: Path, seqs: list[str], device: str = "cpu") -> dic
     """bare_forward in a new process: nothing left over from the build (threads, allocator) skews it."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump({"atlas": str(atlas), "seqs": seqs, "device": device}, fh)
-    out = subprocess.run([sys.executable, __file__, "--child-bare", fh.name], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, __file__, "--child-bare", fh.name], capture_output=True, text=True)
     os.unlink(fh.name)
+    if out.returncode:
+        raise SystemExit(f"bare forward failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
