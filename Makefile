@@ -25,8 +25,9 @@ install: $(VENV)/.plmscope-installed
 demo: install
 	$(BIN)/plmscope demo --port $(PORT)
 
+# .venv/bin first on PATH: the tests run the tools the test extra installed there (hadolint).
 test: install
-	$(BIN)/python -m pytest -q tests
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests
 
 bench: install
 	for b in scripts/bench_*.py; do $(BIN)/python $$b || exit 1; done
