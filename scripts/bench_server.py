@@ -31,9 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from plmscope.vocab import AMINO_ACIDS as AA
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
-AA = "ACDEFGHIKLMNPQRSTVWY"
 
 
 def create_parser() -> argparse.ArgumentParser:
