@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 
 from _machine import matmul_gflops
+from plmscope.vocab import AMINO_ACIDS as AA
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
-AA = "ACDEFGHIKLMNPQRSTVWY"
 
 
 def create_parser() -> argparse.ArgumentParser:

@@ -5,11 +5,13 @@
 (function () {
   'use strict';
 
-  // viridis, reversed so that weak activations are light and text stays readable; colour-blind safe.
-  var STOPS = ['#fde725', '#b5de2b', '#6ece58', '#35b779', '#1f9e89', '#26828e', '#31688e', '#3e4989', '#482878', '#440154'];
-  var ZERO = '#eef0f2';
+  // The colour scale comes from the server (plmscope/vocab.py, as JSON in every page), so the
+  // heatmaps, the 3D view and the legends drawn by the templates cannot disagree.
+  var SCALE = JSON.parse(document.getElementById('colour-scale').textContent);
+  var ZERO = SCALE.zero;
+  var UNMAPPED = parseInt(SCALE.unmapped.slice(1), 16);
   function hexToRgb(h) { return [parseInt(h.slice(1, 3), 16), parseInt(h.slice(3, 5), 16), parseInt(h.slice(5, 7), 16)]; }
-  var RGB = STOPS.map(hexToRgb);
+  var RGB = SCALE.stops.map(hexToRgb);
   function colour(t) {
     if (!(t > 0)) return ZERO;
     t = Math.min(1, t);
@@ -25,7 +27,6 @@
     return (v[0] << 16) | (v[1] << 8) | v[2];
   }
   function textColour(t) { return t > 0.5 ? '#fff' : '#1d232a'; }
-  var GRADIENT = 'linear-gradient(to right, ' + ZERO + ' 0%, ' + STOPS.join(', ') + ')';
   window.plmscopeColour = colour;
 
   // ---- URL state ----
@@ -255,7 +256,7 @@
       cartoon: {
         colorfunc: function (atom) {
           var p = sh.byAuth[atom.resi + (atom.icode || '').trim()];
-          return p ? colourHex(sh.values[p - 1] / sh.scale) : 0xc8c8c8;
+          return p ? colourHex(sh.values[p - 1] / sh.scale) : UNMAPPED;
         }
       }
     });
@@ -341,7 +342,6 @@
     document.querySelectorAll('[data-show-structure]').forEach(function (b) {
       b.addEventListener('click', function (e) { e.preventDefault(); showStructure(b.getAttribute('data-show-structure')); });
     });
-    document.querySelectorAll('.legend .bar').forEach(function (b) { b.style.background = GRADIENT; });
     layoutRows();
     initCopy();
     if (viewerEl) {

@@ -16,8 +16,8 @@ Residue policy (documented in the README and enforced here, one place only):
 
 * lower case letters are upper-cased (accepted, no warning: many FASTA tools write lower case);
 * one trailing ``*`` (a translation stop) is removed; a ``*`` anywhere else rejects the record;
-* ``X B Z U O`` (unknown/ambiguous/rare amino acids) are accepted: ESM-2 and UniRep both have
-  tokens for them; they are counted in ``Protein.nonstandard``;
+* ``X B Z U O`` (unknown/ambiguous/rare amino acids, ``vocab.NONSTANDARD_AA``) are accepted: ESM-2
+  and UniRep both have tokens for them; they are counted in ``Protein.nonstandard``;
 * anything else (digits, ``-``, ``.``, ``J``, spaces inside a sequence...) rejects the record with a
   message naming the file, the record, the 1-based position and the character;
 * empty sequences and duplicate accessions (second and later occurrences) are rejected.
@@ -39,10 +39,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import InputError
-
-STANDARD_AA = "ACDEFGHIKLMNPQRSTVWY"
-NONSTANDARD_AA = "XBZUO"
-ALLOWED = set(STANDARD_AA + NONSTANDARD_AA)
+from .vocab import ACCEPTED_AA, AMINO_ACIDS, FEATURE_NAMES, NONSTANDARD_AA, POINT_PAIR_FEATURES, SKIPPED_FEATURES
 
 FASTA_SUFFIXES = {".fa", ".fasta", ".faa", ".fas", ".fna"}
 TABLE_SUFFIXES = {".tsv", ".csv", ".tab"}
@@ -107,10 +104,6 @@ class Corpus:
     problems: list[Problem]
     path: str
 
-    @property
-    def rejected(self) -> list[Problem]:
-        return [p for p in self.problems if p.severity == "error"]
-
 
 def clean_sequence(raw: str, *, file: str, record: str) -> tuple[str | None, list[Problem]]:
     """Apply the residue policy to one sequence; returns (sequence or None if rejected, problems)."""
@@ -121,13 +114,13 @@ def clean_sequence(raw: str, *, file: str, record: str) -> tuple[str | None, lis
     if not seq:
         return None, [Problem(file, record, "empty sequence")]
     for i, ch in enumerate(seq, start=1):
-        if ch not in ALLOWED:
+        if ch not in ACCEPTED_AA:
             what = "a stop '*' inside the sequence" if ch == "*" else f"invalid residue {ch!r}"
             return None, [
                 Problem(
                     file,
                     record,
-                    f"{what}; allowed are the 20 standard amino acids and X B Z U O",
+                    f"{what}; allowed are the {len(AMINO_ACIDS)} standard amino acids and {' '.join(NONSTANDARD_AA)}",
                     position=i,
                 )
             ]
@@ -202,42 +195,6 @@ def _chain_line(first: str, rest: io.TextIOBase) -> Iterator[str]:
     yield from rest
 
 
-_FEATURE_NAMES = {
-    "SIGNAL": "signal peptide",
-    "TRANSMEM": "transmembrane region",
-    "INTRAMEM": "intramembrane region",
-    "TOPO_DOM": "topological domain",
-    "DOMAIN": "domain",
-    "REPEAT": "repeat",
-    "ZN_FING": "zinc finger",
-    "DNA_BIND": "DNA-binding region",
-    "ACT_SITE": "active site",
-    "BINDING": "binding site",
-    "METAL": "metal binding",
-    "SITE": "site",
-    "MOTIF": "short motif",
-    "COMPBIAS": "compositional bias",
-    "COILED": "coiled coil",
-    "REGION": "region",
-    "TRANSIT": "transit peptide",
-    "PROPEP": "propeptide",
-    "PEPTIDE": "peptide",
-    "CHAIN": "chain",
-    "MOD_RES": "modified residue",
-    "LIPID": "lipidation",
-    "CARBOHYD": "glycosylation",
-    "DISULFID": "disulfide bond",
-    "CROSSLNK": "cross-link",
-    "HELIX": "helix",
-    "STRAND": "beta strand",
-    "TURN": "turn",
-    "NP_BIND": "nucleotide binding",
-    "CA_BIND": "calcium binding",
-}
-# Whole-chain and sequence-conflict features carry no residue-level meaning for latents.
-_SKIP_FEATURES = {"CHAIN", "CONFLICT", "VARIANT", "VAR_SEQ", "MUTAGEN", "NON_TER", "NON_CONS", "UNSURE", "INIT_MET"}
-
-
 def _iter_uniprot(path: Path) -> Iterator[tuple[str, dict, str]]:
     from Bio import SeqIO
 
@@ -249,15 +206,14 @@ def _iter_uniprot(path: Path) -> Iterator[tuple[str, dict, str]]:
                 name = (m.group(1) if m else desc).strip()
                 annotations = []
                 for feat in rec.features:
-                    if feat.type in _SKIP_FEATURES or feat.location is None:
+                    if feat.type in SKIPPED_FEATURES or feat.location is None:
                         continue
                     try:
                         start = int(feat.location.start) + 1
                         end = int(feat.location.end)
                     except (TypeError, ValueError):  # fuzzy/unknown positions ('?')
                         continue
-                    if feat.type == "DISULFID" and end > start:
-                        # A bond is two residues, not the stretch between them.
+                    if feat.type in POINT_PAIR_FEATURES and end > start:
                         spans = [(start, start), (end, end)]
                     else:
                         spans = [(start, end)]
@@ -268,8 +224,8 @@ def _iter_uniprot(path: Path) -> Iterator[tuple[str, dict, str]]:
                         annotations.append(
                             Annotation(
                                 kind="feature",
-                                type=_FEATURE_NAMES.get(feat.type, feat.type.lower()),
-                                label=str(note).split(";")[0].strip() or _FEATURE_NAMES.get(feat.type, feat.type),
+                                type=FEATURE_NAMES.get(feat.type, feat.type.lower()),
+                                label=str(note).split(";")[0].strip() or FEATURE_NAMES.get(feat.type, feat.type),
                                 start=s,
                                 end=e,
                             )

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from plmscope.vocab import AMINO_ACIDS
+
 from tests._paths import DEMO
 N_PROTEINS = 60
 D_SAE = 48
-STANDARD = set("ACDEFGHIKLMNPQRSTVWY")
+STANDARD = set(AMINO_ACIDS)
 
 
 def _demo_rows(n: int) -> list[dict]:

@@ -3,6 +3,7 @@ import pytest
 from scipy import sparse
 
 from plmscope.analysis import concepts
+from plmscope.vocab import AMINO_ACIDS
 
 
 def test_residue_precision_and_region_recall_on_a_hand_made_example():
@@ -67,6 +68,8 @@ def test_concept_keys():
     assert concepts.concept_key("feature", "transmembrane region", "") == "feature:transmembrane region"
     assert concepts.concept_key("feature", "CHAIN", "") is None
     assert concepts.concept_key("feature", "HELIX", "") == "secondary structure:helix"
+    assert concepts.concept_key("feature", "beta strand", "") == "secondary structure:strand"
+    assert concepts.concept_key("secondary_structure", "strand", "CA rule") == "secondary structure:strand"
     rows = [{"accession": "P1", "kind": "feature", "type": "DISULFID", "label": "", "start": 3, "end": 9}]
     assert concepts.regions_from_annotations(rows, {"P1": 0}, [20]) == [
         (0, "feature:disulfide bond", 2, 3), (0, "feature:disulfide bond", 8, 9)]
@@ -74,9 +77,9 @@ def test_concept_keys():
 
 def test_similarity_groups_link_homologues_and_split_keeps_groups_whole():
     rng = np.random.default_rng(0)
-    base = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 200))
+    base = "".join(rng.choice(list(AMINO_ACIDS), 200))
     mutant = base[:100] + ("A" if base[100] != "A" else "C") + base[101:]
-    other = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 200))
+    other = "".join(rng.choice(list(AMINO_ACIDS), 200))
     g = concepts.similarity_groups([base, mutant, other])
     assert g[0] == g[1] != g[2]
     side = concepts.split_validation(np.array([0, 0, 1, 2, 2]), ["a", "b", "c", "d", "e"], seed=0)

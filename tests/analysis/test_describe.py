@@ -19,5 +19,5 @@ def test_aa_enrichment():
     counts = [0] * 20
     counts[1] = 50  # C
     counts[0] = 5
-    out = describe.aa_enrichment(counts, bg, "ACDEFGHIKLMNPQRSTVWY")
+    out = describe.aa_enrichment(counts, bg)
     assert [aa for aa, _, _ in out] == ["C"] and out[0][1] > 2

@@ -2,6 +2,7 @@ import numpy as np
 from scipy import sparse
 
 from plmscope.analysis import family
+from plmscope.vocab import AMINO_ACIDS
 
 
 def make_corpus(n=400, seed=0):
@@ -14,7 +15,7 @@ def make_corpus(n=400, seed=0):
             fams.append(["PF00002", "PF00003"])
         else:
             fams.append([])
-    seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 60)) for _ in range(n)]
+    seqs = ["".join(rng.choice(list(AMINO_ACIDS), 60)) for _ in range(n)]
     return fams, seqs
 
 

@@ -4,12 +4,13 @@ import duckdb
 import numpy as np
 import pytest
 
-from plmscope.atlas.aggregate import AggregateSettings, SAEAggregate, quantize
+from plmscope.atlas.aggregate import AggregateSettings, SAEAggregate
 from plmscope.atlas.finalize import LABEL_COLUMNS, label_parts, latent_tables, protein_tables
 from plmscope.store import schema
 from plmscope.store.writer import rank_labels
+from plmscope.vocab import AMINO_ACIDS as AA
+from plmscope.vocab import dequantize, quantize
 
-AA = "ACDEFGHIKLMNPQRSTVWY"
 L = 24
 
 
@@ -126,7 +127,8 @@ def test_against_brute_force(tmp_path):
         M = float(lat_t["max_act"][ex["latent"][i]])
         q = np.frombuffer(ex["activations"][i], np.uint8)
         assert len(q) == len(true)
-        assert np.abs(q / 255 * M - true).max() <= M / 510 + 1e-7
+        assert np.array_equal(q, quantize(true, M))  # finalize encodes with vocab.quantize
+        assert np.abs(dequantize(q, M) - true).max() <= M / 510 + 1e-7
     # (label, latent) counts: active residues inside each label's spans (a residue once per label),
     # the label_top largest per latent, ties by label; the latents table names the first
     for table, column, kind, top_col in (("latent_families", "family", "family", "top_family"),
@@ -160,12 +162,6 @@ def test_against_brute_force(tmp_path):
                                                  key=lambda i: pl["rank"][i])]
         assert got == expect
 
-
-def test_quantize_bound():
-    v = np.random.default_rng(0).random(10000).astype(np.float32) * 7.3
-    M = float(v.max())
-    q = quantize(v, M)
-    assert np.abs(q / 255 * M - v).max() <= M / 510 + 1e-6
 
 
 def test_sketch_collapse_keeps_the_defined_bin_samples_in_bounded_cells(tmp_path):

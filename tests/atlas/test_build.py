@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from plmscope.cli import main
+from plmscope.vocab import AMINO_ACIDS, dequantize
 
 from tests.conftest import DEMO, make_sae
 
@@ -74,7 +75,7 @@ def test_values_match_independent_recomputation(tiny_atlas, brute):
     # histogram totals = active residue counts
     assert [sum(h) for h in lat["hist_counts"]] == list(n_active_res)
     # amino-acid counts of active residues
-    aa = "ACDEFGHIKLMNPQRSTVWY"
+    aa = AMINO_ACIDS
     for latent in np.flatnonzero(live)[:10]:
         counts = np.zeros(20, int)
         for a in accs:
@@ -130,7 +131,7 @@ def test_protein_top_latents_and_uint8_round_trip(tiny_atlas, brute):
         got = [r[0] for r in rows]
         assert got == expect or np.allclose(pm[got], pm[expect], rtol=1e-5)
         for latent, mx, blob in rows:
-            vec = np.frombuffer(blob, np.uint8).astype(np.float64) / 255 * scale[latent]
+            vec = dequantize(np.frombuffer(blob, np.uint8), scale[latent])
             assert len(vec) == len(seq)
             assert np.abs(vec - z[:, latent]).max() <= scale[latent] / 510 + 1e-5 * scale[latent]
     # stats rows = every active pair

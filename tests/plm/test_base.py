@@ -10,6 +10,7 @@ import torch
 from plmscope.errors import ModelError
 from plmscope.plm.base import LossResult, load_plm, resolve_device, token_batches
 from plmscope.plm.esm2 import ESM2, save_random_esm2
+from plmscope.vocab import AMINO_ACIDS
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_token_batches_respect_budget_and_sort():
 def test_iter_representations_streams_within_budget(plm):
     shapes = []
     hook = plm.model.embed_tokens.register_forward_hook(lambda m, inp, out: shapes.append(tuple(inp[0].shape)))
-    items = [(f"r{i}", "ACDEFGHIKLMNPQRSTVWY"[: 1 + (i * 7) % 20] * (1 + i % 3)) for i in range(30)]
+    items = [(f"r{i}", AMINO_ACIDS[: 1 + (i * 7) % 20] * (1 + i % 3)) for i in range(30)]
     try:
         out = list(plm.iter_representations(items, 1, token_budget=120, sort_window=8))
     finally:

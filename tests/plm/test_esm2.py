@@ -17,9 +17,10 @@ from plmscope.errors import ModelError
 from plmscope.plm import esm2 as esm2_mod
 from plmscope.plm.base import load_plm
 from plmscope.plm.esm2 import ESM2, mask_positions, regression_path, save_random_esm2
+from plmscope.vocab import AMINO_ACIDS, NONSTANDARD_AA
 
 N_LAYERS = 3
-SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MKV", "ACDEFGHIKLMNPQRSTVWYXBZUO", "GGSGGSGGSGGSLLLLKKK", "W"]
+SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "MKV", AMINO_ACIDS + NONSTANDARD_AA, "GGSGGSGGSGGSLLLLKKK", "W"]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 
 from plmscope.errors import AtlasError
 from plmscope.store.reader import LATENT_SORTS, AtlasReader, decode_activations, protein_label
+from plmscope.vocab import AMINO_ACIDS
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_latent_detail_decodes_activations(reader, sae_id):
         assert sum(a > 0 for a in acts) == ex["n_active"]
         assert ex["label"]
     assert len(d["histogram"]["edges"]) == len(d["histogram"]["counts"]) + 1
-    assert len(d["aa_enrichment"]) == 20 and {e["aa"] for e in d["aa_enrichment"]} == set("ACDEFGHIKLMNPQRSTVWY")
+    assert len(d["aa_enrichment"]) == 20 and {e["aa"] for e in d["aa_enrichment"]} == set(AMINO_ACIDS)
     assert d["bins"] and all(b["lo"] <= b["hi"] for b in d["bins"])
     assert [n["rank"] for n in d["neighbours"]] == sorted(n["rank"] for n in d["neighbours"])
     assert reader.latent(sae_id, 10_000) is None

@@ -1,10 +1,10 @@
 """Concept associations, as InterPLM (Simon & Zou 2024): latent x per-residue concept F1.
 
 Concepts are annotated regions of the atlas proteins: each Pfam family (``pfam:PF00069``), each
-UniProt feature type (``feature:signal peptide``, ``feature:transmembrane``, ...; bookkeeping
-types such as chain / variant / conflict are left out, see ``EXCLUDED_FEATURES``), NLS motifs, and
-secondary structure (UniProt HELIX/STRAND/TURN features, or computed from atlas structures by
-``secondary.py``).
+UniProt feature type (``feature:signal peptide``, ``feature:transmembrane region``, ...; bookkeeping
+types such as chain / variant / conflict are left out), NLS motifs, and secondary structure (UniProt
+HELIX/STRAND/TURN features, or computed from atlas structures by ``secondary.py``).  The names and
+``concept_key`` live in ``plmscope.vocab``.
 
 For a latent, a residue is *predicted* when its activation / the latent's corpus maximum exceeds a
 threshold in ``THRESHOLDS`` (0 = any activation).  For a concept:
@@ -35,49 +35,13 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
+from ..vocab import concept_key, is_point_pair
+
 THRESHOLDS = (0.0, 0.15, 0.5, 0.6, 0.8)  # InterPLM's fractions of the latent max
 ASSOCIATION_F1 = 0.5
 MIN_REGIONS_PER_SPLIT = 2  # a concept needs regions on both sides to be chosen and tested
 KMER = 5
 KMER_MIN_SHARED = 0.3  # of the shorter protein's distinct k-mers: roughly > 50 % identity
-
-EXCLUDED_FEATURES = {
-    "chain", "peptide", "initiator methionine", "conflict", "sequence conflict", "variant",
-    "sequence variant", "mutagenesis", "mutagenesis site", "splice variant", "alternative sequence",
-    "var_seq", "non-terminal residue", "non_ter", "non-consecutive residues", "non_cons",
-    "non-standard amino acid", "non_std", "unsure", "unsure residue", "sequence uncertainty",
-}
-# UniProt flat-file FT keys -> readable type names (the atlas may store either form).
-FT_NAMES = {
-    "SIGNAL": "signal peptide", "TRANSIT": "transit peptide", "PROPEP": "propeptide",
-    "PEPTIDE": "peptide", "CHAIN": "chain", "TRANSMEM": "transmembrane", "INTRAMEM": "intramembrane",
-    "TOPO_DOM": "topological domain", "DOMAIN": "domain", "REPEAT": "repeat", "ZN_FING": "zinc finger",
-    "DNA_BIND": "DNA binding", "REGION": "region", "COILED": "coiled coil", "MOTIF": "motif",
-    "COMPBIAS": "compositional bias", "ACT_SITE": "active site", "BINDING": "binding site",
-    "METAL": "metal binding", "SITE": "site", "MOD_RES": "modified residue", "LIPID": "lipidation",
-    "CARBOHYD": "glycosylation", "DISULFID": "disulfide bond", "CROSSLNK": "cross-link",
-    "NP_BIND": "nucleotide binding", "CA_BIND": "calcium binding", "HELIX": "helix",
-    "STRAND": "strand", "TURN": "turn", "VARIANT": "variant", "CONFLICT": "conflict",
-    "MUTAGEN": "mutagenesis", "VAR_SEQ": "splice variant", "NON_TER": "non-terminal residue",
-    "NON_CONS": "non-consecutive residues", "NON_STD": "non-standard amino acid",
-    "UNSURE": "unsure", "INIT_MET": "initiator methionine",
-}
-SECONDARY = {"helix", "strand", "turn"}
-POINT_PAIR_FEATURES = {"disulfide bond", "cross-link"}  # start..end names two bonded residues
-
-
-def concept_key(kind: str, type_: str, label: str) -> str | None:
-    """Concept name for one annotation row, or None when it is not a concept."""
-    if kind == "pfam":
-        return f"pfam:{label}"
-    t = FT_NAMES.get(type_, type_).strip().lower()
-    if kind == "secondary_structure" or t in SECONDARY:
-        return f"secondary structure:{t}"
-    if kind == "nls":
-        return "nls:nuclear localization signal"
-    if t in EXCLUDED_FEATURES:
-        return None
-    return f"feature:{t}"
 
 
 def regions_from_annotations(rows, index: dict[str, int], lengths: Sequence[int]):
@@ -95,7 +59,7 @@ def regions_from_annotations(rows, index: dict[str, int], lengths: Sequence[int]
         if key is None:
             continue
         start, end = int(row["start"]), int(row["end"])
-        if key.endswith(tuple(POINT_PAIR_FEATURES)) and end > start:
+        if is_point_pair(row["type"]) and end > start:
             spans = [(start, start), (end, end)]
         else:
             spans = [(start, end)]

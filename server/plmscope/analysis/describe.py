@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
+from ..vocab import AMINO_ACIDS, aa_fold
 
 AUTO_PREFIX = "auto: "
 FAMILY_MENTION_F1 = 0.3
@@ -33,20 +33,16 @@ PATTERN_WORDS = {
 }
 
 
-def aa_enrichment(aa_counts: Sequence[int], background: Sequence[int], alphabet: str) -> list[tuple[str, float, int]]:
+def aa_enrichment(aa_counts: Sequence[int], background: Sequence[int],
+                  alphabet: str = AMINO_ACIDS) -> list[tuple[str, float, int]]:
     """(amino acid, fold, active residues) sorted by fold, for enriched amino acids only.
 
-    fold = (share among the latent's active residues) / (share in the corpus), with one pseudo-count
-    per amino acid so that rare letters do not produce huge folds from a handful of residues.
+    fold is ``vocab.aa_fold``, the number the latent page charts (as log2); letters with fewer than
+    ``MIN_AA_RESIDUES`` active residues are left out, so a handful of residues cannot make a claim.
     """
-    c = np.asarray(aa_counts, np.float64)
-    b = np.asarray(background, np.float64)
-    if c.sum() <= 0 or b.sum() <= 0:
-        return []
-    share = (c + 1) / (c.sum() + len(c))
-    bg = (b + 1) / (b.sum() + len(b))
-    fold = share / bg
-    out = [(alphabet[i], float(fold[i]), int(c[i])) for i in range(len(c)) if fold[i] >= MIN_AA_FOLD and c[i] >= MIN_AA_RESIDUES]
+    fold = aa_fold(aa_counts, background)
+    out = [(alphabet[i], float(fold[i]), int(c)) for i, c in enumerate(aa_counts)
+           if fold[i] >= MIN_AA_FOLD and c >= MIN_AA_RESIDUES]
     return sorted(out, key=lambda t: -t[1])[:MAX_AAS]
 
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..vocab import FEATURE_NAMES
+
 HELIX = ((5.0, 6.0), (4.8, 5.8), (5.8, 7.0))
 STRAND = ((6.1, 7.3), (9.0, 10.8), (11.3, 13.5))
 MAX_BOND = 4.2  # CA(i)-CA(i+1) above this: chain break
+_NAMES = {"H": FEATURE_NAMES["HELIX"], "E": FEATURE_NAMES["STRAND"]}  # the UniProt features' names
 
 
 def _ca_trace(pdb_text: str):
@@ -63,7 +66,7 @@ def segments(pdb_text: str, residue_map: dict[tuple[int, str], int]) -> list[tup
         pos = residue_map.get(key)
         if pos is None or lab == "-":
             continue
-        name = "helix" if lab == "H" else "strand"
+        name = _NAMES[lab]
         if out and out[-1][0] == name and out[-1][2] == pos - 1:
             out[-1] = (name, out[-1][1], pos)
         else:

@@ -49,7 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..store.schema import AMINO_ACIDS, HIST_BINS, HIST_MAX_EXP, HIST_MIN_EXP
+from ..store.schema import HIST_BINS, HIST_MAX_EXP, HIST_MIN_EXP
+from ..vocab import AMINO_ACIDS
 from ._state import EMPTY, Columns, LabelCounter, Reservoir, SlotPool, _segment_index, state_copy
 
 HIST_EDGES = np.logspace(HIST_MIN_EXP, HIST_MAX_EXP, HIST_BINS + 1)
@@ -110,13 +111,6 @@ def sparse_codes(z: torch.Tensor, row_offset: int = 0) -> tuple[np.ndarray, np.n
     vals = z[idx[:, 0], idx[:, 1]]
     return (idx[:, 0].numpy().astype(np.int64) + row_offset, idx[:, 1].numpy().astype(np.int64),
             vals.float().numpy())
-
-
-def quantize(values: np.ndarray, scale: float) -> np.ndarray:
-    """uint8 codes: q = round(v / scale * 255); |q/255*scale - v| <= scale/510 for 0 <= v <= scale."""
-    if scale <= 0:
-        return np.zeros(len(values), dtype=np.uint8)
-    return np.clip(np.rint(values.astype(np.float64) * (255.0 / scale)), 0, 255).astype(np.uint8)
 
 
 class SAEAggregate:

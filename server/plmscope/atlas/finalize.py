@@ -1,6 +1,6 @@
 """Turn a finished ``SAEAggregate`` into atlas table columns (numpy arrays, ready for the writer).
 
-Activation vectors become uint8 blobs scaled by the latent's corpus max (``quantize``); quantile
+Activation vectors become uint8 blobs scaled by the latent's corpus max (``vocab.quantize``); quantile
 bins are fixed once the max is known: bin i = [i*M/n, (i+1)*M/n), the last one closed.
 """
 
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..store.schema import HIST_BINS
+from ..vocab import quantize
 from ._state import EMPTY, _segment_index
 from .aggregate import FIXED_POINT, HIST_EDGES, SAEAggregate
 
@@ -46,8 +47,7 @@ def _blobs(vec_pos, vec_val, seg_off, seg_n, plen, scale) -> np.ndarray:
     starts = np.concatenate([[0], np.cumsum(plen)[:-1]]).astype(np.int64)
     seg = _segment_index(seg_off, seg_n)
     # quantise the non-zero values only (zeros stay code 0), then scatter the codes
-    sc = np.repeat(np.where(scale > 0, scale.astype(np.float64), np.inf), seg_n)
-    codes = np.clip(np.rint(vec_val[seg].astype(np.float64) * (255.0 / sc)), 0, 255).astype(np.uint8)
+    codes = quantize(vec_val[seg], np.repeat(scale, seg_n))
     q = np.zeros(int(plen.sum()), np.uint8)
     q[np.repeat(starts, seg_n) + vec_pos[seg]] = codes
     out = np.empty(len(plen), dtype=object)

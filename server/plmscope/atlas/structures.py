@@ -125,8 +125,10 @@ def align_chain(protein_seq: str, chain_seq: str) -> tuple[list[tuple[int, int]]
     global _ALIGNER
     if _ALIGNER is None:
         _ALIGNER = _aligner()
-    clean = "".join(c if c in "ACDEFGHIKLMNPQRSTVWYXBZ" else "X" for c in chain_seq)
-    prot = "".join(c if c in "ACDEFGHIKLMNPQRSTVWYXBZ" else "X" for c in protein_seq)
+    # letters the substitution matrix has no row for (U, O, gaps) align as unknown
+    scored = set(_ALIGNER.substitution_matrix.alphabet) - {"*"}
+    clean = "".join(c if c in scored else "X" for c in chain_seq)
+    prot = "".join(c if c in scored else "X" for c in protein_seq)
     aln = _ALIGNER.align(prot, clean)[0]
     pairs = []
     for (a0, a1), (b0, b1) in zip(*aln.aligned):

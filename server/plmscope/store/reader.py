@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import AtlasError
-from .schema import AMINO_ACIDS, SCHEMA_VERSION, TABLES
+from ..vocab import AMINO_ACIDS, aa_fold, dequantize
+from .schema import SCHEMA_VERSION, TABLES
 
 # Sort keys of the latent table -> SQL expression (a whitelist: user input never reaches SQL text).
 LATENT_SORTS: dict[str, str] = {
@@ -45,8 +46,7 @@ def decode_activations(blob: bytes | None, scale: float) -> list[float]:
     """uint8 BLOB -> per-residue floats, rounded to 4 decimals (the quantisation step is coarser)."""
     if not blob:
         return []
-    q = np.frombuffer(bytes(blob), dtype=np.uint8).astype(np.float64)
-    return np.round(q * (float(scale) / 255.0), 4).tolist()
+    return np.round(dequantize(np.frombuffer(bytes(blob), dtype=np.uint8), scale), 4).tolist()
 
 
 def protein_label(p: dict) -> str:
@@ -460,19 +460,19 @@ class AtlasReader:
 
 
 def aa_enrichment(aa_counts: list[int], background: list[int]) -> list[dict]:
-    """Per amino acid: share among active residues vs among all residues, and log2 of their ratio."""
+    """Per amino acid: share among active residues vs among all residues, and log2 of their ratio
+    (``vocab.aa_fold``, the fold the automatic descriptions quote)."""
     counts = np.asarray(aa_counts, dtype=np.float64)
     bg = np.asarray(background, dtype=np.float64)
     n, nb = counts.sum(), bg.sum()
+    fold = aa_fold(counts, bg)
     out = []
     for i, aa in enumerate(AMINO_ACIDS):
         frac = counts[i] / n if n else 0.0
         bfrac = bg[i] / nb if nb else 0.0
-        # +0.5 pseudo-counts keep the ratio finite for amino acids absent on either side.
-        ratio = ((counts[i] + 0.5) / (n + 10)) / ((bg[i] + 0.5) / (nb + 10)) if nb else 1.0
         out.append(
             {"aa": aa, "count": int(counts[i]), "frac": round(float(frac), 5), "background_frac": round(float(bfrac), 5),
-             "log2_enrichment": round(float(math.log2(ratio)), 3)}
+             "log2_enrichment": round(float(math.log2(fold[i])), 3)}
         )
     return out
 

@@ -6,7 +6,8 @@ Conventions
 * ``sae_id`` is a short URL-safe name (``unirep-256.L1.topk4096``) unique within an atlas.
 * Per-residue activations are stored as ``BLOB`` of ``uint8``: value ``q`` stands for
   ``q / 255 * scale`` where ``scale`` is the latent's maximum activation over the corpus
-  (``latents.max_act``); the absolute error is at most ``scale / 510``.  One byte per residue.
+  (``latents.max_act``); the absolute error is at most ``scale / 510``.  One byte per residue;
+  ``vocab.quantize`` / ``vocab.dequantize`` encode and decode.
 * Lists that are short and fixed (histograms, amino-acid counts) are DuckDB arrays.
 * ``atlas_meta`` holds JSON values: ``atlas_id`` (content hash of inputs + settings, embedded in
   permalinks), ``schema_version``, ``created_at``, ``versions``, ``inputs`` (paths + sha256),
@@ -15,9 +16,11 @@ Conventions
 
 from __future__ import annotations
 
+from .. import vocab
+
 SCHEMA_VERSION = 1
 
-AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"  # order of every aa_counts array
+AMINO_ACIDS = vocab.AMINO_ACIDS  # order of every aa_counts array
 
 # Log-spaced edges of the per-residue activation histogram and of the quantile-bin sketch
 # buckets.  Fixed for all atlases so that shard aggregates merge by addition.

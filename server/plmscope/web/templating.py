@@ -13,6 +13,8 @@ from urllib.parse import urlencode
 from fastapi.templating import Jinja2Templates
 from starlette.requests import Request
 
+from ..vocab import colour_scale
+
 
 def fmt_num(x, digits: int = 3) -> str:
     if x is None:
@@ -76,6 +78,7 @@ def make_templates(directory: Path) -> Jinja2Templates:
     env.globals["make_url"] = make_url
     env.globals["with_query"] = with_query
     env.globals["twin_url"] = twin_url
+    env.globals["colour_scale"] = colour_scale()  # base.html hands it to plmscope.js as JSON
     return templates
 
 

@@ -26,13 +26,12 @@ import logging
 from pathlib import Path
 
 from ..errors import AtlasError, InputError
+from ..vocab import COLOUR_STOPS, UNMAPPED_COLOUR, ZERO_COLOUR, css_gradient
 
 log = logging.getLogger(__name__)
 
 VENDORED_JS = Path(__file__).resolve().parents[3] / "frontend" / "static" / "vendor" / "3Dmol-2.5.5.min.js"
-# The web pages' colour scale (viridis reversed): weak = light yellow, strong = dark purple.
 UNMAPPED, ZERO_B = -1.0, -2.0  # B-factor codes of residues without a value / with activation 0
-COLOURS = ["#fde725", "#b5de2b", "#6ece58", "#35b779", "#1f9e89", "#26828e", "#31688e", "#3e4989", "#482878", "#440154"]
 
 
 def _activations(reader, sae_id: str, latent: int, protein: dict, device: str) -> tuple[list[float], str]:
@@ -91,10 +90,10 @@ def latent_view(atlas: str | Path, sae_id: str, latent: int, accession: str, *, 
     view = py3Dmol.view(width=width, height=height, js=js or VENDORED_JS.as_uri())
     view.addModel(st.make_pdb_string(), "pdb")
     view.setStyle({"cartoon": {"colorscheme": {"prop": "b", "gradient": "linear", "min": 0, "max": vmax,
-                                               "colors": COLOURS}}})
+                                               "colors": list(COLOUR_STOPS)}}})
     # inactive residues light grey and unmapped ones mid grey, as on the web pages
-    view.setStyle({"b": ZERO_B}, {"cartoon": {"color": "#eef0f2"}})
-    view.setStyle({"b": UNMAPPED}, {"cartoon": {"color": "#c8c8c8"}})
+    view.setStyle({"b": ZERO_B}, {"cartoon": {"color": ZERO_COLOUR}})
+    view.setStyle({"b": UNMAPPED}, {"cartoon": {"color": UNMAPPED_COLOUR}})
     view.zoomTo()
     view.plmscope_title = (  # read by write_view_html
         f"{sae_id} latent {latent} on {accession} ({protein['label']}) · {s['file_name']} chain {s['chain']} · "
@@ -107,11 +106,10 @@ def write_view_html(view, out: str | Path) -> Path:
     """The view as a standalone HTML page with a title line and the colour legend."""
     out = Path(out)
     title = html.escape(getattr(view, "plmscope_title", "plmscope view"))
-    gradient = ", ".join(COLOURS)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>plmscope view</title></head>"
         "<body style='font-family:system-ui,sans-serif;margin:1rem'>"
-        f"<p>{title}</p><div style='height:12px;width:240px;background:linear-gradient(to right,{gradient})'></div>"
+        f"<p>{title}</p><div style='height:12px;width:240px;background:{css_gradient()}'></div>"
         f"{view._make_html()}</body></html>"
     )
     out.write_text(page)
