@@ -1,10 +1,13 @@
 import shutil
+from dataclasses import asdict
 
 import pytest
 from fastapi.testclient import TestClient
 
 from plmscope.analysis import run as analyze
 from plmscope.settings import Settings
+from plmscope.store.analysis_reads import ClassLatents, PatternCount, ProbeLatent, ProbeScore, SaeAnalysis
+from plmscope.store.reader import AtlasReader
 from plmscope.web.app import create_app
 
 
@@ -37,3 +40,35 @@ def test_analysis_page_and_json_twin(analysed):
                 for r in signs["positive"][:1]:
                     assert f'/latents/{s["sae_id"]}/{r["latent"]}' in html.text
                     assert client.get(r["url"]).status_code == 200
+
+
+def test_reader_gives_the_page_typed_and_the_route_adds_only_urls(analysed):
+    reader = AtlasReader(analysed)
+    try:
+        page = reader.analysis()
+    finally:
+        reader.close()
+    assert page.has_analysis and page.atlas_id == reader.atlas_id
+    (sae,) = page.saes
+    assert isinstance(sae, SaeAnalysis) and sae.analyzed
+    assert all(isinstance(p, PatternCount) for p in sae.patterns)
+    assert sum(p.n for p in sae.patterns) == sae.d_sae == sae.summary["d_sae"]
+    assert {p.features for p in sae.probes} == {"sae_mean_max", "raw_mean"}
+    assert all(isinstance(p, ProbeScore) and 0 <= p.accuracy <= 1 for p in sae.probes)
+    for classes in sae.probe_latents.values():
+        for latents in classes.values():
+            assert isinstance(latents, ClassLatents) and latents.positive
+            assert all(isinstance(r, ProbeLatent) and r.weight > 0 for r in latents.positive)
+            assert all(r.weight < 0 for r in latents.negative)
+            assert [r.rank for r in latents.positive] == list(range(len(latents.positive)))
+
+    with TestClient(create_app(Settings(atlas=analysed, load_model=False))) as client:
+        data = client.get("/analysis.json").json()
+    url_keys = {"url", "best_latent_url", "latents_url"}
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in url_keys}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    assert strip(data) == strip(asdict(page))

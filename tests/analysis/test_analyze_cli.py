@@ -1,8 +1,14 @@
 import json
+import shutil
 
 import duckdb
+import pytest
 
+from plmscope.analysis.run import AnalyzeSettings, analyze
 from plmscope.cli import main
+
+STEPS = ("load", "family specificity", "patterns", "concepts: load pLM", "concepts: pLM forward", "concepts: associate",
+         "probes", "descriptions", "write")
 
 
 def _check_tables(path):
@@ -64,6 +70,13 @@ def test_bad_inputs_are_user_errors(tmp_path, mini_atlas, capsys):
     assert main(["analyze", "--atlas", str(not_atlas)]) == 2
     assert "not a plmscope atlas" in capsys.readouterr().err
     assert not_atlas.read_bytes() == before  # failed run leaves the file untouched
+    old = tmp_path / "old.duckdb"
+    shutil.copyfile(mini_atlas, old)
+    con = duckdb.connect(str(old))
+    con.execute("UPDATE atlas_meta SET value = '0' WHERE key = 'schema_version'")
+    con.close()
+    assert main(["analyze", "--atlas", str(old)]) == 2
+    assert "has atlas schema version 0; this plmscope reads version" in capsys.readouterr().err  # the reader's check
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -77,3 +90,64 @@ def test_analyze_on_the_shared_tiny_atlas(tiny_atlas, tmp_path, capsys):
     shutil.copyfile(src, path)  # the session fixture is shared: analyse a copy
     assert main(["analyze", "--atlas", str(path), "--max-proteins", "50"]) == 0
     _check_tables(path)
+
+
+def _rows(path):
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        tables = {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall()))  # noqa: S608
+                  for t in ("latent_analysis", "latent_concepts", "probe_results", "probe_latents")}
+        summary = json.loads(con.execute("SELECT summary FROM analysis_summary").fetchall()[0][0])
+    finally:
+        con.close()
+    summary.pop("timing_s")
+    return tables, summary
+
+
+def test_settings_drive_analyze_as_the_cli_does(mini_atlas, tmp_path, capsys):
+    by_settings, by_cli = tmp_path / "settings.duckdb", tmp_path / "cli.duckdb"
+    shutil.copyfile(mini_atlas, by_settings)
+    shutil.copyfile(mini_atlas, by_cli)
+    (summary,) = analyze(AnalyzeSettings(atlas=by_settings, max_proteins=30, seed=3))
+    assert summary["seed"] == 3 and summary["concepts"]["n_proteins"] == 30
+    assert capsys.readouterr().out == ""  # printing the summaries is the command's job, not analyze's
+    assert main(["analyze", "--atlas", str(by_cli), "--max-proteins", "30", "--seed", "3"]) == 0
+    assert _rows(by_settings) == _rows(by_cli)
+
+
+@pytest.fixture(scope="module")
+def two_sae_atlas(mini_atlas, tmp_path_factory):
+    """The mini atlas's corpus built with its SAE and a second one on the same pLM."""
+    import torch
+
+    from plmscope.sae.io import save_sae
+    from plmscope.sae.model import SparseAutoencoder, make_cfg
+    from tests._paths import DEMO
+
+    root = tmp_path_factory.mktemp("two_saes")
+    cfg = make_cfg(plm="unirep-64", layer=1, d_in=64, d_sae=32, architecture="topk", k=4)
+    save_sae(SparseAutoencoder.from_config(cfg, generator=torch.Generator().manual_seed(1)), root / "sae2")
+    out = root / "two.duckdb"
+    assert main(["build", "--corpus", str(mini_atlas.parent / "corpus.tsv"), "--sae", str(mini_atlas.parent / "sae"),
+                 "--sae", str(root / "sae2"), "--out", str(out), "--families", str(DEMO / "pfam_families.tsv"),
+                 "--top-n", "5", "--checkpoint-every", "0", "--device", "cpu"]) == 0
+    return out
+
+
+def test_analyze_shows_progress_of_each_step_of_each_sae_on_stderr(two_sae_atlas, capsys):
+    capsys.readouterr()
+    assert main(["analyze", "--atlas", str(two_sae_atlas), "--max-proteins", "40"]) == 0
+    captured = capsys.readouterr()
+    lines = [line for chunk in captured.err.split("\n") for line in chunk.split("\r") if line.startswith("SAE ")]
+    for sae in ("SAE 1/2", "SAE 2/2"):
+        steps = [s for s in STEPS if sae == "SAE 1/2" or s != "concepts: load pLM"]  # one load for both
+        first = []
+        for step in steps:
+            at = [i for i, line in enumerate(lines) if line.startswith(f"{sae} · {step}")]
+            assert at, (sae, step, lines)
+            first.append(at[0])
+        assert first == sorted(first)  # in the order they run
+        forward = [line for line in lines if line.startswith(f"{sae} · concepts: pLM forward")]
+        assert "40/40" in forward[-1] and "prot" in forward[-1]  # proteins counted
+    assert not any(line.startswith("SAE 2/2 · concepts: load pLM") for line in lines)
+    assert "SAE 1/2" not in captured.out

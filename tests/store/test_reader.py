@@ -8,7 +8,8 @@ import duckdb
 import pytest
 
 from plmscope.errors import AtlasError
-from plmscope.store.reader import LATENT_SORTS, AtlasReader, decode_activations, protein_label
+from plmscope.store.analysis_reads import SaeAnalysis
+from plmscope.store.reader import LATENT_SORTS, AtlasReader, decode_activations, protein_label, read_existing_meta
 from plmscope.vocab import AMINO_ACIDS
 
 
@@ -170,3 +171,19 @@ def test_friendly_errors_for_bad_files(tmp_path, tiny_atlas):
     con.close()
     with pytest.raises(AtlasError, match="schema version 0"):
         AtlasReader(old)
+    with pytest.raises(AtlasError, match="schema version 0"):  # a build adding to it: the same check
+        read_existing_meta(old)
+    with pytest.raises(AtlasError, match="not a plmscope atlas"):
+        read_existing_meta(empty)
+
+
+def test_existing_meta_for_a_build_adding_to_the_atlas(reader, sae_id, tiny_atlas):
+    meta = read_existing_meta(tiny_atlas.path)
+    assert meta["_sae_ids"] == [sae_id] and meta["atlas_id"] == reader.atlas_id
+
+
+def test_analysis_page_before_analyze(reader, sae_id):
+    page = reader.analysis()
+    assert not page.has_analysis and page.atlas_id == reader.atlas_id
+    (sae,) = page.saes
+    assert sae.sae_id == sae_id and not sae.analyzed and not isinstance(sae, SaeAnalysis)

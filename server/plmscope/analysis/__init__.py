@@ -2,5 +2,6 @@
 concept associations, linear probes, automatic descriptions).
 
 Each module does one job on plain numpy / scipy data; ``run.py`` reads the atlas through
-``plmscope.store.analysis_sql`` (all SQL lives in the store layer) and writes the results back.
+``plmscope.store.reader`` and ``analysis_reads`` and writes the results back through
+``plmscope.store.analysis_writes`` (all SQL lives in the store layer).
 """

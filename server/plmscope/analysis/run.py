@@ -4,6 +4,8 @@ probes and automatic descriptions, stored in the atlas's analysis tables.
 The atlas is copied to a temporary file next to it, the analysis is written there and the copy
 replaces the atlas with os.replace: an interrupted run leaves the atlas as it was.  Re-running
 replaces the previous analysis of the analysed SAEs.
+
+Each SAE goes through named steps (``analyze_sae``), each with a progress bar on stderr.
 """
 
 from __future__ import annotations
@@ -15,14 +17,22 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from scipy import sparse
+from tqdm import tqdm
 
 from ..errors import AtlasError, InputError
-from ..store import analysis_sql as asql
+from ..store import analysis_reads as reads
+from ..store import analysis_writes as writes
+from ..store.reader import check_atlas, read_sae_weights, read_saes
+from ..store.schema import ANALYSIS_TABLES
+from ..vocab import AMINO_ACIDS
 from . import concepts, describe, family, patterns, probes, secondary
 
 log = logging.getLogger(__name__)
@@ -32,55 +42,107 @@ CONCEPT_ROWS_PER_LATENT = 5  # latent_concepts keeps each latent's best pairs by
 MIN_STORED_VAL_F1 = 0.2  # ... above this, plus every associated pair
 
 
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """Everything `plmscope analyze` is told; the command line's defaults are these."""
+
+    atlas: Path
+    saes: tuple[str, ...] = ()  # SAE ids to analyse; empty: all
+    max_proteins: int = 1000  # annotated proteins whose activations are recomputed for concepts; 0 skips
+    seed: int = 0  # of every split and probe
+    device: str = "auto"  # of the pLM + SAE recomputation
+    token_budget: int = 8192  # residues per pLM batch
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AnalyzeSettings:
+        return cls(atlas=Path(args.atlas), saes=tuple(args.sae or ()), max_proteins=args.max_proteins,
+                   seed=args.seed, device=args.device, token_budget=args.token_budget)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = AnalyzeSettings
     p.add_argument("--atlas", required=True, help="atlas file (DuckDB) to analyse in place (published atomically)")
     p.add_argument("--sae", action="append", help="SAE id to analyse (repeatable; default: all)")
-    p.add_argument("--max-proteins", type=int, default=1000,
-                   help="annotated proteins whose per-residue activations are recomputed for concepts (default 1000; 0 skips concepts)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every split and probe (default 0)")
-    p.add_argument("--device", default="auto", help="device for the pLM + SAE recomputation: auto, cpu, cuda")
-    p.add_argument("--token-budget", type=int, default=8192, help="residues per pLM batch (default 8192)")
+    p.add_argument("--max-proteins", type=int, default=d.max_proteins,
+                   help=f"annotated proteins whose per-residue activations are recomputed for concepts (default {d.max_proteins}; 0 skips concepts)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every split and probe (default {d.seed})")
+    p.add_argument("--device", default=d.device, help="device for the pLM + SAE recomputation: auto, cpu, cuda")
+    p.add_argument("--token-budget", type=int, default=d.token_budget, help=f"residues per pLM batch (default {d.token_budget})")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = Path(args.atlas)
+    settings = AnalyzeSettings.from_args(args)
+    t0 = time.perf_counter()
+    summaries = analyze(settings)
+    for s in summaries:
+        print(format_summary(s))
+    print(f"analyze: {len(summaries)} SAE(s) in {time.perf_counter() - t0:.1f} s -> {settings.atlas}")
+    return 0
+
+
+def analyze(settings: AnalyzeSettings) -> list[dict]:
+    """Analyse ``settings.atlas`` in place; returns the summary of each SAE analysed."""
+    path = settings.atlas
     if not path.is_file():
         raise AtlasError(f"atlas file {path} does not exist (build one with `plmscope build`)")
-    t0 = time.perf_counter()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".analyze.tmp", dir=path.parent)
     os.close(fd)
     try:
         shutil.copyfile(path, tmp)
-        summaries = analyze_file(tmp, str(path), args)
+        summaries = analyze_file(tmp, str(path), settings)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for s in summaries:
-        print(format_summary(s))
-    print(f"analyze: {len(summaries)} SAE(s) in {time.perf_counter() - t0:.1f} s -> {path}")
-    return 0
+    return summaries
 
 
-def analyze_file(tmp: str, display: str, args) -> list[dict]:
-    con = asql.open_for_writing(tmp, display)
+def analyze_file(tmp: str, display: str, settings: AnalyzeSettings) -> list[dict]:
+    """Analyse the atlas copy ``tmp`` (``display``: the atlas it copies, for messages)."""
+    con = writes.open_for_writing(tmp, display)
     try:
-        asql.check_atlas(con, display)
-        sae_rows = asql.saes(con)
-        wanted = set(args.sae or [s["sae_id"] for s in sae_rows])
-        unknown = wanted - {s["sae_id"] for s in sae_rows}
+        check_atlas(con, display, required=reads.ANALYZE_INPUT_TABLES + ANALYSIS_TABLES)
+        sae_rows = read_saes(con)
+        unknown = set(settings.saes) - {s["sae_id"] for s in sae_rows}
         if unknown:
             raise InputError(f"{display} has no SAE {', '.join(sorted(unknown))} (it has: {', '.join(s['sae_id'] for s in sae_rows)})")
+        wanted = [s for s in sae_rows if not settings.saes or s["sae_id"] in settings.saes]
         corpus = Corpus.load(con)
         plms: dict[str, object] = {}
-        out = []
-        for sae in sae_rows:
-            if sae["sae_id"] in wanted:
-                out.append(analyze_sae(con, sae, corpus, plms, args))
-        asql.checkpoint(con)
+        out = [analyze_sae(con, sae, corpus, plms, settings, Progress(f"SAE {i}/{len(wanted)}"))
+               for i, sae in enumerate(wanted, 1)]
+        writes.checkpoint(con)
         return out
     finally:
         con.close()
+
+
+class Progress:
+    """Progress bars on stderr, as the build's (tqdm, shown on a terminal and in logs alike): one per
+    step, named "SAE 1/2 · concepts: pLM forward"; steps that walk proteins or latents count them
+    (rate and ETA).  Also keeps each step's seconds under its summary key (``times``)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.times: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def step(self, name: str, timing_key: str, total: int | None = None, unit: str = "prot") -> Iterator[tqdm]:
+        t = time.perf_counter()
+        bar = _bar(f"{self.prefix} · {name}", total, unit)
+        try:
+            yield bar
+            if total is None:
+                bar.update(1)
+        finally:
+            bar.close()
+            self.times[timing_key] += time.perf_counter() - t
+
+
+def _bar(desc: str, total: int | None, unit: str) -> tqdm:
+    # A step without a count shows its name and elapsed time only.
+    return tqdm(total=1 if total is None else total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
+                bar_format="{desc}: {elapsed}" if total is None else None)
 
 
 class Corpus:
@@ -97,36 +159,148 @@ class Corpus:
         self.regions = concepts.regions_from_annotations(annotation_rows + ss_rows, self.index, self.lengths)
 
     @classmethod
-    def load(cls, con) -> "Corpus":
-        prots = asql.proteins(con)
-        rows = asql.annotations(con)
+    def load(cls, con) -> Corpus:
+        prots = reads.proteins(con)
+        rows = reads.annotations(con)
         has_ss = {r["accession"] for r in rows
                   if (concepts.concept_key(r["kind"], r["type"], r["label"]) or "").startswith("secondary structure")}
+        # annotated secondary structure wins over the CA rule
+        structures = [st for st in reads.structures_for_secondary(con) if st["accession"] not in has_ss]
         ss_rows = []
-        for st in asql.structures_for_secondary(con):
-            if st["accession"] in has_ss:
-                continue  # annotated secondary structure wins over the CA rule
-            try:
-                segs = secondary.segments(st["content"], st["residue_map"])
-            except (RuntimeError, ValueError) as exc:
-                log.warning("secondary structure of %s skipped: %s", st["structure_id"], exc)
-                continue
-            ss_rows += [{"accession": st["accession"], "kind": "secondary_structure", "type": name, "label": "CA rule",
-                         "start": s, "end": e} for name, s, e in segs]
-        return cls(prots, rows, ss_rows, asql.family_names(con))
+        with _bar("corpus · secondary structure", len(structures), "structure") as bar:
+            for st in structures:
+                bar.update(1)
+                try:
+                    segs = secondary.segments(st["content"], st["residue_map"])
+                except (RuntimeError, ValueError) as exc:
+                    log.warning("secondary structure of %s skipped: %s", st["structure_id"], exc)
+                    continue
+                ss_rows += [{"accession": st["accession"], "kind": "secondary_structure", "type": name,
+                             "label": "CA rule", "start": s, "end": e} for name, s, e in segs]
+        return cls(prots, rows, ss_rows, reads.family_names(con))
 
 
-def _protein_matrices(con, sid: str, corpus: Corpus, d: int):
-    stats = asql.protein_latent_stats(con, sid)
-    n = len(corpus.accessions)
+@dataclass
+class SaeInputs:
+    """What the steps of one SAE's analysis read from the atlas."""
+
+    sae: dict  # its saes row
+    lat: reads.LatentStats
+    live: np.ndarray  # bool per latent: not dead and active somewhere
+    pm: sparse.csr_matrix  # proteins x latents: maximum activation (corpus order)
+    ps: sparse.csr_matrix  # proteins x latents: sum of activations
+
+    @property
+    def sae_id(self) -> str:
+        return self.sae["sae_id"]
+
+    @property
+    def d(self) -> int:
+        return self.sae["d_sae"]
+
+
+@dataclass
+class SaeResults:
+    """One SAE's analysis, as the write step stores it."""
+
+    family: family.FamilyResult
+    patterns: list[str]  # per latent
+    concepts: concepts.ConceptResult | None  # None: concepts skipped
+    probes: list[tuple[probes.ProbeResult, list[dict]]]  # each fit with its top latents
+
+
+def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSettings, progress: Progress) -> dict:
+    """Analyse one SAE and store the results (replacing a previous analysis); returns its summary."""
+    seed = settings.seed
+    # Seconds go under the summary's five timing keys: loading counts to family, describing to write.
+    with progress.step(f"load {sae['sae_id']}", "family"):
+        inputs = load_inputs(con, sae, corpus)
+    with progress.step("family specificity", "family"):
+        fres = family.family_specificity(inputs.pm, inputs.lat.max_act, corpus.families, corpus.sequences, seed=seed)
+    with progress.step("patterns", "patterns", total=inputs.d, unit="latent") as bar:
+        pattern = activation_patterns(con, inputs, bar)
+    cres, concept_summary = concept_associations(con, inputs, corpus, plms, settings, progress)
+    with progress.step("probes", "probes", total=2, unit="probe") as bar:
+        probe_summary, fits = fit_probes(con, inputs, corpus, seed, bar)
+    res = SaeResults(family=fres, patterns=pattern, concepts=cres, probes=fits)
+    with progress.step("descriptions", "write", total=inputs.d, unit="latent") as bar:
+        columns = latent_analysis_columns(con, inputs, corpus, res, bar)
+    with progress.step("write", "write"):
+        write_results(con, inputs, res, columns)
+    summary = {"sae_id": inputs.sae_id, "plm": sae["plm"], "layer": sae["layer"], "d_sae": inputs.d, "seed": seed,
+               "family": family.summarize(fres, inputs.live), "patterns": pattern_counts(pattern),
+               "concepts": concept_summary, "probes": probe_summary,
+               "timing_s": {k: round(v, 2) for k, v in progress.times.items()}}
+    writes.write_summary(con, inputs.sae_id, summary)
+    return summary
+
+
+def load_inputs(con, sae: dict, corpus: Corpus) -> SaeInputs:
+    lat = reads.latent_stats(con, sae["sae_id"], sae["d_sae"])
+    stats = reads.protein_latent_stats(con, sae["sae_id"])
+    shape = (len(corpus.accessions), sae["d_sae"])
     rows = np.searchsorted(corpus.accessions, stats["accession"])  # accessions are sorted
     cols = stats["latent"].astype(np.int64)
-    pm = sparse.csr_matrix((stats["max_act"].astype(np.float32), (rows, cols)), shape=(n, d))
-    ps = sparse.csr_matrix((stats["sum_act"].astype(np.float32), (rows, cols)), shape=(n, d))
-    return pm, ps
+    pm = sparse.csr_matrix((stats["max_act"].astype(np.float32), (rows, cols)), shape=shape)
+    ps = sparse.csr_matrix((stats["sum_act"].astype(np.float32), (rows, cols)), shape=shape)
+    return SaeInputs(sae=sae, lat=lat, live=~lat.is_dead & (lat.max_act > 0), pm=pm, ps=ps)
 
 
-def _residue_activations(sae_cfg, weights, plm, layer, seqs, ids, latent_max, token_budget):
+def activation_patterns(con, inputs: SaeInputs, bar: tqdm) -> list[str]:
+    """Each latent's pattern, voted by its top examples."""
+    examples: dict[int, list[np.ndarray]] = defaultdict(list)
+    for latent, blob in reads.top_examples(con, inputs.sae_id, TOP_EXAMPLES):
+        examples[latent].append(np.frombuffer(blob, dtype=np.uint8).astype(np.float32))
+    out = []
+    for j in range(inputs.d):
+        out.append(patterns.classify_latent(examples.get(j, []), is_dead=not inputs.live[j])[0])
+        bar.update(1)
+    return out
+
+
+def pattern_counts(pattern: list[str]) -> dict[str, int]:
+    counts = {p: 0 for p in patterns.PATTERNS}
+    for p in pattern:
+        counts[p] += 1
+    return counts
+
+
+def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: dict, settings: AnalyzeSettings,
+                         progress: Progress) -> tuple[concepts.ConceptResult | None, dict]:
+    """Concept associations on per-residue activations recomputed for up to ``max_proteins`` annotated proteins."""
+    chosen = _pick_concept_proteins(corpus, settings.max_proteins, settings.seed) if settings.max_proteins > 0 else np.array([], int)
+    if len(chosen) == 0:
+        with progress.step("concepts: skipped", "concepts"):
+            return None, {"skipped": "no annotated proteins (or --max-proteins 0)"}
+    plm = plms.get(inputs.sae["plm"])
+    if plm is None:
+        with progress.step("concepts: load pLM", "concepts"):
+            from ..plm import load_plm
+
+            plm = plms[inputs.sae["plm"]] = load_plm(inputs.sae["plm"], device=settings.device)
+    ids = [str(corpus.accessions[i]) for i in chosen]
+    seqs = [corpus.sequences[i][: corpus.lengths[i]] for i in chosen]
+    cfg, weights = read_sae_weights(con, inputs.sae_id, settings.atlas)
+    with progress.step("concepts: pLM forward", "concepts", total=len(ids)) as bar:
+        acts = _residue_activations(cfg, weights, plm, inputs.sae["layer"], seqs, ids, inputs.lat.max_act,
+                                    settings.token_budget, bar)
+    with progress.step("concepts: associate", "concepts"):
+        sub = {int(p): k for k, p in enumerate(chosen)}
+        lengths = corpus.lengths[chosen]
+        regions = [(sub[i], c, s, e) for i, c, s, e in corpus.regions if i in sub]
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        groups = concepts.similarity_groups(seqs)
+        validation = concepts.split_validation(groups, ids, seed=settings.seed)
+        cres = concepts.associate(acts, offsets, lengths, regions, validation)
+    return cres, {
+        **concepts.summarize(cres, inputs.live),
+        "n_proteins": len(chosen), "n_validation": int(validation.sum()), "n_test": int((~validation).sum()),
+        "n_similarity_groups": int(len(np.unique(groups))),
+        "split": f"proteins sharing >= {concepts.KMER_MIN_SHARED:.0%} of their {concepts.KMER}-mers grouped; groups hashed to validation/test",
+    }
+
+
+def _residue_activations(sae_cfg, weights, plm, layer, seqs, ids, latent_max, token_budget, bar: tqdm):
     """Residues x latents (normalised by the corpus max), proteins concatenated in ``ids`` order."""
     from ..sae.io import sae_from_bytes
 
@@ -137,6 +311,7 @@ def _residue_activations(sae_cfg, weights, plm, layer, seqs, ids, latent_max, to
         for rid, _, rep in plm.iter_representations(zip(ids, seqs), layer, token_budget=token_budget):
             z = sae.encode(rep.to(plm.device)) * inv
             blocks[rid] = sparse.csr_matrix(z.float().cpu().numpy())
+            bar.update(1)
     return sparse.vstack([blocks[i] for i in ids], format="csr")
 
 
@@ -148,102 +323,82 @@ def _pick_concept_proteins(corpus: Corpus, limit: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(annotated, size=limit, replace=False))
 
 
-def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, args) -> dict:
-    sid, d = sae["sae_id"], sae["d_sae"]
-    times: dict[str, float] = {}
-    t = time.perf_counter()
-    asql.clear_analysis(con, sid)  # first: the steps below write as they go (re-running replaces)
-    lat = asql.latents(con, sid, d)
-    live = ~lat["is_dead"] & (lat["max_act"] > 0)
-    pm, ps = _protein_matrices(con, sid, corpus, d)
-    summary: dict = {"sae_id": sid, "plm": sae["plm"], "layer": sae["layer"], "d_sae": d, "seed": args.seed}
+def fit_probes(con, inputs: SaeInputs, corpus: Corpus, seed: int, bar: tqdm) -> tuple[dict, list]:
+    """Location probes on SAE features and on the raw pLM embedding, same split: (summary, fits with top latents)."""
+    try:
+        rows, y = probes.single_label(corpus.locations)
+    except probes.ProbeSkipped as exc:
+        log.warning("probes skipped: %s", exc)
+        return {"skipped": str(exc)}, []
+    emb_acc, emb = reads.embeddings(con, inputs.sae_id)
+    if emb is not None:
+        have = set(emb_acc)
+        keep = np.array([corpus.accessions[i] in have for i in rows])
+        rows, y = rows[keep], y[keep]
+    try:
+        train, test = probes.split(y, [corpus.sequences[i] for i in rows], seed=seed)
+    except probes.ProbeSkipped as exc:
+        return {"skipped": str(exc)}, []
+    out = {"task": "location", "labels": "single-location proteins, multiclass", "n_classes": len(set(y))}
+    bar.set_postfix(proteins=len(rows), refresh=False)
+    X = probes.sae_features(inputs.pm, inputs.ps, corpus.lengths)[rows]
+    fit = probes.fit_probe(X, y, train, test, task="location", features="sae_mean_max", seed=seed)
+    fits = [(fit, probes.top_latents(fit, inputs.d))]
+    out["sae_mean_max"] = _probe_scores(fit)
+    bar.update(1)
+    if emb is None:
+        out["raw_mean"] = {"skipped": "the atlas has no protein_embeddings for this SAE"}
+        return out, fits
+    pos = {a: i for i, a in enumerate(emb_acc)}
+    raw = probes.fit_probe(emb[[pos[corpus.accessions[i]] for i in rows]], y, train, test,
+                           task="location", features="raw_mean", seed=seed)
+    fits.append((raw, []))
+    out["raw_mean"] = _probe_scores(raw)
+    bar.update(1)
+    return out, fits
 
-    # 1. family specificity (split by sequence hash: duplicates share a half)
-    fres = family.family_specificity(pm, lat["max_act"], corpus.families, corpus.sequences, seed=args.seed)
-    summary["family"] = family.summarize(fres, live)
-    times["family"] = time.perf_counter() - t
 
-    # 2. activation patterns from top examples
-    t = time.perf_counter()
-    examples: dict[int, list[np.ndarray]] = defaultdict(list)
-    for latent, blob in asql.top_examples(con, sid, TOP_EXAMPLES):
-        examples[latent].append(np.frombuffer(blob, dtype=np.uint8).astype(np.float32))
-    pattern = [patterns.classify_latent(examples.get(j, []), is_dead=not live[j])[0] for j in range(d)]
-    counts = {p: 0 for p in patterns.PATTERNS}
-    for p in pattern:
-        counts[p] += 1
-    summary["patterns"] = counts
-    times["patterns"] = time.perf_counter() - t
+def _probe_scores(fit: probes.ProbeResult) -> dict:
+    return {"accuracy": fit.accuracy, "macro_f1": fit.macro_f1, "n_train": fit.n_train, "n_test": fit.n_test}
 
-    # 3. concept associations on recomputed per-residue activations
-    t = time.perf_counter()
-    cres = None
-    chosen = _pick_concept_proteins(corpus, args.max_proteins, args.seed) if args.max_proteins > 0 else np.array([], int)
-    if len(chosen) == 0:
-        summary["concepts"] = {"skipped": "no annotated proteins (or --max-proteins 0)"}
-    else:
-        if sae["plm"] not in plms:
-            from ..plm import load_plm
 
-            plms[sae["plm"]] = load_plm(sae["plm"], device=args.device)
-        plm = plms[sae["plm"]]
-        cfg, weights = asql.sae_weights(con, sid)
-        ids = [str(corpus.accessions[i]) for i in chosen]
-        seqs = [corpus.sequences[i][: corpus.lengths[i]] for i in chosen]
-        acts = _residue_activations(cfg, weights, plm, sae["layer"], seqs, ids, lat["max_act"], args.token_budget)
-        sub = {int(p): k for k, p in enumerate(chosen)}
-        lengths = corpus.lengths[chosen]
-        regions = [(sub[i], c, s, e) for i, c, s, e in corpus.regions if i in sub]
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        groups = concepts.similarity_groups(seqs)
-        validation = concepts.split_validation(groups, ids, seed=args.seed)
-        cres = concepts.associate(acts, offsets, lengths, regions, validation)
-        summary["concepts"] = {
-            **concepts.summarize(cres, live),
-            "n_proteins": len(chosen), "n_validation": int(validation.sum()), "n_test": int((~validation).sum()),
-            "n_similarity_groups": int(len(np.unique(groups))),
-            "split": f"proteins sharing >= {concepts.KMER_MIN_SHARED:.0%} of their {concepts.KMER}-mers grouped; groups hashed to validation/test",
-        }
-    times["concepts"] = time.perf_counter() - t
-
-    # 4. probes
-    t = time.perf_counter()
-    summary["probes"] = _probes(con, sid, corpus, pm, ps, d, args.seed)
-    times["probes"] = time.perf_counter() - t
-
-    # 5. descriptions + writes
-    t = time.perf_counter()
+def latent_analysis_columns(con, inputs: SaeInputs, corpus: Corpus, res: SaeResults, bar: tqdm) -> dict[str, np.ndarray]:
+    """The latent_analysis rows: each latent's pattern, family, best concept and description."""
+    d, fres, cres = inputs.d, res.family, res.concepts
     best_concept, best_cf1 = [None] * d, np.full(d, np.nan)
     if cres is not None and len(cres.concepts):
         masked = np.where(cres.associated, cres.test_f1, -1.0)
         j = masked.argmax(axis=1)
         for i in np.flatnonzero(masked.max(axis=1) > 0):
             best_concept[i], best_cf1[i] = cres.concepts[j[i]], float(cres.test_f1[i, j[i]])
-    bg = asql.aa_background(con, sid)
-    from ..store.schema import AMINO_ACIDS
-
-    descriptions = [
-        describe.describe(
-            pattern=pattern[i], concept=best_concept[i], concept_f1=best_cf1[i],
+    bg = reads.aa_background(con, inputs.sae_id)
+    descriptions = []
+    for i in range(d):
+        descriptions.append(describe.describe(
+            pattern=res.patterns[i], concept=best_concept[i], concept_f1=best_cf1[i],
             family=fres.family[i], family_name=corpus.family_names.get(fres.family[i] or "", ""),
             family_f1=fres.f1[i], family_precision=fres.precision[i], family_specific=bool(fres.specific[i]),
-            enriched=describe.aa_enrichment(lat["aa_counts"][i], bg, AMINO_ACIDS),
-        ) if live[i] else describe.describe(pattern="dead")
-        for i in range(d)
-    ]
-    asql.write_latent_analysis(con, sid, {
-        "latent": np.arange(d, dtype=np.int32), "pattern": np.array(pattern, dtype=object),
+            enriched=describe.aa_enrichment(inputs.lat.aa_counts[i], bg, AMINO_ACIDS),
+        ) if inputs.live[i] else describe.describe(pattern="dead"))
+        bar.update(1)
+    return {
+        "latent": np.arange(d, dtype=np.int32), "pattern": np.array(res.patterns, dtype=object),
         "family": np.array(fres.family, dtype=object), "family_threshold": fres.fraction.astype(np.float32),
         "family_precision": fres.precision, "family_recall": fres.recall, "family_f1": fres.f1, "family_auc": fres.auc,
         "family_specific": fres.specific, "concept": np.array(best_concept, dtype=object), "concept_f1": best_cf1,
         "description": np.array(descriptions, dtype=object),
-    })
-    if cres is not None and len(cres.concepts):
-        asql.write_latent_concepts(con, sid, _concept_rows(cres, live))
-    summary["timing_s"] = {k: round(v, 2) for k, v in times.items()}
-    summary["timing_s"]["write"] = round(time.perf_counter() - t, 2)
-    asql.write_summary(con, sid, summary)
-    return summary
+    }
+
+
+def write_results(con, inputs: SaeInputs, res: SaeResults, columns: dict[str, np.ndarray]) -> None:
+    """Replace the SAE's previous analysis with this one (all but the summary, which carries the timings)."""
+    sid = inputs.sae_id
+    writes.clear_analysis(con, sid)
+    writes.write_latent_analysis(con, sid, columns)
+    if res.concepts is not None and len(res.concepts.concepts):
+        writes.write_latent_concepts(con, sid, _concept_rows(res.concepts, inputs.live))
+    for fit, top in res.probes:
+        writes.write_probe(con, sid, fit.__dict__, top)
 
 
 def _concept_rows(cres, live) -> dict[str, np.ndarray]:
@@ -260,37 +415,6 @@ def _concept_rows(cres, live) -> dict[str, np.ndarray]:
         "test_f1": cres.test_f1[li, ci].astype(np.float64), "test_precision": cres.test_precision[li, ci].astype(np.float64),
         "test_recall": cres.test_recall[li, ci].astype(np.float64), "associated": cres.associated[li, ci],
     }
-
-
-def _probes(con, sid, corpus: Corpus, pm, ps, d, seed) -> dict:
-    try:
-        rows, y = probes.single_label(corpus.locations)
-    except probes.ProbeSkipped as exc:
-        log.warning("probes skipped: %s", exc)
-        return {"skipped": str(exc)}
-    emb_acc, emb = asql.embeddings(con, sid)
-    have = set(emb_acc)
-    if emb is not None:
-        keep = np.array([corpus.accessions[i] in have for i in rows])
-        rows, y = rows[keep], y[keep]
-    try:
-        train, test = probes.split(y, [corpus.sequences[i] for i in rows], seed=seed)
-    except probes.ProbeSkipped as exc:
-        return {"skipped": str(exc)}
-    out = {"task": "location", "labels": "single-location proteins, multiclass", "n_classes": len(set(y))}
-    X = probes.sae_features(pm, ps, corpus.lengths)[rows]
-    res = probes.fit_probe(X, y, train, test, task="location", features="sae_mean_max", seed=seed)
-    asql.write_probe(con, sid, res.__dict__, probes.top_latents(res, d))
-    out["sae_mean_max"] = {"accuracy": res.accuracy, "macro_f1": res.macro_f1, "n_train": res.n_train, "n_test": res.n_test}
-    if emb is None:
-        out["raw_mean"] = {"skipped": "the atlas has no protein_embeddings for this SAE"}
-    else:
-        pos = {a: i for i, a in enumerate(emb_acc)}
-        Xr = emb[[pos[corpus.accessions[i]] for i in rows]]
-        raw = probes.fit_probe(Xr, y, train, test, task="location", features="raw_mean", seed=seed)
-        asql.write_probe(con, sid, raw.__dict__, [])
-        out["raw_mean"] = {"accuracy": raw.accuracy, "macro_f1": raw.macro_f1, "n_train": raw.n_train, "n_test": raw.n_test}
-    return out
 
 
 def format_summary(s: dict) -> str:

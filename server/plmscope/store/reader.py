@@ -1,13 +1,17 @@
 """All SQL that reads an atlas.
 
-The web app, ``plmscope view`` and the analysis code read through this module only.  The file is
-opened read-only (a served atlas can never be modified by a request, and several processes may
-serve one file); every query is parameterised.  DuckDB connections are not safe to share between
-threads, so each thread gets its own cursor of the one database connection.
+The web app, ``plmscope view``, ``plmscope build`` (adding to an atlas) and ``plmscope analyze``
+read through this module and ``analysis_reads`` (which builds on its helpers) only.  An
+``AtlasReader`` opens the file read-only (a served atlas can never be modified by a request, and
+several processes may serve one file); every query is parameterised.  DuckDB connections are not
+safe to share between threads, so each thread gets its own cursor of the one database connection.
+The module-level queries take a connection instead, so that analyze runs the same queries on its
+writable copy of the atlas.
 
-Results are plain dicts (JSON-ready: floats, ints, strings, lists), so the web layer can wrap
-them in its pydantic models without knowing SQL or the storage encoding.  Per-residue
-activations are decoded here from ``uint8`` to floats (``q / 255 * latents.max_act``).
+Page results are plain dicts (JSON-ready: floats, ints, strings, lists), so the web layer can wrap
+them in its pydantic models without knowing SQL or the storage encoding; the /analysis page's are
+dataclasses (``analysis_reads``).  Per-residue activations are decoded here from ``uint8`` to
+floats (``q / 255 * latents.max_act``).
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ import json
 import math
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import AtlasError
 from ..vocab import AMINO_ACIDS, aa_fold, dequantize
 from .schema import SCHEMA_VERSION, TABLES
+
+if TYPE_CHECKING:
+    from .analysis_reads import AnalysisPage
 
 # Sort keys of the latent table -> SQL expression (a whitelist: user input never reaches SQL text).
 LATENT_SORTS: dict[str, str] = {
@@ -39,7 +46,7 @@ LATENT_SORTS: dict[str, str] = {
 }
 
 # Tables a reader needs; the analysis tables may be empty (before `plmscope analyze`).
-_REQUIRED = ("atlas_meta", "saes", "proteins", "latents", "latent_examples")
+REQUIRED_TABLES = ("atlas_meta", "saes", "proteins", "latents", "latent_examples")
 
 
 def decode_activations(blob: bytes | None, scale: float) -> list[float]:
@@ -72,32 +79,95 @@ def _num(x: Any) -> Any:
     return x
 
 
+def query_rows(con, sql: str, params: list | tuple = ()) -> list[dict]:
+    """Rows of ``sql`` as dicts, NaN and inf as None."""
+    res = con.execute(sql, list(params))
+    cols = [d[0] for d in res.description]
+    # fetchall, never a partial read: DuckDB refuses the next statement while a result is half read.
+    return [{c: _num(v) for c, v in zip(cols, row)} for row in res.fetchall()]
+
+
+def query_one(con, sql: str, params: list | tuple = ()) -> dict | None:
+    rows = query_rows(con, sql, params)
+    return rows[0] if rows else None
+
+
+def connect(path: str | Path, *, read_only: bool = True, display: str | Path | None = None):
+    """A DuckDB connection on an atlas file; a file DuckDB cannot open is the user's error."""
+    import duckdb
+
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as exc:
+        raise AtlasError(f"{display or path} is not a readable DuckDB atlas: {exc}") from None
+
+
+def check_atlas(con, path: str | Path, required: tuple[str, ...] = REQUIRED_TABLES) -> tuple[set[str], dict[str, Any]]:
+    """The atlas's tables and ``atlas_meta``, once it has the ``required`` tables and this schema version.
+
+    Every open of an atlas (serving, analyze, a build adding to it) goes through this one check.
+    """
+    tables = {r["table_name"] for r in query_rows(con, "SELECT table_name FROM information_schema.tables")}
+    missing = [t for t in required if t not in tables]
+    if missing:
+        raise AtlasError(f"{path} is not a plmscope atlas: tables {', '.join(missing)} are missing")
+    meta = {r["key"]: json.loads(r["value"]) for r in query_rows(con, "SELECT key, value FROM atlas_meta")}
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise AtlasError(
+            f"{path} has atlas schema version {version}; this plmscope reads version {SCHEMA_VERSION} "
+            f"(rebuild the atlas with this version's `plmscope build`)"
+        )
+    return tables & set(TABLES), meta
+
+
+def read_saes(con) -> list[dict]:
+    """The atlas's SAEs in build order, ``cfg`` and ``metrics`` parsed."""
+    rows = query_rows(
+        con,
+        "SELECT sae_id, plm, layer, architecture, d_in, d_sae, k, cfg, metrics, n_dead, n_proteins, "
+        "n_residues, CAST(built_at AS VARCHAR) AS built_at, position FROM saes ORDER BY position, sae_id",
+    )
+    for r in rows:
+        r["cfg"] = json.loads(r["cfg"]) if r["cfg"] else {}
+        r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
+        r["dead_fraction"] = r["n_dead"] / r["d_sae"] if r["d_sae"] else None
+    return rows
+
+
+def read_sae_weights(con, sae_id: str, path: str | Path) -> tuple[dict, bytes]:
+    """(cfg, safetensors bytes) of one SAE, as ``sae.io.sae_from_bytes`` takes them."""
+    rows = con.execute("SELECT cfg, weights FROM saes WHERE sae_id = ?", [sae_id]).fetchall()
+    if not rows:
+        raise AtlasError(f"{path} holds no SAE {sae_id!r}")
+    return json.loads(rows[0][0]), bytes(rows[0][1])
+
+
+def read_existing_meta(path: str | Path) -> dict[str, Any]:
+    """atlas_meta and SAE ids (``_sae_ids``) of an existing atlas, for checks before a build adds to it."""
+    con = connect(path)
+    try:
+        _, meta = check_atlas(con, path, required=("atlas_meta", "saes"))
+        meta["_sae_ids"] = [s["sae_id"] for s in read_saes(con)]
+    finally:
+        con.close()
+    return meta
+
+
 class AtlasReader:
     """A read-only view of one atlas file."""
 
     def __init__(self, path: str | Path):
-        import duckdb
-
         self.path = Path(path)
         if not self.path.is_file():
             raise AtlasError(f"atlas file {self.path} does not exist (build one with `plmscope build`)")
-        try:
-            self._con = duckdb.connect(str(self.path), read_only=True)
-        except duckdb.Error as exc:
-            raise AtlasError(f"{self.path} is not a readable DuckDB atlas: {exc}") from None
+        self._con = connect(self.path)
         self._local = threading.local()
-        tables = {r[0] for r in self._con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        missing = [t for t in _REQUIRED if t not in tables]
-        if missing:
-            raise AtlasError(f"{self.path} is not a plmscope atlas: tables {', '.join(missing)} are missing")
-        self._tables = tables & set(TABLES)
-        self.meta = {k: json.loads(v) for k, v in self._con.execute("SELECT key, value FROM atlas_meta").fetchall()}
-        version = self.meta.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise AtlasError(
-                f"{self.path} has atlas schema version {version}; this plmscope reads version {SCHEMA_VERSION} "
-                f"(rebuild the atlas with this version's `plmscope build`)"
-            )
+        try:
+            self._tables, self.meta = check_atlas(self._con, self.path)
+        except AtlasError:
+            self._con.close()
+            raise
         self.atlas_id = str(self.meta.get("atlas_id", ""))
         self._seq_index: dict[str, str] | None = None
 
@@ -108,19 +178,11 @@ class AtlasReader:
             cur = self._local.cur = self._con.cursor()
         return cur
 
-    def cursor(self):
-        """This thread's cursor on the read-only connection (for store modules with their own SQL)."""
-        return self._cur()
-
     def _rows(self, sql: str, params: list | tuple = ()) -> list[dict]:
-        cur = self._cur()
-        res = cur.execute(sql, list(params))
-        cols = [d[0] for d in res.description]
-        return [{c: _num(v) for c, v in zip(cols, row)} for row in res.fetchall()]
+        return query_rows(self._cur(), sql, params)
 
     def _one(self, sql: str, params: list | tuple = ()) -> dict | None:
-        rows = self._rows(sql, params)
-        return rows[0] if rows else None
+        return query_one(self._cur(), sql, params)
 
     def has_rows(self, table: str) -> bool:
         if table not in self._tables:
@@ -132,24 +194,13 @@ class AtlasReader:
 
     # ---- overview ----
     def saes(self) -> list[dict]:
-        rows = self._rows(
-            "SELECT sae_id, plm, layer, architecture, d_in, d_sae, k, cfg, metrics, n_dead, n_proteins, "
-            "n_residues, CAST(built_at AS VARCHAR) AS built_at, position FROM saes ORDER BY position, sae_id"
-        )
-        for r in rows:
-            r["cfg"] = json.loads(r["cfg"]) if r["cfg"] else {}
-            r["metrics"] = json.loads(r["metrics"]) if r["metrics"] else {}
-            r["dead_fraction"] = r["n_dead"] / r["d_sae"] if r["d_sae"] else None
-        return rows
+        return read_saes(self._cur())
 
     def sae(self, sae_id: str) -> dict | None:
         return next((s for s in self.saes() if s["sae_id"] == sae_id), None)
 
     def sae_weights(self, sae_id: str) -> tuple[dict, bytes]:
-        row = self._cur().execute("SELECT cfg, weights FROM saes WHERE sae_id = ?", [sae_id]).fetchone()
-        if row is None:
-            raise AtlasError(f"{self.path} holds no SAE {sae_id!r}")
-        return json.loads(row[0]), bytes(row[1])
+        return read_sae_weights(self._cur(), sae_id, self.path)
 
     def overview(self) -> dict:
         counts = self._one(
@@ -166,6 +217,13 @@ class AtlasReader:
             "corpus": counts,
             "has_analysis": self.has_rows("latent_analysis"),
         }
+
+    def analysis(self) -> AnalysisPage:
+        """Everything the /analysis page shows: per SAE, what `plmscope analyze` found."""
+        # analysis_reads builds on this module's helpers, so it can only be imported once they exist.
+        from .analysis_reads import analysis_page
+
+        return analysis_page(self._cur(), self.atlas_id, self._tables)
 
     # ---- latent table ----
     def latent_facets(self, sae_id: str) -> dict:
@@ -476,6 +534,3 @@ def aa_enrichment(aa_counts: list[int], background: list[int]) -> list[dict]:
         )
     return out
 
-
-def open_atlas(path: str | Path) -> AtlasReader:
-    return AtlasReader(path)

@@ -256,6 +256,9 @@ TABLES: dict[str, str] = {
         )""",
 }
 
+# Written by `plmscope analyze`, per SAE; empty in a freshly built atlas.
+ANALYSIS_TABLES = ("latent_analysis", "latent_concepts", "probe_results", "probe_latents", "analysis_summary")
+
 # The web app's point lookups.  protein_latent_stats has none: it is only read whole, per SAE (by
 # the analysis), and an ART index over its rows (13M at 20k proteins) was the writer's largest
 # allocation.

@@ -20,8 +20,9 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from ..errors import AtlasError
 from . import schema
+# Reads of the atlas being added to are the reader's; build and merge find this one here.
+from .reader import read_existing_meta  # noqa: F401
 
 
 WRITER_MEMORY_LIMIT = "64MB"
@@ -96,10 +97,6 @@ class AtlasWriter:
             "INSERT OR REPLACE INTO atlas_meta (key, value) VALUES (?, ?)", [key, json.dumps(value, default=str)]
         )
 
-    def get_meta(self, key: str) -> Any:
-        row = self.con.execute("SELECT value FROM atlas_meta WHERE key = ?", [key]).fetchone()
-        return None if row is None else json.loads(row[0])
-
     def rank_labels(self, table: str, column: str, sae_id: str, parts, n_active_res: np.ndarray,
                     top: int) -> tuple[np.ndarray, np.ndarray]:
         """See ``rank_labels``; the scratch database spills next to the temp file."""
@@ -114,9 +111,6 @@ class AtlasWriter:
 
     def existing_families(self) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT family FROM families").fetchall()}
-
-    def sae_ids(self) -> list[str]:
-        return [r[0] for r in self.con.execute("SELECT sae_id FROM saes ORDER BY position").fetchall()]
 
     def write_sae(self, row: dict[str, Any]) -> None:
         """One ``saes`` row; ``position`` = after the SAEs already in the atlas."""
@@ -228,25 +222,6 @@ def _insert_into(con, table: str, cols: dict[str, np.ndarray]) -> None:
         con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _src")  # noqa: S608 (scratch tables)
     finally:
         con.unregister("_src")
-
-
-def read_existing_meta(path: str | Path) -> dict[str, Any]:
-    """atlas_meta and SAE ids of an existing atlas (read-only), for checks before a build adds to it."""
-    try:
-        con = duckdb.connect(str(path), read_only=True)
-    except duckdb.Error as exc:
-        raise AtlasError(f"{path}: not a readable atlas ({exc})") from None
-    try:
-        meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM atlas_meta").fetchall()}
-        saes = [r[0] for r in con.execute("SELECT sae_id FROM saes").fetchall()]
-    except duckdb.Error as exc:
-        raise AtlasError(f"{path}: not a plmscope atlas ({exc})") from None
-    finally:
-        con.close()
-    if meta.get("schema_version") != schema.SCHEMA_VERSION:
-        raise AtlasError(f"{path}: atlas schema version {meta.get('schema_version')}, this plmscope writes {schema.SCHEMA_VERSION}")
-    meta["_sae_ids"] = saes
-    return meta
 
 
 def _obj(values) -> np.ndarray:

@@ -2,40 +2,50 @@
 specificity, activation patterns, concept coverage), the linear probes with their top latents per
 class, and the family-specific latents.  Every latent links to its page.
 
-The data come from ``store.analysis_sql.analysis_page`` (all SQL stays in the store layer).
+The data come from ``AtlasReader.analysis`` as dataclasses; this route adds only the URLs.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from ...store import analysis_sql
+from ...store.analysis_reads import SaeAnalysis, SaeHeader
 from ..templating import make_url
+from .common import reader_of
 
 router = APIRouter(tags=["analysis"])
 
 
 def _build(request: Request) -> dict:
-    reader = request.app.state.reader
-    # The reader hands each thread its own cursor on the one read-only connection.
-    data = analysis_sql.analysis_page(reader.cursor())
-    data["atlas_id"] = reader.atlas_id
-    for sae in data["saes"]:
-        sid = sae["sae_id"]
-        link = lambda lat, sid=sid: make_url(request, f"/latents/{sid}/{lat}")  # noqa: E731
-        for classes in sae.get("probe_latents", {}).values():
-            for signs in classes.values():
-                for rows in signs.values():
-                    for r in rows:
-                        r["url"] = link(r["latent"])
-        for r in sae.get("concepts", []):
-            r["best_latent_url"] = link(r["best_latent"])
-            r["latents_url"] = make_url(request, "/", sae=sid, concept=r["concept"])
-        for r in sae.get("family_specific", []):
-            r["url"] = link(r["latent"])
-    return data
+    page = reader_of(request).analysis()
+    return {**asdict(page), "saes": [_sae_json(request, s) for s in page.saes]}
+
+
+def _sae_json(request: Request, sae: SaeHeader) -> dict:
+    out = asdict(sae)
+    if not isinstance(sae, SaeAnalysis):
+        return out
+
+    def link(latent: int) -> str:
+        return make_url(request, f"/latents/{sae.sae_id}/{latent}")
+
+    out["probe_latents"] = {
+        task: {cls: {sign: [{**asdict(r), "url": link(r.latent)} for r in getattr(latents, sign)]
+                     for sign in ("positive", "negative")}
+               for cls, latents in classes.items()}
+        for task, classes in sae.probe_latents.items()
+    }
+    out["concepts"] = [
+        {**asdict(r), "best_latent_url": link(r.best_latent),
+         "latents_url": make_url(request, "/", sae=sae.sae_id, concept=r.concept)}
+        for r in sae.concepts
+    ]
+    out["family_specific"] = [{**asdict(r), "url": link(r.latent)} for r in sae.family_specific]
+    return out
 
 
 @router.get("/analysis.json", summary="Analysis summary (JSON)")

@@ -1,0 +1,236 @@
+"""The reads of `plmscope analyze` and of the /analysis page, on the reader's helpers.
+
+Every function takes a DuckDB connection: analyze passes its writable copy of the atlas, the web
+``AtlasReader.analysis`` its thread's read-only cursor.  The page's results are dataclasses; their
+``dataclasses.asdict`` is the JSON of ``/analysis.json`` (the route adds only URLs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .reader import query_one, query_rows, read_saes
+from .schema import ANALYSIS_TABLES
+
+# What analyze needs beyond the analysis tables it rewrites (families, structures and embeddings
+# are optional: an atlas built without them is analysed without them).
+ANALYZE_INPUT_TABLES = ("atlas_meta", "saes", "proteins", "annotations", "latents", "latent_examples",
+                        "protein_latent_stats")
+CONCEPT_LIMIT = 60  # concepts listed per SAE on the page, most latents first
+FAMILY_SPECIFIC_LIMIT = 30
+
+
+# ---------------------------------------------------------------- the /analysis page
+@dataclass
+class PatternCount:
+    pattern: str
+    n: int
+
+
+@dataclass
+class ProbeScore:
+    task: str
+    features: str  # 'sae_mean_max' | 'raw_mean'
+    accuracy: float
+    macro_f1: float
+    n_train: int
+    n_test: int
+    classes: list[str]
+
+
+@dataclass
+class ProbeLatent:
+    rank: int
+    latent: int
+    pooling: str  # 'mean' | 'max'
+    weight: float
+    description: str | None
+
+
+@dataclass
+class ClassLatents:
+    """The latents with the largest positive and negative probe weights for one class."""
+
+    positive: list[ProbeLatent] = field(default_factory=list)
+    negative: list[ProbeLatent] = field(default_factory=list)
+
+
+@dataclass
+class ConceptCoverage:
+    concept: str
+    n_latents: int  # latents associated with the concept
+    best_f1: float | None
+    best_latent: int
+
+
+@dataclass
+class FamilySpecificLatent:
+    latent: int
+    family: str | None
+    family_f1: float | None
+    family_precision: float | None
+    family_auc: float | None
+    description: str | None
+
+
+@dataclass(kw_only=True)
+class SaeHeader:
+    """An SAE of the atlas that analyze has not analysed."""
+
+    sae_id: str
+    plm: str
+    layer: int
+    d_sae: int
+    architecture: str
+    k: int | None
+    analyzed: bool = field(default=False, init=False)
+
+
+@dataclass(kw_only=True)
+class SaeAnalysis(SaeHeader):
+    analyzed: bool = field(default=True, init=False)
+    # analyze's own JSON summary (family, patterns, concepts, probes, timing_s), shown as stored.
+    summary: dict[str, Any]
+    patterns: list[PatternCount]
+    probes: list[ProbeScore]
+    probe_latents: dict[str, dict[str, ClassLatents]]  # task -> class -> latents
+    concepts: list[ConceptCoverage]
+    family_specific: list[FamilySpecificLatent]
+
+
+@dataclass
+class AnalysisPage:
+    has_analysis: bool
+    saes: list[SaeHeader | SaeAnalysis]
+    atlas_id: str
+
+
+def analysis_page(con, atlas_id: str, tables: set[str]) -> AnalysisPage:
+    if not set(ANALYSIS_TABLES) <= tables:
+        return AnalysisPage(has_analysis=False, saes=[], atlas_id=atlas_id)
+    saes = [_sae_analysis(con, s) for s in read_saes(con)]
+    return AnalysisPage(has_analysis=any(s.analyzed for s in saes), saes=saes, atlas_id=atlas_id)
+
+
+def _sae_analysis(con, sae: dict) -> SaeHeader:
+    head = {k: sae[k] for k in ("sae_id", "plm", "layer", "d_sae", "architecture", "k")}
+    sid = sae["sae_id"]
+    row = query_one(con, "SELECT summary FROM analysis_summary WHERE sae_id = ?", [sid])
+    if row is None:
+        return SaeHeader(**head)
+    patterns = query_rows(
+        con, "SELECT pattern, count(*) AS n FROM latent_analysis WHERE sae_id = ? GROUP BY pattern ORDER BY n DESC", [sid])
+    probes = query_rows(
+        con, "SELECT task, features, accuracy, macro_f1, n_train, n_test, classes FROM probe_results "
+        "WHERE sae_id = ? ORDER BY task, features DESC", [sid])
+    concepts = query_rows(
+        con, "SELECT concept, count(*) AS n_latents, max(test_f1) AS best_f1, arg_max(latent, test_f1) AS best_latent "
+        "FROM latent_concepts WHERE sae_id = ? AND associated "
+        "GROUP BY concept ORDER BY n_latents DESC, best_f1 DESC, concept LIMIT ?", [sid, CONCEPT_LIMIT])
+    specific = query_rows(
+        con, "SELECT latent, family, family_f1, family_precision, family_auc, description FROM latent_analysis "
+        "WHERE sae_id = ? AND family_specific ORDER BY family_f1 DESC, latent LIMIT ?", [sid, FAMILY_SPECIFIC_LIMIT])
+    return SaeAnalysis(
+        **head,
+        summary=json.loads(row["summary"]),
+        patterns=[PatternCount(**r) for r in patterns],
+        probes=[ProbeScore(**r) for r in probes],
+        probe_latents=_probe_latents(con, sid),
+        concepts=[ConceptCoverage(**r) for r in concepts],
+        family_specific=[FamilySpecificLatent(**r) for r in specific],
+    )
+
+
+def _probe_latents(con, sae_id: str) -> dict[str, dict[str, ClassLatents]]:
+    rows = query_rows(
+        con, "SELECT p.task, p.class, p.sign, p.rank, p.latent, p.pooling, p.weight, a.description "
+        "FROM probe_latents p LEFT JOIN latent_analysis a ON a.sae_id = p.sae_id AND a.latent = p.latent "
+        "WHERE p.sae_id = ? ORDER BY p.task, p.class, p.sign DESC, p.rank", [sae_id])
+    out: dict[str, dict[str, ClassLatents]] = {}
+    for r in rows:
+        by_sign = out.setdefault(r.pop("task"), {}).setdefault(r.pop("class"), ClassLatents())
+        getattr(by_sign, r.pop("sign")).append(ProbeLatent(**r))
+    return out
+
+
+# ---------------------------------------------------------------- analyze's inputs
+@dataclass
+class LatentStats:
+    """Per-latent arrays of one SAE, indexed by latent number."""
+
+    max_act: np.ndarray  # float32
+    is_dead: np.ndarray  # bool
+    n_active_proteins: np.ndarray  # int64
+    aa_counts: np.ndarray  # (d_sae, 20) int64, in schema.AMINO_ACIDS order
+
+
+def latent_stats(con, sae_id: str, d_sae: int) -> LatentStats:
+    # A latent without a row counts as dead.
+    out = LatentStats(np.zeros(d_sae, np.float32), np.ones(d_sae, bool), np.zeros(d_sae, np.int64),
+                      np.zeros((d_sae, 20), np.int64))
+    rows = con.execute(
+        "SELECT latent, max_act, is_dead, n_active_proteins, aa_counts FROM latents WHERE sae_id = ?", [sae_id]
+    ).fetchall()
+    for lat, mx, dead, nap, aa in rows:
+        out.max_act[lat], out.is_dead[lat], out.n_active_proteins[lat], out.aa_counts[lat] = mx, dead, nap, aa
+    return out
+
+
+def aa_background(con, sae_id: str) -> np.ndarray:
+    return np.asarray(query_one(con, "SELECT aa_background FROM saes WHERE sae_id = ?", [sae_id])["aa_background"])
+
+
+def proteins(con) -> list[dict]:
+    return query_rows(con, "SELECT accession, length, sequence, locations, families, truncated_to FROM proteins ORDER BY accession")
+
+
+def annotations(con) -> list[dict]:
+    return query_rows(con, 'SELECT accession, kind, type, label, start, "end" FROM annotations')
+
+
+def family_names(con) -> dict[str, str]:
+    return dict(con.execute("SELECT family, name FROM families").fetchall())
+
+
+def protein_latent_stats(con, sae_id: str) -> dict[str, np.ndarray]:
+    """accession (object), latent, max_act, sum_act of every active protein x latent pair."""
+    return con.execute(
+        "SELECT accession, latent, max_act, sum_act FROM protein_latent_stats WHERE sae_id = ?", [sae_id]
+    ).fetchnumpy()
+
+
+def embeddings(con, sae_id: str) -> tuple[list[str], np.ndarray | None]:
+    """Accessions and mean raw pLM representations (rows in accession order), or ([], None)."""
+    rows = con.execute("SELECT accession, mean_rep FROM protein_embeddings WHERE sae_id = ? ORDER BY accession", [sae_id]).fetchall()
+    if not rows:
+        return [], None
+    return [r[0] for r in rows], np.asarray([r[1] for r in rows], dtype=np.float32)
+
+
+def top_examples(con, sae_id: str, per_latent: int) -> list[tuple[int, bytes]]:
+    """(latent, uint8 activations) of each latent's strongest ``per_latent`` examples."""
+    rows = con.execute(
+        "SELECT latent, activations FROM latent_examples WHERE sae_id = ? AND kind = 'top' AND rank < ? ORDER BY latent, rank",
+        [sae_id, per_latent],
+    ).fetchall()
+    return [(int(lat), bytes(blob)) for lat, blob in rows]
+
+
+def structures_for_secondary(con) -> list[dict]:
+    """Best structure per protein (highest coverage, then identity) with its residue map."""
+    rows = query_rows(
+        con,
+        "SELECT structure_id, accession, content FROM ("
+        "  SELECT *, row_number() OVER (PARTITION BY accession ORDER BY coverage DESC, identity DESC, structure_id) AS r"
+        "  FROM structures) WHERE r = 1 ORDER BY accession",
+    )
+    for row in rows:
+        res = con.execute(
+            "SELECT auth_seq_id, ins_code, seq_pos FROM structure_residues WHERE structure_id = ?", [row["structure_id"]]
+        ).fetchall()
+        row["residue_map"] = {(int(a), (i or "").strip()): int(p) for a, i, p in res}
+    return rows

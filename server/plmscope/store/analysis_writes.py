@@ -1,0 +1,59 @@
+"""The writes of `plmscope analyze`: its results into the analysis tables of its private copy of
+the atlas (published atomically by the caller).
+
+Bulk rows go in as dicts of numpy arrays through the writer's ``insert_columns`` (DuckDB scans
+them directly), orders of magnitude faster than ``executemany`` for per-latent tables.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .reader import connect
+from .schema import ANALYSIS_TABLES
+from .writer import insert_columns
+
+
+def open_for_writing(path: str | Path, display: str | Path):
+    """A writable connection on the analysis' private copy of the atlas (``display``: the atlas it copies)."""
+    return connect(path, read_only=False, display=display)
+
+
+def clear_analysis(con, sae_id: str) -> None:
+    """Remove a previous analysis of one SAE (re-running replaces it)."""
+    for table in ANALYSIS_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE sae_id = ?", [sae_id])  # noqa: S608 (table names from the schema)
+
+
+def write_latent_analysis(con, sae_id: str, rows: dict[str, np.ndarray]) -> None:
+    insert_columns(con, "latent_analysis", {"sae_id": sae_id, **rows})
+
+
+def write_latent_concepts(con, sae_id: str, rows: dict[str, np.ndarray]) -> None:
+    insert_columns(con, "latent_concepts", {"sae_id": sae_id, **rows})
+
+
+def write_probe(con, sae_id: str, result: dict, latent_rows: list[dict]) -> None:
+    """One probe_results row (``result``: a ``ProbeResult``'s fields) and its top latents."""
+    con.execute(
+        "INSERT INTO probe_results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [sae_id, result["task"], result["features"], result["accuracy"], result["macro_f1"],
+         result["n_train"], result["n_test"], result["classes"]],
+    )
+    if latent_rows:
+        con.executemany(
+            "INSERT INTO probe_latents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [[sae_id, result["task"], r["class"], r["sign"], r["rank"], r["latent"], r["pooling"], r["weight"]] for r in latent_rows],
+        )
+
+
+def write_summary(con, sae_id: str, summary: dict) -> None:
+    con.execute("INSERT INTO analysis_summary VALUES (?, ?)", [sae_id, json.dumps(summary, default=float)])
+
+
+def checkpoint(con) -> None:
+    """Flush the WAL into the file before it is renamed over the published atlas."""
+    con.execute("CHECKPOINT")
