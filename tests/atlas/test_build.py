@@ -161,7 +161,7 @@ def test_bad_inputs_are_counted_with_file_and_record(tiny_atlas):
     con.close()
 
 
-def test_shards_merged_equal_one_pass(tiny_atlas, tmp_path):
+def test_shards_merged_equal_one_pass(tiny_atlas, tmp_path, capsys):
     states = []
     for i in range(2):
         st = tmp_path / f"state{i}"
@@ -174,6 +174,11 @@ def test_shards_merged_equal_one_pass(tiny_atlas, tmp_path):
     # a missing shard is refused
     assert main(["merge", "--state", str(states[0]), "--out", str(tmp_path / "x.duckdb")]) == 2
     assert not (tmp_path / "x.duckdb").exists()
+    # so is a state of another layout version
+    manifest = json.loads((states[0] / "state.json").read_text())
+    (states[0] / "state.json").write_text(json.dumps(manifest | {"version": manifest["version"] + 1}))
+    assert main(["merge", "--state", str(states[0]), "--state", str(states[1]), "--out", str(tmp_path / "x.duckdb")]) == 2
+    assert "build state version" in capsys.readouterr().err and not (tmp_path / "x.duckdb").exists()
 
 
 def _sha(path):
@@ -269,9 +274,11 @@ def test_nothing_usable_exits_2(tmp_path, tiny_atlas):
 def test_flat_file_features_become_annotations(tiny_atlas, tmp_path):
     out = tmp_path / "flat.duckdb"
     rc = main(["build", "--corpus", str(DEMO / "swissprot_sample.dat"), "--sae", str(tiny_atlas.sae_dir),
-               "--limit", "8", "--max-length", "600", "--out", str(out), "--device", "cpu", "--top-n", "4"])
+               "--limit", "8", "--max-length", "400", "--out", str(out), "--device", "cpu", "--top-n", "4"])
     assert rc == 0
     con = duckdb.connect(str(out), read_only=True)
+    skipped = json.loads(q(con, "SELECT value FROM atlas_meta WHERE key='skipped'")[0][0])
+    assert skipped["longer than --max-length"]["count"] == 2  # the 1st and 3rd entries; 8 shorter ones follow
     assert q(con, "SELECT count(*) FROM annotations WHERE kind='feature'")[0][0] > 0
     types = {r[0] for r in q(con, "SELECT DISTINCT type FROM latent_annotation_types")}
     assert types & {r[0] for r in q(con, "SELECT DISTINCT type FROM annotations")}

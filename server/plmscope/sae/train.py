@@ -29,18 +29,18 @@ import torch
 from tqdm import tqdm
 
 from ..errors import SAEError
-from ..plm.base import ProteinLM, load_plm, resolve_device, token_batches
+from ..plm.base import ProteinLM, load_plm, resolve_device
 from ..provenance import sha256_file
 from ..sequences import read_proteins
 from .io import save_sae
 from .model import (DEFAULT_AUX_COEFF, DEFAULT_DEAD_TOKENS, DEFAULT_L1_COEFF, SparseAutoencoder, default_aux_k,
                     make_cfg)
+from .residues import Position, ShuffleBuffer, iter_proteins_from
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
-SORT_WINDOW = 2048  # proteins per length-sorting window (as ProteinLM.iter_representations)
 # settings that must match for --resume to continue a run (others, e.g. --steps, may change)
 RESUME_KEYS = ("model", "layer", "arch", "latents", "k", "aux_k", "l1_coeff", "lr", "batch_size",
                "buffer_size", "token_budget", "seed", "corpus_sha256", "dead_tokens")
@@ -135,86 +135,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=D["device"], help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=D["seed"])
     p.add_argument("--max-proteins", type=int, default=None, help="use only the first N records")
-
-
-# ---- the residue stream ------------------------------------------------------------------------
-@dataclass
-class Position:
-    """Where the stream is: the next protein to push is #``protein`` of pLM batch ``batch`` of
-    window ``window`` of epoch ``epoch`` (epoch order, windows and batches are deterministic)."""
-
-    epoch: int = 0
-    window: int = 0
-    batch: int = 0
-    protein: int = 0
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    # Independent generator per epoch so the order never depends on how far a run got.
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-def iter_proteins_from(
-    plm: ProteinLM, items: list[tuple[str, str]], layer: int, seed: int, token_budget: int, start: Position
-) -> Iterator[tuple[Position, torch.Tensor]]:
-    """Yield (position after this protein, representation) from ``start`` on, forever (epochs)."""
-    epoch = start.epoch
-    first = True
-    while True:
-        order = [items[i] for i in epoch_order(len(items), seed, epoch)]
-        windows = [order[i : i + SORT_WINDOW] for i in range(0, len(order), SORT_WINDOW)]
-        for w, window in enumerate(windows):
-            if first and w < start.window:
-                continue
-            batches = token_batches(window, token_budget)
-            for b, batch in enumerate(batches):
-                if first and (w, b) < (start.window, start.batch):
-                    continue
-                skip = start.protein if first and (w, b) == (start.window, start.batch) else 0
-                first = False
-                reps = plm.representations([s for _, s in batch], layer, [r for r, _ in batch])
-                for p in range(skip, len(batch)):
-                    nxt = Position(epoch, w, b, p + 1)
-                    if p + 1 == len(batch):  # normalise "end of batch" to "start of next batch"
-                        nxt = Position(epoch, w, b + 1, 0)
-                        if b + 1 == len(batches):
-                            nxt = Position(epoch, w + 1, 0, 0) if w + 1 < len(windows) else Position(epoch + 1)
-                    yield nxt, reps[p]
-        first = False
-        epoch += 1
-
-
-class ShuffleBuffer:
-    """Fixed-capacity buffer of residue vectors; when full, a random half is drawn out as batches."""
-
-    def __init__(self, capacity: int, d: int, batch_size: int, generator: torch.Generator):
-        self.data = torch.empty(capacity, d)
-        self.n = 0
-        self.batch_size = batch_size
-        self.g = generator
-        # draw a whole number of batches each time so no partial batch is left over
-        self.draw_rows = max((capacity // 2) // batch_size, 1) * batch_size
-
-    def push(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Add rows; returns the batches drawn while doing so (possibly none)."""
-        out: list[torch.Tensor] = []
-        i = 0
-        while i < rows.shape[0]:
-            take = min(rows.shape[0] - i, self.data.shape[0] - self.n)
-            self.data[self.n : self.n + take] = rows[i : i + take]
-            self.n += take
-            i += take
-            if self.n == self.data.shape[0]:
-                out += self.draw(self.draw_rows)
-        return out
-
-    def draw(self, rows: int) -> list[torch.Tensor]:
-        perm = torch.randperm(self.n, generator=self.g)
-        drawn = self.data[perm[:rows]].clone()
-        keep = perm[rows:]
-        self.data[: keep.numel()] = self.data[keep].clone()
-        self.n = keep.numel()
-        return list(drawn.split(self.batch_size))
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
