@@ -171,9 +171,11 @@ def test_shards_merged_equal_one_pass(tiny_atlas, tmp_path, capsys):
     assert main(["merge", "--state", str(states[1]), "--state", str(states[0]), "--out", str(out)]) == 0
     for t in TABLES:
         assert table_rows(out, t) == table_rows(tiny_atlas.path, t), t
-    # a missing shard is refused
+    # a missing shard is refused, and one given twice
     assert main(["merge", "--state", str(states[0]), "--out", str(tmp_path / "x.duckdb")]) == 2
     assert not (tmp_path / "x.duckdb").exists()
+    assert main(["merge", "--state", str(states[0]), "--state", str(states[0]), "--out", str(tmp_path / "x.duckdb")]) == 2
+    assert f"--state {states[0]} is given twice" in capsys.readouterr().err
     # so is a state of another layout version
     manifest = json.loads((states[0] / "state.json").read_text())
     (states[0] / "state.json").write_text(json.dumps(manifest | {"version": manifest["version"] + 1}))

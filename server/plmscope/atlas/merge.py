@@ -34,6 +34,8 @@ class MergeSettings:
     out: Path
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "states", tuple(Path(s) for s in self.states))
+        object.__setattr__(self, "out", Path(self.out))
         if not self.states:
             raise InputError("give at least one --state DIR")
         seen = set()
@@ -44,7 +46,7 @@ class MergeSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "MergeSettings":
-        return cls(states=tuple(Path(s) for s in args.state), out=Path(args.out))
+        return cls(states=args.state, out=args.out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from ..errors import InputError
 from .aggregate import AggregateSettings
 
 ENCODE_MODES = ("auto", "dense", "screen")
+PATH_FIELDS = ("corpus", "out", "state_out", "structures", "manifest", "pfam", "families")
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,16 @@ class BuildSettings:
     limit: int | None = None
     chunk_size: int = 512
     checkpoint_every: float = 300.0
-    shard: tuple[int, int] = (0, 1)
+    shard: tuple[int, int] = (0, 1)  # or "i/n"
 
     def __post_init__(self) -> None:
+        for name in PATH_FIELDS:  # str paths accepted, Paths kept
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "saes", tuple(Path(d) for d in self.saes))
+        if isinstance(self.shard, str):
+            object.__setattr__(self, "shard", parse_shard(self.shard))
         if not self.saes:
             raise InputError("give at least one --sae DIR")
         i, n = self.shard
@@ -63,17 +71,13 @@ class BuildSettings:
     @classmethod
     def from_args(cls, args) -> "BuildSettings":
         """From ``plmscope build``'s parsed flags (``add_arguments``)."""
-        def path(value) -> Path | None:
-            return Path(value) if value else None
-
         return cls(
-            corpus=Path(args.corpus), saes=tuple(Path(d) for d in args.sae), out=path(args.out),
-            state_out=path(args.state_out), structures=path(args.structures), manifest=path(args.manifest),
-            pfam=path(args.pfam), families=path(args.families), resume=args.resume, top_n=args.top_n,
+            corpus=args.corpus, saes=args.sae, out=args.out, state_out=args.state_out, structures=args.structures,
+            manifest=args.manifest, pfam=args.pfam, families=args.families, resume=args.resume, top_n=args.top_n,
             bins=args.bins, per_bin=args.per_bin, protein_top=args.protein_top, token_budget=args.token_budget,
             device=args.device, encode=args.encode, pipeline=args.pipeline, max_length=args.max_length,
             limit=args.limit, chunk_size=args.chunk_size, checkpoint_every=args.checkpoint_every,
-            shard=parse_shard(args.shard))
+            shard=args.shard)
 
     @property
     def writes_atlas(self) -> bool:

@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+from ..plm.base import ProteinLM
 from .buildstate import BuildJob
 from .chunks import annotate_pfam, iter_chunks, label_spans, read_families, write_chunk
 from .encode import Pipeline, SAEStage, release_free_heap, residue_batches
@@ -20,7 +21,7 @@ from .settings import BuildSettings
 class Models:
     """The pLM and the SAEs of a build; ``encoders[j]`` is SAE j's TopK screen or None (dense)."""
 
-    plm: object
+    plm: ProteinLM
     saes: list
     encoders: list
 

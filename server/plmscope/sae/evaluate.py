@@ -44,6 +44,8 @@ class EvalSettings:
     token_budget: int = 8192
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sae", Path(self.sae))
+        object.__setattr__(self, "fasta", Path(self.fasta))
         for name in ("max_proteins", "token_budget"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -51,7 +53,7 @@ class EvalSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EvalSettings":
-        return cls(sae=Path(args.sae), fasta=Path(args.fasta), max_proteins=args.max_proteins, device=args.device,
+        return cls(sae=args.sae, fasta=args.fasta, max_proteins=args.max_proteins, device=args.device,
                    seed=args.seed, token_budget=args.token_budget)
 
 

@@ -75,6 +75,8 @@ class TrainSettings:
     max_proteins: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "fasta", Path(self.fasta))
+        object.__setattr__(self, "out", Path(self.out))
         if self.arch not in ("topk", "relu"):
             raise SAEError(f"--arch {self.arch!r}: expected topk or relu")
         for name in ("latents", "batch_size", "buffer_size", "token_budget", "dead_tokens", "steps", "max_proteins"):
@@ -93,8 +95,7 @@ class TrainSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainSettings":
-        values = {f.name: getattr(args, f.name) for f in fields(cls)}
-        return cls(**values | {"fasta": Path(args.fasta), "out": Path(args.out)})
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     def step_budget(self, n_residues: int) -> int:
         """SAE steps to train: ``--steps``, or ``--epochs`` x (corpus residues) / ``--batch-size``
