@@ -48,7 +48,7 @@ def test_invalid_residue_names_file_record_and_position(tmp_path, seq, position,
     corpus = read_proteins(path)
     assert [p.accession for p in corpus.proteins] == ["good"]
     (problem,) = corpus.problems
-    assert problem.record == "bad_one" and problem.position == position
+    assert problem.record == "bad_one" and problem.position == position and problem.reason == "invalid residue"
     message = str(problem)
     assert str(path) in message and "bad_one" in message and f"position {position}" in message and fragment in message
     with pytest.raises(InputError, match=rf"bad_one.*position {position}"):
@@ -59,8 +59,9 @@ def test_empty_sequence_and_duplicate_accession_are_rejected(tmp_path):
     path = write(tmp_path, "d.fasta", ">a\nACD\n>b\n\n>a\nEEE\n")
     corpus = read_proteins(path)
     assert [p.accession for p in corpus.proteins] == ["a"]
-    messages = sorted(p.message for p in corpus.problems)
-    assert messages == ["duplicate accession; the first occurrence is kept", "empty sequence"]
+    messages = sorted((p.reason, p.message) for p in corpus.problems)
+    assert messages == [("duplicate accession", "duplicate accession; the first occurrence is kept"),
+                        ("empty sequence", "empty sequence")]
 
 
 def test_no_records_and_not_fasta_are_clear_errors(tmp_path):
@@ -127,3 +128,4 @@ def test_annotations_column_is_read_and_bad_json_rejects_only_that_record(tmp_pa
     assert [(a.kind, a.type, a.start, a.end) for a in protein.annotations] == [("nls", "nuclear localization signal", 2, 4)]
     (problem,) = corpus.problems
     assert problem.record == "A2" and "annotations column" in problem.message
+    assert problem.reason == "annotations column unreadable"

@@ -83,13 +83,18 @@ class Protein:
 
 @dataclass
 class Problem:
-    """Why a record was rejected or changed; ``position`` is 1-based within the sequence."""
+    """Why a record was rejected or changed; ``position`` is 1-based within the sequence.
+
+    ``reason`` names the kind of problem in a few words (``"invalid residue"``,
+    ``"empty sequence"`` ...): the atlas counts problems by it (``atlas_meta.skipped``), so it is
+    set where the problem is found and ``message`` is free to say anything about the case."""
 
     file: str
     record: str
     message: str
     position: int | None = None
     severity: str = "error"  # 'error' = record rejected, 'warning' = record kept
+    reason: str = field(kw_only=True)
 
     def __str__(self) -> str:
         where = f"{self.file}, record {self.record!r}"
@@ -112,7 +117,7 @@ def clean_sequence(raw: str, *, file: str, record: str) -> tuple[str | None, lis
     if seq.endswith("*"):
         seq = seq[:-1]
     if not seq:
-        return None, [Problem(file, record, "empty sequence")]
+        return None, [Problem(file, record, "empty sequence", reason="empty sequence")]
     for i, ch in enumerate(seq, start=1):
         if ch not in ACCEPTED_AA:
             what = "a stop '*' inside the sequence" if ch == "*" else f"invalid residue {ch!r}"
@@ -122,6 +127,7 @@ def clean_sequence(raw: str, *, file: str, record: str) -> tuple[str | None, lis
                     record,
                     f"{what}; allowed are the {len(AMINO_ACIDS)} standard amino acids and {' '.join(NONSTANDARD_AA)}",
                     position=i,
+                    reason="invalid residue",
                 )
             ]
     return seq, problems
@@ -305,7 +311,8 @@ def iter_proteins(path: str | Path) -> Iterator[Protein | Problem]:
             if seq is None:
                 continue
             if acc in seen:
-                yield Problem(fname, record, "duplicate accession; the first occurrence is kept")
+                yield Problem(fname, record, "duplicate accession; the first occurrence is kept",
+                              reason="duplicate accession")
                 continue
             seen.add(acc)
             info = dict(info)
@@ -325,7 +332,7 @@ def iter_proteins(path: str | Path) -> Iterator[Protein | Problem]:
                 protein.annotations += _json_annotations(info.pop("annotations", ""), fname, acc)
             except InputError as exc:
                 seen.discard(acc)
-                yield Problem(fname, record, str(exc).split(": ", 1)[-1])
+                yield Problem(fname, record, str(exc).split(": ", 1)[-1], reason="annotations column unreadable")
                 continue
             protein.fields = {k: v for k, v in info.items() if k not in ("length",)}
             protein.nonstandard = sum(seq.count(c) for c in NONSTANDARD_AA)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 import duckdb
@@ -12,7 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from plmscope.atlas.build import build
+from plmscope.atlas.settings import BuildSettings
 from plmscope.cli import main
+from plmscope.errors import InputError
 from plmscope.vocab import AMINO_ACIDS, dequantize
 
 from tests.conftest import DEMO, make_sae
@@ -158,7 +162,7 @@ def test_bad_inputs_are_counted_with_file_and_record(tiny_atlas):
     con.close()
 
 
-def test_shards_merged_equal_one_pass(tiny_atlas, tmp_path):
+def test_shards_merged_equal_one_pass(tiny_atlas, tmp_path, capsys):
     states = []
     for i in range(2):
         st = tmp_path / f"state{i}"
@@ -168,19 +172,57 @@ def test_shards_merged_equal_one_pass(tiny_atlas, tmp_path):
     assert main(["merge", "--state", str(states[1]), "--state", str(states[0]), "--out", str(out)]) == 0
     for t in TABLES:
         assert table_rows(out, t) == table_rows(tiny_atlas.path, t), t
-    # a missing shard is refused
+    # a missing shard is refused, and one given twice
     assert main(["merge", "--state", str(states[0]), "--out", str(tmp_path / "x.duckdb")]) == 2
     assert not (tmp_path / "x.duckdb").exists()
+    assert main(["merge", "--state", str(states[0]), "--state", str(states[0]), "--out", str(tmp_path / "x.duckdb")]) == 2
+    assert f"--state {states[0]} is given twice" in capsys.readouterr().err
+    # so is a state of another layout version
+    manifest = json.loads((states[0] / "state.json").read_text())
+    (states[0] / "state.json").write_text(json.dumps(manifest | {"version": manifest["version"] + 1}))
+    assert main(["merge", "--state", str(states[0]), "--state", str(states[1]), "--out", str(tmp_path / "x.duckdb")]) == 2
+    assert "build state version" in capsys.readouterr().err and not (tmp_path / "x.duckdb").exists()
 
 
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_interrupted_build_keeps_old_atlas_and_resume_finishes(tiny_atlas, tmp_path):
-    from plmscope.atlas import build
+def tiny_settings(tiny_atlas, **changes) -> BuildSettings:
+    """``tiny_atlas.build_args`` as BuildSettings, with ``changes``."""
+    base = dict(corpus=tiny_atlas.corpus, saes=(tiny_atlas.sae_dir,), structures=tiny_atlas.structures,
+                manifest=tiny_atlas.manifest, families=DEMO / "pfam_families.tsv", top_n=6, bins=4, per_bin=3,
+                protein_top=8, chunk_size=16, token_budget=2048, checkpoint_every=0, device="cpu")
+    return BuildSettings(**(base | changes))
+
+
+def test_settings_match_the_command_line(tiny_atlas, tmp_path):
     from plmscope.cli import build_parser
 
+    ns = build_parser("build").parse_args(["build", *tiny_atlas.build_args, "--out", str(tmp_path / "a.duckdb")])
+    assert BuildSettings.from_args(ns) == tiny_settings(tiny_atlas, out=tmp_path / "a.duckdb")
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"shard": (1, 2), "out": "a.duckdb"}, "--shard i/n needs --state-out"),
+    ({"shard": (2, 2), "state_out": "st"}, "--shard 2/2"),
+    ({}, "give --out ATLAS"),
+    ({"chunk_size": 0, "out": "a.duckdb"}, "--chunk-size must be at least 1"),
+    ({"encode": "fast", "out": "a.duckdb"}, "--encode 'fast'"),
+])
+def test_settings_refuse_bad_flag_combinations(tiny_atlas, tmp_path, changes, words):
+    changes = {k: tmp_path / v if k in ("out", "state_out") else v for k, v in changes.items()}
+    with pytest.raises(InputError, match=re.escape(words)):
+        tiny_settings(tiny_atlas, **changes)
+
+
+def test_bad_shard_flag_exits_2_naming_it(tiny_atlas, tmp_path, capsys):
+    rc = main(["build", *tiny_atlas.build_args, "--shard", "3", "--state-out", str(tmp_path / "st")])
+    assert rc == 2 and "--shard '3': expected i/n" in capsys.readouterr().err
+    assert not (tmp_path / "st").exists()
+
+
+def test_interrupted_build_keeps_old_atlas_and_resume_finishes(tiny_atlas, tmp_path):
     sae64 = make_sae(tmp_path / "sae64", tiny_atlas.plm, d_sae=64, k=4, seed=1)
     args = [a if a != str(tiny_atlas.sae_dir) else str(sae64) for a in tiny_atlas.build_args]
     out = tmp_path / "atlas.duckdb"
@@ -194,9 +236,8 @@ def test_interrupted_build_keeps_old_atlas_and_resume_finishes(tiny_atlas, tmp_p
         if n == 2:
             raise Boom
 
-    ns = build_parser("build").parse_args(["build", *args, "--out", str(out)])
-    with pytest.raises(Boom):
-        build.run(ns, on_checkpoint=stop)
+    with pytest.raises(Boom):  # the library driven directly, stopped after the second checkpoint
+        build(tiny_settings(tiny_atlas, saes=(sae64,), out=out), on_checkpoint=stop)
     assert _sha(out) == before  # the old atlas is untouched
     assert not list(tmp_path.glob("atlas.duckdb.tmp-*"))
     assert main(["build", *args, "--out", str(out), "--resume"]) == 0
@@ -236,9 +277,11 @@ def test_nothing_usable_exits_2(tmp_path, tiny_atlas):
 def test_flat_file_features_become_annotations(tiny_atlas, tmp_path):
     out = tmp_path / "flat.duckdb"
     rc = main(["build", "--corpus", str(DEMO / "swissprot_sample.dat"), "--sae", str(tiny_atlas.sae_dir),
-               "--limit", "8", "--max-length", "600", "--out", str(out), "--device", "cpu", "--top-n", "4"])
+               "--limit", "8", "--max-length", "400", "--out", str(out), "--device", "cpu", "--top-n", "4"])
     assert rc == 0
     con = duckdb.connect(str(out), read_only=True)
+    skipped = json.loads(q(con, "SELECT value FROM atlas_meta WHERE key='skipped'")[0][0])
+    assert skipped["longer than --max-length"]["count"] == 2  # the 1st and 3rd entries; 8 shorter ones follow
     assert q(con, "SELECT count(*) FROM annotations WHERE kind='feature'")[0][0] > 0
     types = {r[0] for r in q(con, "SELECT DISTINCT type FROM latent_annotation_types")}
     assert types & {r[0] for r in q(con, "SELECT DISTINCT type FROM annotations")}

@@ -9,6 +9,7 @@ import torch
 
 from plmscope.cli import main
 from plmscope.sae import load_sae, read_cfg, save_sae
+from plmscope.sae.evaluate import EvalSettings, evaluate
 from plmscope.sae.model import SparseAutoencoder
 
 KEYS = {"sae", "plm", "layer", "architecture", "d_sae", "k", "corpus", "explained_variance", "mse", "l0",
@@ -33,6 +34,7 @@ def test_eval_sae_json_and_trained_beats_untrained(trained_sae, heldout_fasta, t
     # written into the SAE directory: eval.json and cfg.json's plmscope.metrics
     assert json.loads((trained_sae / "eval.json").read_text()) == result
     assert read_cfg(trained_sae)["plmscope"]["metrics"] == result
+    assert json.loads(json.dumps(evaluate(EvalSettings(trained_sae, heldout_fasta)))) == result  # the library alone
     load_sae(trained_sae, plm="unirep-64", layer=2)  # cfg still valid after the update
 
     # same architecture and normalisation, random weights

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from plmscope.cli import main
+from plmscope.errors import SAEError
 from plmscope.sae import load_sae, load_sparsity
 from plmscope.provenance import sha256_file
+from plmscope.sae.train import TrainSettings, train
 
 from .conftest import TINY_TRAIN
 
@@ -36,7 +39,9 @@ def test_train_sae_writes_a_loadable_saelens_directory(trained_sae, demo_fasta):
 def test_resume_ends_identical_to_uninterrupted_run(tmp_path, demo_fasta):
     common = ["train-sae", *TINY_TRAIN, "--fasta", str(demo_fasta), "--buffer-size", "512", "--checkpoint-every", "3"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main([*common, "--out", str(straight), "--steps", "10"]) == 0
+    # the uninterrupted run through the library (TINY_TRAIN as settings), the split one through the CLI
+    train(TrainSettings(model="unirep-64", layer=2, latents=64, k=8, batch_size=128, buffer_size=512, lr=3e-3,
+                        fasta=demo_fasta, out=straight, steps=10, checkpoint_every=3))
     assert main([*common, "--out", str(split), "--steps", "4"]) == 0  # "interrupted" after step 4
     assert main([*common, "--out", str(split), "--steps", "10", "--resume"]) == 0
     a = load_file(str(straight / "sae_weights.safetensors"))
@@ -89,3 +94,14 @@ def test_unknown_model_and_bad_settings_exit_2(tmp_path, demo_fasta, capsys):
     assert "layer 9 does not exist" in capsys.readouterr().err
     assert main([*base, "--model", "unirep-64", "--k", "100", "--latents", "64"]) == 2
     assert "--k must be between 1 and --latents" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"steps": 3, "epochs": 1.0}, "give --steps or --epochs, not both"),
+    ({"buffer_size": 512}, "--buffer-size (512) must be at least twice --batch-size (1024)"),
+    ({"arch": "relu", "latents": 0}, "--latents must be at least 1, got 0"),
+    ({"checkpoint_every": -1}, "--checkpoint-every must be 0"),
+])
+def test_settings_refuse_bad_flag_combinations(tmp_path, changes, words):
+    with pytest.raises(SAEError, match=re.escape(words)):
+        TrainSettings(model="unirep-64", layer=1, fasta=tmp_path / "c.fasta", out=tmp_path / "o", **changes)

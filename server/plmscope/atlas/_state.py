@@ -23,8 +23,8 @@ def state_empty(n: int, dtype) -> np.ndarray:
 
     The state's arrays are replaced now and then (growth, compaction) while a build
     streams; from malloc they would land between the batches' temporaries, and glibc's heap can
-    only give back memory above its highest live block, so a build's peak RSS crept up with the
-    number of batches (20k proteins: +40-50 MiB against mapped state arrays, measured).  A mapping
+    only give back memory above its highest live block, so a build's peak RSS would creep up with
+    the number of batches.  A mapping
     is returned to the OS the moment its array is freed.  Small arrays stay on the heap (a
     mapping costs a page and a kernel map entry).
     """
@@ -326,8 +326,7 @@ class LabelCounter:
 
     The aggregate drains its counters into every spill part, so a counter holds the pairs of one
     part (a few hundred proteins) and the build's memory does not grow with the distinct pairs
-    of the whole corpus (1.26M at 20k demo proteins; labels x latents for Swiss-Prot, which can
-    reach hundreds of MB); the write phase sums the parts in DuckDB (``store.writer.rank_labels``).
+    of the whole corpus (up to labels x latents); the write phase sums the parts in DuckDB (``store.writer.rank_labels``).
     Label codes are local to a counter and reset by ``drain``: every part carries its own labels.
     """
 

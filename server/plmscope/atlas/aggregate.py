@@ -352,8 +352,7 @@ class SAEAggregate:
             agg.n_proteins, agg.n_residues = n_prot, n_res
             agg.top.slots = state_copy(a["top_slots"])
             agg.sketch.slots = state_copy(a["sketch_slots"])
-            if "sketch_floor" in a:  # states from before the collapse: nothing pooled yet
-                agg.sketch_floor = np.array(a["sketch_floor"])
+            agg.sketch_floor = np.array(a["sketch_floor"])
             agg.spills = [str(s) for s in a["spills"]]
             agg.pool = SlotPool.from_arrays(a, "pool_")
             agg.families = LabelCounter.from_arrays(a, "fam_", L)

@@ -3,8 +3,8 @@ SAE of its layer, fold the codes into the aggregates and spill their per-protein
 
 ``SAEStage`` does that for one batch; ``Pipeline`` runs it on a worker thread, so that batch i is
 encoded and aggregated while the main thread computes the pLM forward of batch i+1 (on a GPU the
-aggregation's numpy work then hides behind the GPU; on this 2-core CPU the forward leaves gaps
-between its kernels that the worker fills).  One worker and at most one batch in flight keep the
+aggregation's numpy work then hides behind the GPU; on a CPU the forward leaves gaps between its
+kernels that the worker fills).  One worker and at most one batch in flight keep the
 batches in order, so the atlas does not depend on the threading.
 """
 
@@ -29,9 +29,8 @@ SPILL_BYTES = 8 << 20
 
 def spill_path(root: Path, sae: str, chunk: int, part: int) -> Path:
     """Spill file ``part`` of ``chunk``.  A chunk's per-protein outputs are written whenever
-    ``SPILL_BYTES`` of them are pending (a 1024-protein chunk of a 4096-latent SAE holds ~30 MB),
-    so they never pile up between the batches' temporaries (a 2k-protein build's streaming peak:
-    410 MiB with parts, 465 MiB with one spill per chunk, in one pair of runs).  The names follow
+    ``SPILL_BYTES`` of them are pending, so they never pile up between the batches' temporaries
+    (a chunk's outputs grow with chunk size x SAE width).  The names follow
     from the batches, so a chunk redone after an interruption rewrites the same files; only the
     checkpointed ``spills`` list counts."""
     return root / f"sae-{sae}" / f"spill-{chunk:06d}-{part:03d}.npz"
@@ -41,7 +40,7 @@ def release_free_heap() -> None:
     """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``; elsewhere a no-op).
 
     Called after each spill (part or chunk end), when the batches' temporaries and the spilled
-    outputs are gone; ~1 ms each.  glibc otherwise keeps freed pages inside its heap, so that RSS
+    outputs are gone.  glibc otherwise keeps freed pages inside its heap, so that RSS
     would stay at the highest point any batch reached.
     """
     trim = _malloc_trim()
@@ -92,18 +91,16 @@ ENCODE_BLOCK_BYTES = 16 << 20
 
 def encode_block_rows(sae) -> int:
     """Rows per encode block: ``ENCODE_BLOCK_BYTES`` of fp32 pre-activations (1024 rows of a
-    4096-latent SAE).  A whole 8192-residue batch would be a 128 MiB transient and no faster
-    (measured on this CPU: 1024-row blocks ~20 % faster than 8192 rows, as the top-k then reads
-    from cache)."""
+    4096-latent SAE).  A whole batch at once would be a large transient and no faster: in blocks
+    the top-k reads from cache."""
     return max(128, ENCODE_BLOCK_BYTES // (4 * int(sae.W_dec.shape[0])))
 
 
 def encode_scratch(sae, screen) -> torch.Tensor | None:
     """The reusable pre-activation buffer of ``sparse_encode`` for a dense-encoded TopK SAE, else None.
 
-    Allocated once per build: a fresh (rows, d_sae) block per encode call came and went between
-    the aggregation's longer-lived arrays and fragmented the heap (a 20k-protein build's RSS rose
-    by up to 95 MiB within single encode steps)."""
+    Allocated once per build: a fresh (rows, d_sae) block per encode call would come and go
+    between the aggregation's longer-lived arrays and fragment the heap."""
     if screen is not None or sae.architecture != "topk":
         return None
     return torch.empty(encode_block_rows(sae), int(sae.W_dec.shape[0]), dtype=sae.W_enc.dtype,
@@ -115,7 +112,7 @@ def sparse_encode(sae, X: torch.Tensor, screen=None, max_rows: int | None = None
     """Sparse (rows, latents, values) of ``sae.encode(X)``, in row blocks to bound memory.
 
     The blocks are of equal size, not ``max_rows`` plus a small remainder: a short GEMM call
-    costs far more per row than a tall one (~6x per row at 128 rows).  ``scratch``
+    costs far more per row than a tall one.  ``scratch``
     (``encode_scratch``) holds the dense TopK path's pre-activations when given.
     """
     if screen is not None:  # its own block size: its bf16 buffer is half the size per row
@@ -149,8 +146,7 @@ def sparse_encode(sae, X: torch.Tensor, screen=None, max_rows: int | None = None
 # proteins of about this many residues.  The aggregates do not depend on how the proteins are
 # grouped (exactly mergeable), and the update's temporaries (~40 bytes per non-zero code) shrink
 # 4x: beside the forward's own temporaries they set the pipelined build's peak RSS, which
-# otherwise grew with the corpus as a longer build met more of the forward's peaks (2k / 20k
-# proteins: medians 471 / 492 MiB with whole batches).
+# otherwise grows with the corpus as a longer build meets more of the forward's peaks.
 SUB_ROWS = 2048
 
 
@@ -195,10 +191,9 @@ class SAEStage:
         copied into the next of ``slots`` reusable buffers (mapped, see ``_state.state_empty``).
 
         Once packed, the forward's per-protein tensors can be freed before the next forward
-        allocates: handed to the worker instead, they stayed alive between that forward's
-        temporaries (a 20k-protein pipelined build, RSS sampled every 10 s while streaming:
-        446-486 MiB with the tensors handed over, 415-456 MiB packed).  With one call in flight, the slot a batch is packed into was
-        last read by the call two batches back, which ``Pipeline.submit`` has waited for."""
+        allocates: handed to the worker instead, they would stay alive between that forward's
+        temporaries and raise the peak.  With one call in flight, the slot a batch is packed into
+        was last read by the call two batches back, which ``Pipeline.submit`` has waited for."""
         lengths = [len(b[2]) for b in batch]
         n, d = sum(lengths), int(batch[0][2].shape[1])
         buf = self._slots[self._next_slot]

@@ -92,8 +92,7 @@ def label_parts(agg: SAEAggregate, prefix: str) -> Iterator[tuple[np.ndarray, np
     ``fam_`` (Pfam families) or ``typ_`` (annotation types)."""
     for path in agg.spills:
         with np.load(path) as a:
-            if prefix + "n" in a:  # parts written before the counts were spilled carry none
-                yield a[prefix + "labels"], a[prefix + "code"], a[prefix + "latent"], a[prefix + "n"]
+            yield a[prefix + "labels"], a[prefix + "code"], a[prefix + "latent"], a[prefix + "n"]
     counter = agg.families if prefix == "fam_" else agg.types
     codes, lat, n = counter.table()
     if len(n):

@@ -66,9 +66,11 @@ def find_structures(directory: str | Path | None, manifest: str | Path | None,
             with open(manifest, newline="") as fh:
                 rows = list(csv.DictReader(fh, delimiter="\t"))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            return [], [Problem(str(manifest), "-", f"cannot read structure manifest ({exc})")]
+            return [], [Problem(str(manifest), "-", f"cannot read structure manifest ({exc})",
+                            reason="structure manifest unreadable")]
         if rows and not {"accession", "file"} <= set(rows[0]):
-            return [], [Problem(str(manifest), "line 1", f"manifest needs columns accession, file; found {list(rows[0])}")]
+            return [], [Problem(str(manifest), "line 1", f"manifest needs columns accession, file; found {list(rows[0])}",
+                                 reason="manifest needs columns accession, file")]
         for n, row in enumerate(rows, start=2):
             acc = (row.get("accession") or "").strip()
             if acc not in accessions:
@@ -79,13 +81,15 @@ def find_structures(directory: str | Path | None, manifest: str | Path | None,
                 candidates += [directory / name, directory / Path(name).name]
             path = next((c for c in candidates if c.is_file()), None)
             if path is None:
-                problems.append(Problem(str(manifest), f"line {n} ({acc})", f"structure file {name!r} not found"))
+                problems.append(Problem(str(manifest), f"line {n} ({acc})", f"structure file {name!r} not found",
+                                        reason="structure file missing"))
                 continue
             chain = (row.get("chain") or "").strip() or None
             jobs.append(StructureJob(acc, path, chain, (row.get("source_package") or "").strip(), f"line {n} ({acc})"))
     elif directory:
         if not directory.is_dir():
-            return [], [Problem(str(directory), "-", "structures directory does not exist")]
+            return [], [Problem(str(directory), "-", "structures directory does not exist",
+                                 reason="structures directory does not exist")]
         for path in sorted(directory.iterdir()):
             m = AF_NAME.match(path.name)
             if m and m.group("acc") in accessions:
@@ -153,14 +157,16 @@ def load_structure(job: StructureJob, sequence: str) -> StructureRecord | Proble
             except (RuntimeError, ValueError, OSError):
                 st = None
         if st is None:
-            return Problem(fname, job.record, f"corrupt or unreadable structure file ({str(exc)[:200]})")
+            return Problem(fname, job.record, f"corrupt or unreadable structure file ({str(exc)[:200]})",
+                           reason="structure file corrupt")
     st.setup_entities()
     if len(st) == 0:
-        return Problem(fname, job.record, "structure file has no model")
+        return Problem(fname, job.record, "structure file has no model", reason="structure file has no model")
     model = st[0]
     chains = [c for c in model if (job.chain is None or c.name == job.chain)]
     if job.chain is not None and not chains:
-        return Problem(fname, job.record, f"chain {job.chain!r} not in the file (chains: {[c.name for c in model]})")
+        return Problem(fname, job.record, f"chain {job.chain!r} not in the file (chains: {[c.name for c in model]})",
+                       reason="structure chain missing")
     best = None
     for ch in chains:
         cseq, residues = _chain_sequence(ch)
@@ -170,12 +176,12 @@ def load_structure(job: StructureJob, sequence: str) -> StructureRecord | Proble
         if best is None or (len(pairs) * ident) > (len(best[2]) * best[3]):
             best = (ch, residues, pairs, ident)
     if best is None:
-        return Problem(fname, job.record, "no protein chain in the structure")
+        return Problem(fname, job.record, "no protein chain in the structure", reason="structure has no protein chain")
     ch, residues, pairs, ident = best
     if ident < MIN_IDENTITY or len(pairs) < MIN_ALIGNED:
         return Problem(fname, job.record, f"chain {ch.name} does not match the protein sequence "
                        f"(identity {ident:.1f}% over {len(pairs)} aligned residues; need >= {MIN_IDENTITY}% "
-                       f"over >= {MIN_ALIGNED})")
+                       f"over >= {MIN_ALIGNED})", reason="structure does not match protein")
     is_pred = bool(AF_NAME.match(job.path.name))
     rows = []
     for i, j in pairs:

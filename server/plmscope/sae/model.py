@@ -44,11 +44,14 @@ OUR_ARCH = {v: k for k, v in SAELENS_ARCH.items()}
 
 # Training defaults (stored in cfg['plmscope']['training'] so a checkpoint/resume sees the same).
 DEFAULT_AUX_COEFF = 1.0 / 32.0  # Gao et al. 2024, A.2
-# k_aux: Gao et al. 2024 use 512 for GPT-sized d_model; we default to d_in // 2 (as EleutherAI's
-# sparsify): on small d_in a large k_aux overshoots the residual and pushes dead latents further down.
-DEFAULT_AUX_K = None
 DEFAULT_DEAD_TOKENS = 1_000_000  # paper: 10M tokens; our corpora are far smaller
 DEFAULT_L1_COEFF = 5.0  # Anthropic April 2024 update, with E||x_n||^2 = d_in as here
+
+
+def default_aux_k(d_in: int) -> int:
+    # Gao et al. 2024 use 512 for GPT-sized d_model; d_in // 2 as EleutherAI's sparsify: on small
+    # d_in a large k_aux overshoots the residual and pushes dead latents further down.
+    return max(d_in // 2, 1)
 
 
 def make_cfg(
@@ -122,7 +125,7 @@ class SparseAutoencoder(nn.Module):
         self.d_sae = int(cfg["d_sae"])
         self.k = int(cfg["k"]) if self.architecture == "topk" else None
         train = cfg.get("plmscope", {}).get("training", {})
-        self.aux_k = min(int(train.get("aux_k") or DEFAULT_AUX_K or max(self.d_in // 2, 1)), self.d_sae)
+        self.aux_k = min(int(train.get("aux_k") or default_aux_k(self.d_in)), self.d_sae)
         def setting(key: str, default: Any) -> Any:  # a stored null means "not used / default"
             value = train.get(key)
             return default if value is None else value

@@ -1,8 +1,8 @@
-"""TopK codes on CPU in about half the time, still exact: a bf16 screen, then fp32 scores for the
+"""TopK codes on CPU in less time, still exact: a bf16 screen, then fp32 scores for the
 few candidates it cannot rule out.
 
 The dense TopK encode is one (n, d_in) x (d_in, d_sae) fp32 GEMM plus a top-k over d_sae columns.
-On a CPU with AVX-512 BF16 the same GEMM in bf16 runs about 3.5x faster, but bf16 keeps 8
+On a CPU with AVX-512 BF16 the same GEMM in bf16 runs several times faster, but bf16 keeps 8
 significant bits, so its pre-activations are only approximate.  ``TopKScreen`` uses them only to
 rule latents *out*, with a proven error bound, and computes the survivors exactly:
 
@@ -17,8 +17,8 @@ rule latents *out*, with a proven error bound, and computes the survivors exactl
 3. ``tau`` = the k-th largest of the maxima of ``d_sae / GROUP`` groups of latents: at least k latents
    have ``a >= tau``, so the k-th largest exact pre-activation is ``>= tau (1 - v) - E``, and a
    latent can reach it only if ``a >= (tau (1 - v) - 2E) / (1 + v)``;
-4. the latents above that threshold (about 50 per row for a 4096-latent k=32 SAE, against ~120
-   with a Cauchy-Schwarz bound on the whole ``x.W``) are scored exactly in fp32
+4. the latents above that threshold (a few dozen per row for a 4096-latent k=32 SAE; a
+   Cauchy-Schwarz bound on the whole ``x.W`` would leave more than twice as many) are scored exactly in fp32
    (``torch.sparse.sampled_addmm``) and the top k of those exact scores is the answer.
 
 So the selected latents and their values are those of ``SparseAutoencoder.encode`` after the
@@ -38,8 +38,8 @@ import torch
 
 # Latents per group for the k-th-largest lower bound (tau).  Groups are interleaved (latent j is
 # in group j % (d_sae / GROUP)), so their maxima are a max over GROUP contiguous rows of a
-# (GROUP, d_sae / GROUP) view, which vectorises (~0.15 ms per 2048 x 4096 block, against ~2 ms
-# for contiguous groups of 32).  Small groups give a higher tau, so fewer candidates.
+# (GROUP, d_sae / GROUP) view, which vectorises where contiguous groups would not.  Small groups
+# give a higher tau, so fewer candidates.
 GROUP = 16
 U = 2.0**-8  # unit roundoff of bf16 (8 significant bits, round to nearest even)
 V = U / (1 - U)  # |fl(s) - s| <= u |s| <= v |fl(s)| for the output rounding
@@ -48,8 +48,7 @@ V = U / (1 - U)  # |fl(s) - s| <= u |s| <= v |fl(s)| for the output rounding
 SLACK = 1 - 2.0**-20
 MAX_CANDIDATES_PER_K = 6  # rows with more than 6 k candidates take the dense path
 # Rows per pass: the (rows, d_sae) bf16 screen then stays in cache for the compare and scan that
-# follow (measured 2048 rows: ~85 ms per 8192 rows vs ~115 ms in one 8192-row pass, d_sae 4096;
-# with this bound, 60 ms at 2048 rows vs 66 ms at 1024).
+# follow, and the per-call overhead is spread over enough rows.
 BLOCK_ROWS = 2048
 
 
@@ -160,7 +159,7 @@ class TopKScreen:
         a, e = self.approx(xc)
         # Non-negative bf16 values order like their bit patterns read as int16 (negative ones
         # come out negative): int16 max/compare is exact here and much faster than bf16 ops
-        # (numpy's int16 compare and flatnonzero measured ~1.6x faster than torch's here).
+        # (numpy's int16 compare and flatnonzero are faster than torch's).
         ai = a.view(torch.int16)
         group_max = ai.view(n, GROUP, L // GROUP).amax(1).numpy()
         tau_bits = torch.from_numpy(np.partition(group_max, L // GROUP - k, axis=1)[:, L // GROUP - k].copy())

@@ -22,7 +22,6 @@ import numpy as np
 
 from . import schema
 # Reads of the atlas being added to are the reader's; build and merge find this one here.
-from .reader import read_existing_meta  # noqa: F401
 
 
 WRITER_MEMORY_LIMIT = "64MB"
@@ -58,8 +57,7 @@ class AtlasWriter:
             shutil.copyfile(self.out, self.tmp)
         # DuckDB's buffer pool otherwise grows with the atlas (default limit: 80 % of RAM), which
         # would make the build's peak memory depend on corpus size; past this it spills to disk.
-        # Bulk appends need little of it (measured: 32 MB suffices for a 20k-protein build; 64 MB
-        # leaves room for wider SAEs and longer proteins).
+        # Bulk appends need little of it; WRITER_MEMORY_LIMIT leaves room for wide SAEs and long proteins.
         self.con = duckdb.connect(str(self.tmp), config=writer_config())
         if not self.add_to_existing:
             schema.create_all(self.con)

@@ -1,0 +1,127 @@
+"""The build's streaming pass: for each chunk of this shard not yet done, the pLM forward of every
+layer with an SAE, the SAEs' encode and aggregation (``encode.SAEStage``, on the pipeline's worker
+thread), the chunk file, the spills and a checkpoint now and then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+from ..plm.base import ProteinLM
+from .buildstate import BuildJob
+from .chunks import annotate_pfam, iter_chunks, label_spans, read_families, write_chunk
+from .encode import Pipeline, SAEStage, release_free_heap, residue_batches
+from .settings import BuildSettings
+
+
+@dataclass
+class Models:
+    """The pLM and the SAEs of a build; ``encoders[j]`` is SAE j's TopK screen or None (dense)."""
+
+    plm: ProteinLM
+    saes: list
+    encoders: list
+
+    def layers(self) -> dict[int, list[int]]:
+        """pLM layer -> the SAEs (indices) that read it, in SAE order: one forward serves them all."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for j, s in enumerate(self.saes):
+            groups[int(s.layer)].append(j)
+        return dict(groups)
+
+    def encode_stats(self, ids: list[str]) -> dict[str, dict]:
+        """Per SAE id, its TopK screen's counters of this run."""
+        return {i: e.stats for i, e in zip(ids, self.encoders) if e is not None}
+
+
+class StreamPass:
+    """One streaming pass of ``job``'s chunks still to do; ``run`` returns seconds per stage.
+
+    ``on_checkpoint(n)`` is called after each chunk whose checkpoint is written, with the number
+    of chunks done."""
+
+    def __init__(self, settings: BuildSettings, models: Models, job: BuildJob,
+                 on_checkpoint: Callable[[int], None] | None = None) -> None:
+        self.s, self.models, self.job, self.on_checkpoint = settings, models, job, on_checkpoint
+        self.families = read_families(settings.families) if settings.families else {}
+        self.stage = SAEStage(models.saes, models.encoders, job.aggs, job.ids, job.state.root, models.plm.device,
+                              slots=settings.pipeline + 1)
+        self.timings: dict[str, float] = defaultdict(float)  # reported in the summary and atlas_meta
+        self.last_ckpt = time.time()
+        self.n_res = 0
+
+    def run(self) -> dict[str, float]:
+        todo = self.job.todo()
+        layers = self.models.layers()
+        counted = next(iter(layers))  # progress counts the proteins of one layer's forward
+        with Pipeline(in_flight=self.s.pipeline) as pipeline, self._progress_bar(todo) as bar:
+            for c, chunk in iter_chunks(self.s, self.models.plm.max_residues, set(todo)):
+                self._write_chunk(c, chunk)
+                self.stage.start_chunk(c, label_spans(chunk))
+                for layer, members in layers.items():
+                    self._forward(chunk, layer, members, pipeline, bar if layer == counted else None)
+                self._end_chunk(c, pipeline, last=c == todo[-1])
+        for k, v in self.stage.timings.items():
+            self.timings[k] += v
+        if not todo:
+            self.job.checkpoint()
+        return self.timings
+
+    def _progress_bar(self, todo: list[int]):
+        from tqdm import tqdm
+
+        plan = self.job.plan
+        total = plan.proteins(plan.mine)
+        return tqdm(total=total, initial=total - plan.proteins(todo), unit="prot", desc="build",
+                    dynamic_ncols=True, mininterval=1.0)
+
+    def _write_chunk(self, c: int, chunk: list) -> None:
+        pfam_families = annotate_pfam(chunk, self.s.pfam) if self.s.pfam else {}
+        tw = time.perf_counter()
+        write_chunk(self.job.state.root, c, chunk, self.models.plm.max_residues, self.s, self.families, pfam_families)
+        self.timings["structures+chunk_files"] += time.perf_counter() - tw
+
+    def _forward(self, chunk: list, layer: int, members: list[int], pipeline: Pipeline, bar) -> None:
+        """The chunk's forward at ``layer``, each batch handed to the SAEs ``members`` as it comes."""
+        items = [(p.accession, p.sequence) for p in chunk]
+        budget = self.s.token_budget
+        stream = self.models.plm.iter_representations(items, layer, token_budget=budget, sort_window=len(items) or 1)
+        t = self.timings
+        tf = time.perf_counter()
+        for batch in residue_batches(stream, budget):
+            t["plm_forward"] += time.perf_counter() - tf
+            tw = time.perf_counter()
+            packed = self.stage.pack(batch)
+            n_prot = len(batch)
+            del batch  # the forward's tensors: gone before the next forward (see pack)
+            ts = time.perf_counter()
+            # waits for the batch before (serial build: runs this one, so the wait is the
+            # stage's own encode + aggregation time, also counted under their names)
+            pipeline.submit(self.stage, packed, members)
+            t["sae_handoff"] += ts - tw
+            t["sae_wait"] += time.perf_counter() - ts
+            if bar is not None:
+                self.n_res += packed[3].shape[0]
+                bar.update(n_prot)
+                bar.set_postfix(residues=self.n_res, refresh=False)
+            tf = time.perf_counter()
+
+    def _end_chunk(self, c: int, pipeline: Pipeline, *, last: bool) -> None:
+        """Wait for the chunk's last batch, spill what is pending, checkpoint when it is time."""
+        tw = time.perf_counter()
+        pipeline.wait()
+        self.timings["sae_wait"] += time.perf_counter() - tw
+        tw = time.perf_counter()
+        self.stage.end_chunk()
+        self.job.done.append(c)
+        every = self.s.checkpoint_every
+        if every <= 0 or time.time() - self.last_ckpt >= every or last:
+            self.job.checkpoint()
+            self.last_ckpt = time.time()
+        self.timings["spill+checkpoint"] += time.perf_counter() - tw
+        release_free_heap()
+        if self.on_checkpoint is not None and self.job.checkpointed:
+            self.on_checkpoint(len(self.job.done))
