@@ -51,6 +51,14 @@ def test_analyze_fills_tables_and_rerun_replaces(mini_atlas, capsys):
     if "skipped" not in summary["probes"]:
         assert set(feats) == {"sae_mean_max", "raw_mean"}
         assert feats["sae_mean_max"][3:] == feats["raw_mean"][3:]  # same split
+    # every split is grouped by the MMseqs2 clusters of the atlas's proteins, recorded in the atlas
+    con = duckdb.connect(str(mini_atlas), read_only=True)
+    meta = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'homology'").fetchall()[0][0])
+    n_prot = con.execute("SELECT count(*) FROM proteins").fetchall()[0][0]
+    con.close()
+    assert meta["n_proteins"] == n_prot and 1 <= meta["n_clusters"] <= n_prot
+    assert meta["min_seq_id"] == 0.3 and meta["coverage"] == 0.8 and meta["mmseqs_version"]
+    assert summary["homology"] == meta and "MMseqs2" in summary["concepts"]["split"]
     # re-running replaces, never duplicates
     assert main(["analyze", "--atlas", str(mini_atlas), "--max-proteins", "40"]) == 0
     assert _check_tables(mini_atlas)[0] == n_concepts

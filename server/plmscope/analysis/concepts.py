@@ -15,9 +15,8 @@ threshold in ``THRESHOLDS`` (0 = any activation).  For a concept:
 
 The threshold is chosen per (latent, concept) on the validation proteins; precision, recall and F1
 are reported on the test proteins at that threshold.  A pair is *associated* when test F1 >
-``ASSOCIATION_F1``.  Proteins are split by sequence similarity (``similarity_groups``): proteins
-sharing >= ``KMER_MIN_SHARED`` of their ``KMER``-mers are linked and connected components go to
-the same side, so close homologues cannot sit on both sides.
+``ASSOCIATION_F1``.  Proteins are split by homology: whole MMseqs2 clusters (``plmscope.homology``)
+go to one side, so close homologues cannot sit on both sides.
 
 The mixed residue/region metric is not a library function and it is needed for every (threshold,
 latent, concept) triple at once, so the confusion counts are computed with sparse matrix products:
@@ -33,15 +32,12 @@ from typing import Sequence
 
 import numpy as np
 from scipy import sparse
-from scipy.sparse.csgraph import connected_components
 
 from ..vocab import concept_key, is_point_pair
 
 THRESHOLDS = (0.0, 0.15, 0.5, 0.6, 0.8)  # InterPLM's fractions of the latent max
 ASSOCIATION_F1 = 0.5
 MIN_REGIONS_PER_SPLIT = 2  # a concept needs regions on both sides to be chosen and tested
-KMER = 5
-KMER_MIN_SHARED = 0.3  # of the shorter protein's distinct k-mers: roughly > 50 % identity
 
 
 def regions_from_annotations(rows, index: dict[str, int], lengths: Sequence[int]):
@@ -123,30 +119,6 @@ def concept_scores(acts: sparse.csr_matrix, masks: ConceptMasks, thresholds: Seq
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
     return precision, recall, f1
-
-
-def similarity_groups(sequences: Sequence[str], k: int = KMER, min_shared: float = KMER_MIN_SHARED) -> np.ndarray:
-    """Group id per sequence: single-linkage components of "share >= min_shared of k-mers".
-
-    Shared k-mer counts of all pairs come from one sparse product (proteins x hashed k-mers),
-    which is cheap because unrelated proteins share almost no 5-mers.
-    """
-    rows, cols, n_kmers = [], [], np.zeros(len(sequences))
-    column: dict[str, int] = {}  # each distinct k-mer seen gets a column
-    for i, s in enumerate(sequences):
-        kmers = {s[j : j + k] for j in range(max(len(s) - k + 1, 0))}
-        n_kmers[i] = len(kmers)
-        cols.extend(column.setdefault(x, len(column)) for x in kmers)
-        rows.extend([i] * len(kmers))
-    if not rows:
-        return np.arange(len(sequences))
-    M = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(sequences), len(column)))
-    shared = (M @ M.T).tocoo()
-    smaller = np.minimum(n_kmers[shared.row], n_kmers[shared.col])
-    keep = (shared.row != shared.col) & (shared.data >= min_shared * np.maximum(smaller, 1))
-    graph = sparse.coo_matrix((np.ones(keep.sum()), (shared.row[keep], shared.col[keep])), shape=(len(sequences),) * 2)
-    _, labels = connected_components(graph, directed=False)
-    return labels
 
 
 def split_validation(groups: np.ndarray, names: Sequence[str], seed: int = 0) -> np.ndarray:

@@ -38,8 +38,8 @@ def split_halves(keys: Sequence[str], seed: int = 0) -> np.ndarray:
     """Boolean mask: True = selection half, False = held-out half.
 
     Decided by a seeded SHA-256 of each key, so the split does not depend on row order or on
-    the other proteins.  Pass the *sequence* as key: identical sequences (duplicates under other
-    accessions) then always land in the same half and cannot leak the answer across it.
+    the other proteins.  Analyze passes each protein's MMseqs2 cluster representative as key: a
+    whole homology cluster then lands in one half and homologues cannot leak the answer across it.
     """
     out = np.empty(len(keys), dtype=bool)
     for i, key in enumerate(keys):

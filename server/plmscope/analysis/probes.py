@@ -73,7 +73,7 @@ def single_label(labels: Sequence[Sequence[str]], min_class: int = MIN_CLASS_PRO
 
 
 def split(y: np.ndarray, groups: Sequence[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Train / test indices: stratified by class, grouped by sequence (duplicates together)."""
+    """Train / test indices: stratified by class, grouped (analyze passes MMseqs2 clusters)."""
     n_splits = int(min(TEST_FOLDS, np.unique(y, return_counts=True)[1].min()))
     if n_splits < 2:
         raise ProbeSkipped("a class has fewer than 2 proteins; cannot hold out a test set")

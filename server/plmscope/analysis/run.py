@@ -27,11 +27,13 @@ import torch
 from scipy import sparse
 from tqdm import tqdm
 
+from .. import homology
 from ..errors import AtlasError, InputError
 from ..store import analysis_reads as reads
 from ..store import analysis_writes as writes
 from ..store.reader import check_atlas, read_sae_weights, read_saes
 from ..store.schema import ANALYSIS_TABLES
+from ..store.writer import set_meta
 from ..vocab import AMINO_ACIDS
 from . import concepts, describe, family, patterns, probes, secondary
 
@@ -108,6 +110,8 @@ def analyze_file(tmp: str, display: str, settings: AnalyzeSettings) -> list[dict
             raise InputError(f"{display} has no SAE {', '.join(sorted(unknown))} (it has: {', '.join(s['sae_id'] for s in sae_rows)})")
         wanted = [s for s in sae_rows if not settings.saes or s["sae_id"] in settings.saes]
         corpus = Corpus.load(con)
+        corpus.cluster()
+        set_meta(con, "homology", corpus.clustering.summary())
         plms: dict[str, object] = {}
         out = [analyze_sae(con, sae, corpus, plms, settings, Progress(f"SAE {i}/{len(wanted)}"))
                for i, sae in enumerate(wanted, 1)]
@@ -157,6 +161,21 @@ class Corpus:
         self.locations = [p["locations"] or [] for p in prots]
         self.family_names = fam_names
         self.regions = concepts.regions_from_annotations(annotation_rows + ss_rows, self.index, self.lengths)
+        self.clustering: homology.Clustering | None = None
+
+    def cluster(self) -> None:
+        """MMseqs2 homology clusters of every protein: the groups of all of analyze's splits."""
+        with _bar(f"corpus · homology clusters (MMseqs2, {len(self.accessions)} proteins)", None, "") as bar:
+            self.clustering = homology.cluster(list(zip(self.accessions.tolist(), self.sequences)),
+                                               homology.ClusterSettings(threads=max(torch.get_num_threads(), 1)))
+            bar.update(1)
+
+    @property
+    def cluster_key(self) -> np.ndarray:
+        """Per protein, the accession of its cluster's representative (object array)."""
+        if self.clustering is None:
+            raise RuntimeError("Corpus.cluster() has not run")
+        return np.array(self.clustering.representative, dtype=object)
 
     @classmethod
     def load(cls, con) -> Corpus:
@@ -216,7 +235,7 @@ def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSet
     with progress.step(f"load {sae['sae_id']}", "family"):
         inputs = load_inputs(con, sae, corpus)
     with progress.step("family specificity", "family"):
-        fres = family.family_specificity(inputs.pm, inputs.lat.max_act, corpus.families, corpus.sequences, seed=seed)
+        fres = family.family_specificity(inputs.pm, inputs.lat.max_act, corpus.families, corpus.cluster_key, seed=seed)
     with progress.step("patterns", "patterns", total=inputs.d, unit="latent") as bar:
         pattern = activation_patterns(con, inputs, bar)
     cres, concept_summary = concept_associations(con, inputs, corpus, plms, settings, progress)
@@ -228,6 +247,7 @@ def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSet
     with progress.step("write", "write"):
         write_results(con, inputs, res, columns)
     summary = {"sae_id": inputs.sae_id, "plm": sae["plm"], "layer": sae["layer"], "d_sae": inputs.d, "seed": seed,
+               "homology": corpus.clustering.summary(),
                "family": family.summarize(fres, inputs.live), "patterns": pattern_counts(pattern),
                "concepts": concept_summary, "probes": probe_summary,
                "timing_s": {k: round(v, 2) for k, v in progress.times.items()}}
@@ -289,14 +309,14 @@ def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: dict, set
         lengths = corpus.lengths[chosen]
         regions = [(sub[i], c, s, e) for i, c, s, e in corpus.regions if i in sub]
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        groups = concepts.similarity_groups(seqs)
+        groups = corpus.cluster_key[chosen]
         validation = concepts.split_validation(groups, ids, seed=settings.seed)
         cres = concepts.associate(acts, offsets, lengths, regions, validation)
     return cres, {
         **concepts.summarize(cres, inputs.live),
         "n_proteins": len(chosen), "n_validation": int(validation.sum()), "n_test": int((~validation).sum()),
-        "n_similarity_groups": int(len(np.unique(groups))),
-        "split": f"proteins sharing >= {concepts.KMER_MIN_SHARED:.0%} of their {concepts.KMER}-mers grouped; groups hashed to validation/test",
+        "n_clusters": int(len(np.unique(groups))),
+        "split": "MMseqs2 clusters (>= 30 % identity over >= 80 % of both sequences) hashed whole to validation/test",
     }
 
 
@@ -336,7 +356,7 @@ def fit_probes(con, inputs: SaeInputs, corpus: Corpus, seed: int, bar: tqdm) -> 
         keep = np.array([corpus.accessions[i] in have for i in rows])
         rows, y = rows[keep], y[keep]
     try:
-        train, test = probes.split(y, [corpus.sequences[i] for i in rows], seed=seed)
+        train, test = probes.split(y, corpus.cluster_key[rows].tolist(), seed=seed)
     except probes.ProbeSkipped as exc:
         return {"skipped": str(exc)}, []
     out = {"task": "location", "labels": "single-location proteins, multiclass", "n_classes": len(set(y))}

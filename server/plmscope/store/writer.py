@@ -91,9 +91,7 @@ class AtlasWriter:
 
     # ------------------------------------------------------------------ meta and lookups
     def set_meta(self, key: str, value: Any) -> None:
-        self.con.execute(
-            "INSERT OR REPLACE INTO atlas_meta (key, value) VALUES (?, ?)", [key, json.dumps(value, default=str)]
-        )
+        set_meta(self.con, key, value)
 
     def rank_labels(self, table: str, column: str, sae_id: str, parts, n_active_res: np.ndarray,
                     top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +132,11 @@ class AtlasWriter:
             self.con.register("_acc", {"accession": _obj(accessions_with_structure)})
             self.con.execute("UPDATE proteins SET has_structure = true WHERE accession IN (SELECT accession FROM _acc)")
             self.con.unregister("_acc")
+
+
+def set_meta(con, key: str, value: Any) -> None:
+    """One ``atlas_meta`` entry (JSON), replacing an earlier value of ``key``."""
+    con.execute("INSERT OR REPLACE INTO atlas_meta (key, value) VALUES (?, ?)", [key, json.dumps(value, default=str)])
 
 
 def insert_columns(con, table: str, columns: dict[str, Any]) -> int:
