@@ -17,9 +17,8 @@ comes first (``--isolated``: every run in a fresh process, no warm-up, as a CLI 
 ``ratio`` = mean build residues/s over mean bare residues/s (the ratio of the mean times); also
 printed: ``ratio_paired``, each build against the mean of the bare runs just before and after it
 (the machine's speed drifts over a run of many minutes), with its median, and
-``ratio_best_of``, the fastest run of each.  Best-of was the headline until run J; it is kept for
-comparison but biased here: it takes the minimum of R + 1 bare runs against R builds, and in the
-in-process mode the first bare run of a process was repeatedly the fastest of all.  Target >= 0.9.  The build's own stage timings
+``ratio_best_of``, the fastest run of each, which is biased: it takes the minimum of R + 1 bare
+runs against R builds, and in the in-process mode a process's first bare run tends to be its fastest.  Target >= 0.9.  The build's own stage timings
 (of the last build) are printed too.
 """
 

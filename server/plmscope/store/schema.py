@@ -71,7 +71,7 @@ TABLES: dict[str, str] = {
     "annotations": """
         CREATE TABLE annotations (
             accession VARCHAR NOT NULL,
-            kind VARCHAR NOT NULL,            -- 'pfam' | 'feature' | 'nls' | 'secondary_structure'
+            kind VARCHAR NOT NULL,            -- 'pfam' | 'feature' | 'nls' (or a corpus TSV's own kinds)
             type VARCHAR NOT NULL,            -- 'Pfam domain', 'signal peptide', 'helix' ...
             label VARCHAR NOT NULL,           -- Pfam id / feature note
             name VARCHAR NOT NULL DEFAULT '', -- Pfam family name
