@@ -68,7 +68,9 @@ def test_infer_page_permalink(client, tiny_atlas):
 @pytest.mark.parametrize("body,status,fragment", [
     ({"sequence": "MKV1LLA"}, 422, "position 4"),
     ({"sequence": ""}, 422, "no sequence"),
-    ({"sequence": "MKVLLA", "latents": [100000]}, 422, "no latent 100000"),
+    ({"sequence": "MKVLLA", "latents": [100000]}, 404, "no latent 100000"),  # as on the protein and latent pages
+    ({"sequence": "MKVLLA", "latents": [-1]}, 422, "latents"),
+    ({"sequence": ">x\nMKV\n\n>y\nAAA", "latents": [1] * 33}, 422, "latents"),
     ({"sequence": "MKVLLA", "sae_id": "other"}, 404, "no SAE"),
     ({"sequence": "MKVLLA", "top_k": 0}, 422, "top_k"),
     ({"nothing": 1}, 422, "sequence"),
@@ -80,12 +82,18 @@ def test_bad_input_is_4xx_with_message(client, body, status, fragment):
 
 
 def test_too_long_sequence(tiny_atlas):
+    # an input error like any other (422); 413 is for request bodies over max_request_bytes
     with TestClient(_app(tiny_atlas, max_residues=50)) as c:
         r = c.post("/api/infer", json={"sequence": SEQ[:51]})
-        assert r.status_code == 413 and "at most 50" in r.json()["detail"]
+        assert r.status_code == 422 and "has 51 residues" in r.json()["detail"] and "at most 50" in r.json()["detail"]
         page = c.get("/infer", params={"seq": SEQ[:51]})
-        assert page.status_code == 413 and "at most 50" in page.text
+        assert page.status_code == 422 and "at most 50" in page.text
+        fasta = ">long one\n" + "\n".join(SEQ[i:i + 20] for i in range(0, 60, 20)) + "\n>ignored\n" + SEQ
+        assert c.post("/api/infer", json={"sequence": fasta}).status_code == 422  # 60 residues in the first record
         assert c.post("/api/infer", json={"sequence": SEQ[:50]}).status_code == 200
+        assert c.post("/api/infer", json={"sequence": f">ok\n{SEQ[:25]}\n {SEQ[25:50]}*\n>ignored\n{SEQ}"}).status_code == 200
+        schema = c.get("/openapi.json").json()["components"]["schemas"]["InferRequest"]["properties"]["sequence"]
+        assert "{1,50}" in schema["pattern"]  # the limit the schema publishes is the one enforced
 
 
 def test_request_body_limit(tiny_atlas):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 
 import pytest
 
@@ -188,3 +189,32 @@ def test_static_vendor_served(client):
     r = client.get("/static/vendor/3Dmol-2.5.5.min.js")
     assert r.status_code == 200 and len(r.content) > 100_000
     assert client.get("/static/vendor/3Dmol-2.5.5.LICENSE").status_code == 200
+
+
+HM_ROW = re.compile(r'<div class="hm-row" data-acc="([^"]*)" data-seq="([^"]*)" data-maxpos="([^"]*)"\s+'
+                    r'data-scale="([^"]*)" data-values="([^"]*)"')
+
+
+def _row(html: str) -> tuple[str, str, int, float, list[float]]:
+    acc, seq, max_pos, scale, values = HM_ROW.search(html).groups()
+    return acc, seq, int(max_pos), float(scale), [float(v) for v in values.split(",")]
+
+
+def test_heatmaps_drawn_as_the_twins_report_them(client, sae_id, latent, structured_accession):
+    """Latent examples, the protein page and live inference draw what one assembler built."""
+    lj = client.get(f"/latents/{sae_id}/{latent}.json").json()
+    ex = lj["top_examples"][0]
+    assert _row(client.get(f"/latents/{sae_id}/{latent}").text) == (
+        ex["accession"], ex["sequence"][: len(ex["activations"])], ex["max_pos"], lj["stats"]["max_act"], ex["activations"])
+
+    pj = client.get(f"/proteins/{structured_accession}.json").json()
+    hm = pj["heatmap"]
+    assert hm["residues"] == pj["sequence"][: len(hm["activations"])] and hm["scale"] == hm["max_act"] > 0
+    assert _row(client.get(f"/proteins/{structured_accession}").text) == (
+        structured_accession, hm["residues"], hm["max_pos"], hm["scale"], hm["activations"])
+
+    params = {"seq": pj["sequence"][:300], "latents": str(hm["latent"])}
+    live = client.get("/infer.json", params=params).json()["heatmaps"][0]
+    assert live["residues"] == pj["sequence"][:300] and live["source"] == "live"
+    assert _row(client.get("/infer", params=params).text) == (
+        "query", live["residues"], live["max_pos"] or 1, live["scale"], live["activations"])

@@ -6,9 +6,12 @@ same object, so what a script reads is exactly what a person sees.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
+
+from ..settings import Settings
+from .inputs import MAX_LATENTS, SEQUENCE_HELP, json_integer, sequence_type
 
 
 class SAEInfo(BaseModel):
@@ -190,12 +193,17 @@ class TopLatent(BaseModel):
 
 
 class Heatmap(BaseModel):
+    """One latent along one sequence; built by ``web.heatmaps.assemble_heatmap``."""
+
     sae_id: str
     latent: int
     source: str = Field(description="'atlas' (stored vector), 'live' (computed now) or 'none'")
-    activations: Optional[list[float]] = None
+    residues: str = Field("", description="the residues the activations cover, in order (the pLM may have seen "
+                          "only the first part of a long protein)")
+    activations: Optional[list[float]] = Field(None, description="per residue, item i-1 = residue i")
     max_act: Optional[float] = None
-    max_pos: Optional[int] = None
+    max_pos: Optional[int] = Field(None, description="1-based residue of the maximum; none when nothing is active")
+    scale: Optional[float] = Field(None, description="activation drawn in the darkest colour on the page")
     message: Optional[str] = None
 
 
@@ -239,11 +247,19 @@ class ProteinSearch(BaseModel):
     proteins: list[ProteinHit]
 
 
-class InferRequest(BaseModel):
-    sequence: str = Field(description="one sequence, or FASTA text (the first record is used)", max_length=2_000_000)
-    sae_id: Optional[str] = Field(None, description="SAE to run; default: the atlas's first SAE")
-    latents: list[int] = Field(default_factory=list, description="latents to return per-residue heatmaps for", max_length=32)
-    top_k: int = Field(20, ge=1, le=200, description="how many of the strongest latents to list")
+def infer_request_model(settings: Settings) -> type[BaseModel]:
+    """The body of POST /api/infer; its sequence limits come from the server's settings."""
+    Sequence = sequence_type(settings)
+
+    class InferRequest(BaseModel):
+        sequence: Sequence = Field(description=f"{SEQUENCE_HELP}; at most {settings.max_residues} residues")
+        sae_id: Optional[str] = Field(None, description="SAE to run; default: the atlas's first SAE")
+        latents: list[Annotated[int, Field(ge=0), BeforeValidator(json_integer)]] = Field(
+            default_factory=list, max_length=MAX_LATENTS, description="latents to return per-residue heatmaps for")
+        top_k: Annotated[int, BeforeValidator(json_integer)] = Field(
+            20, ge=1, le=200, description="how many of the strongest latents to list")
+
+    return InferRequest
 
 
 class InferLatent(BaseModel):
@@ -280,6 +296,8 @@ class Health(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    status: int
-    error: str
-    detail: str
+    """Every error the server answers with (4xx and 5xx, validation errors included) when JSON is wanted."""
+
+    status: int = Field(description="the HTTP status, repeated")
+    error: str = Field(description="its title, e.g. 'Not found'")
+    detail: str = Field(description="what went wrong, for a person to read")

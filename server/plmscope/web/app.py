@@ -11,12 +11,14 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from ..settings import Settings
 from ..store.reader import AtlasReader
 from . import errors as web_errors
+from .api_models import ErrorBody
+from .deps import atlas_param
 from .inference import InferenceService, load_models
 from .middleware import AtlasIdMiddleware, BodyLimitMiddleware
 from .templating import make_templates
@@ -29,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        reader = AtlasReader(settings.atlas)
+        reader = await asyncio.to_thread(AtlasReader, settings.atlas)
         app.state.reader = reader
         app.state.infer = None
         app.state.model_error = None if settings.load_model else "live inference is switched off on this server (--no-model)"
@@ -50,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if app.state.infer is not None:
                 await app.state.infer.stop()
-            reader.close()
+            await asyncio.to_thread(reader.close)
 
     app = FastAPI(
         title="plmscope",
@@ -59,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # Swagger UI would load its assets from a CDN; /openapi.json is enough
         redoc_url=None,
+        dependencies=[Depends(atlas_param)],
     )
     app.state.settings = settings
     app.state.templates = make_templates(settings.frontend_dir / "templates")
@@ -74,10 +77,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=settings.frontend_dir / "static"), name="static")
 
     from .routes import analysis, api, health, infer, pages
+    from .routes.common import COMMON_ERRORS, errors
 
     app.include_router(health.router)
-    app.include_router(api.router)
-    app.include_router(infer.router)
-    app.include_router(analysis.router)
+    app.include_router(api.make_router(settings))
+    app.include_router(infer.make_router(settings))
+    app.include_router(analysis.router, responses=errors(*COMMON_ERRORS))
     app.include_router(pages.router)
+    _register_error_body(app)
     return app
+
+
+def _register_error_body(app: FastAPI) -> None:
+    """Error responses refer to ``ErrorBody`` by name (``routes.common.errors``): put it in the schema's components."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {})["ErrorBody"] = ErrorBody.model_json_schema()
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -9,9 +9,10 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..errors import AtlasError, PlmscopeError
-from .inference import QueueFull, RateLimited, SequenceTooLong
+from .inference import QueueFull, RateLimited
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +45,39 @@ def error_response(request: Request, status: int, detail: str, headers: dict | N
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path"))
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path", "form"))
+        msg = err.get("msg")
+        if err.get("type") == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])  # our validators write for people; pydantic prefixes "Value error, "
+        parts.append(f"{loc}: {msg}" if loc else str(msg))
     return "; ".join(parts) or "invalid request"
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    # Starlette's Allow names the methods of the first route on the path only; /infer has two
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: HTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"there is no page at {request.url.path}"
-        return error_response(request, exc.status_code, detail, headers=getattr(exc, "headers", None))
+        elif exc.status_code == 405:
+            allowed = _allowed_methods(request)
+            detail = f"{request.url.path} answers {', '.join(allowed)}, not {request.method}"
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return error_response(request, exc.status_code, detail, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         return error_response(request, 422, _validation_message(exc))
-
-    @app.exception_handler(SequenceTooLong)
-    async def too_long(request: Request, exc: SequenceTooLong):
-        return error_response(request, 413, str(exc))
 
     @app.exception_handler(RateLimited)
     async def rate_limited(request: Request, exc: RateLimited):

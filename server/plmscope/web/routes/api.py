@@ -1,18 +1,24 @@
 """JSON API for scripts: live inference (the atlas pages' JSON twins live next to their pages)."""
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI resolves string annotations in module globals only,
+# and these routes' parameter types are built per app inside make_router
 from fastapi import APIRouter, Request
 
+from ...settings import Settings
 from .. import api_models as M
-from .infer import run_inference
+from ..deps import LiveEngine, Reader
+from .common import json_doc
+from .infer import INFER_ERRORS, run_inference
 
-router = APIRouter(prefix="/api", tags=["api"])
 
+def make_router(settings: Settings) -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["api"])
+    InferRequest = M.infer_request_model(settings)
 
-@router.post("/infer", response_model=M.InferResponse,
-             responses={413: {"model": M.ErrorBody}, 422: {"model": M.ErrorBody}, 429: {"model": M.ErrorBody},
-                        503: {"model": M.ErrorBody}})
-async def api_infer(request: Request, body: M.InferRequest) -> M.InferResponse:
-    """Run the pLM and an SAE on one sequence: its strongest latents and per-residue heatmaps of chosen ones."""
-    return await run_inference(request, body.sequence, body.sae_id, list(dict.fromkeys(body.latents)), body.top_k)
+    @router.post("/infer", **json_doc(M.InferResponse, 400, 413, *INFER_ERRORS))
+    async def api_infer(request: Request, reader: Reader, engine: LiveEngine, body: InferRequest) -> M.InferResponse:
+        """Run the pLM and an SAE on one sequence: its strongest latents and per-residue heatmaps of chosen ones."""
+        return await run_inference(request, engine, reader, body.sequence, body.sae_id,
+                                   list(dict.fromkeys(body.latents)), body.top_k)
+
+    return router

@@ -1,4 +1,5 @@
-"""Shared plumbing of the routes: one builder per page, three renderings (HTML, JSON, CSV)."""
+"""Shared plumbing of the routes: one builder per page, three renderings (HTML, JSON, CSV), and
+the OpenAPI description of what each rendering and each error looks like."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import io
 from typing import Iterable
 
 from fastapi import HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
-from ...store.reader import AtlasReader
+from ..deps import reader_of  # noqa: F401  (re-exported: any route may look the reader up here)
 
 
-def reader_of(request: Request) -> AtlasReader:
-    return request.app.state.reader
+class CSVResponse(Response):
+    media_type = "text/csv"
 
 
 def pick_format(request: Request, forced: str | None) -> str:
@@ -57,3 +58,59 @@ def respond(request: Request, fmt: str, model: BaseModel, template: str, *, csv_
     templates = request.app.state.templates
     ctx = {"m": model, "data": model.model_dump(mode="json"), **(context or {})}
     return templates.TemplateResponse(request, template, ctx, status_code=status)
+
+
+# ---- OpenAPI: what the renderings and the errors look like ----
+ERROR_BODY_REF = {"$ref": "#/components/schemas/ErrorBody"}  # registered by app.create_app
+_STRING = {"schema": {"type": "string"}}
+_RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}
+
+_ERRORS = {
+    400: "the request body cannot be parsed (not UTF-8 JSON, or a malformed multipart form)",
+    404: "no such SAE, latent, protein or page",
+    409: "the link's ?atlas= names another atlas build than the one served here",
+    413: "the request body is larger than this server accepts",
+    422: "invalid input: `detail` names the parameter and says what is wrong",
+    429: "too many live-inference requests from this client; retry after Retry-After seconds",
+    500: "server error; `detail` carries a reference to the server log",
+    503: "live inference is unavailable (no model loaded) or its queue is full (then with Retry-After)",
+}
+
+HTML = {200: {"description": "the page", "content": {"text/html": _STRING}}}
+CSV = {200: {"description": "the table as CSV (a file download)", "content": {"text/csv": _STRING}}}
+REDIRECT = {303: {"description": "redirect to the page named in Location",
+                  "headers": {"Location": {"description": "where the page is", "schema": {"type": "string"},
+                                           "required": True}}}}
+
+
+def errors(*codes: int, page: bool = False) -> dict:
+    """OpenAPI ``responses`` for these error statuses: an ``ErrorBody`` as JSON, and for HTML pages
+    also the error page (a page answers HTML unless the request accepts only JSON)."""
+    content = {"application/json": {"schema": ERROR_BODY_REF}}
+    if page:
+        content["text/html"] = _STRING
+    out = {}
+    for code in codes:
+        doc = {"description": _ERRORS[code], "content": content}
+        if code == 429:
+            doc["headers"] = {"Retry-After": {**_RETRY_AFTER, "required": True}}
+        elif code == 503:
+            doc["headers"] = {"Retry-After": _RETRY_AFTER}
+        out[code] = doc
+    return out
+
+
+# every route takes ?atlas= (409) and can fail (500); 422 for its parameters
+COMMON_ERRORS = (409, 422, 500)
+
+
+def page_doc(*codes: int) -> dict:
+    return {"response_class": HTMLResponse, "responses": {**HTML, **errors(*COMMON_ERRORS, *codes, page=True)}}
+
+
+def json_doc(model: type[BaseModel] | None, *codes: int) -> dict:
+    return {"response_model": model, "responses": errors(*COMMON_ERRORS, *codes)}
+
+
+def csv_doc(*codes: int) -> dict:
+    return {"response_class": CSVResponse, "responses": {**CSV, **errors(*COMMON_ERRORS, *codes)}}

@@ -5,13 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..api_models import Health
+from .common import json_doc
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", response_model=Health)
-@router.get("/health.json", response_model=Health, include_in_schema=False)
-def health(request: Request) -> Health:
+# async: it reads app.state only, so it answers from the event loop even when every worker thread is busy
+@router.get("/health", **json_doc(Health))
+@router.get("/health.json", include_in_schema=False)
+async def health(request: Request) -> Health:
     state = request.app.state
     reader = getattr(state, "reader", None)
     service = getattr(state, "infer", None)

@@ -1,101 +1,72 @@
-"""Live inference: the /infer page (a permalink: sequence and latents live in the URL) and helpers."""
+"""Live inference: the /infer page (a permalink: sequence and latents live in the URL), its JSON
+and CSV twins, and the helpers the protein page and POST /api/infer share.
 
-from __future__ import annotations
+The routes are built per app (``make_router(settings)``) because the sequence they accept is
+limited by the settings and the OpenAPI schema says so.  Handlers are ``async``: they wait for the
+model; every atlas read, structure parse and page rendering runs in the thread pool.
+"""
 
-from typing import Optional
+# no `from __future__ import annotations`: FastAPI resolves string annotations in module globals only,
+# and these routes' parameter types are built per app inside make_router
+from typing import Annotated, Optional
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from ...errors import InputError
+from ...settings import Settings
+from ...store.reader import AtlasReader
 from .. import api_models as M
-from ..inference import RateLimited, parse_sequence_input, sequence_hash
+from ..deps import AppSettings, Engine, LiveEngine, Reader, latent_or_404, sae_or_404, unavailable_message
+from ..heatmaps import assemble_heatmap, no_heatmap
+from ..inference import InferenceService, RateLimited, parse_sequence_input, sequence_hash
+from ..inputs import SEQUENCE_HELP, LatentListText, parse_latent_list, sequence_type
 from ..templating import make_url
 from ..uploads import parse_structure_upload
-from .common import pick_format, reader_of, respond
-
-router = APIRouter(tags=["inference"])
+from .common import REDIRECT, csv_doc, csv_response, errors, json_doc, page_doc, pick_format
 
 DEFAULT_HEATMAPS = 3  # heatmaps the page shows when the URL names no latents
+INFER_ERRORS = (404, 429, 503)  # unknown SAE or latent; rate limit; no model or a full queue
+TOP_COLUMNS = list(M.InferLatent.model_fields)
 
 
 def client_key(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def unavailable_message(request: Request) -> str:
-    reason = getattr(request.app.state, "model_error", None) or "the models are not loaded"
-    return f"live inference is not available on this server: {reason}"
+def _lookups(reader: AtlasReader, sae_id: str, latents: list[int], seq: str) -> tuple[dict, Optional[str]]:
+    return reader.latent_briefs(sae_id, latents), reader.accession_for_sequence(seq)
 
 
-def parse_latent_list(text: Optional[str]) -> list[int]:
-    if not text:
-        return []
-    out = []
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        if not part.isdigit():
-            raise InputError(f"latents must be comma-separated numbers, e.g. 12,345; got {part!r}")
-        out.append(int(part))
-    if len(out) > 32:
-        raise InputError("at most 32 latents can be shown at once")
-    return list(dict.fromkeys(out))
-
-
-def _sae_id(request: Request, sae: Optional[str]) -> dict:
-    saes = reader_of(request).saes()
-    if not saes:
-        raise HTTPException(404, "this atlas holds no SAE")
-    if not sae:
-        return saes[0]
-    for s in saes:
-        if s["sae_id"] == sae:
-            return s
-    raise HTTPException(404, f"this atlas has no SAE {sae!r}; it has {', '.join(s['sae_id'] for s in saes)}")
-
-
-async def run_inference(request: Request, text: str, sae: Optional[str], latents: list[int], top_k: int,
-                        default_heatmaps: int = 0) -> M.InferResponse:
-    service = request.app.state.infer
-    if service is None:
-        raise HTTPException(503, unavailable_message(request))
+async def run_inference(request: Request, service: InferenceService, reader: AtlasReader, text: str,
+                        sae: Optional[str], latents: list[int], top_k: int, default_heatmaps: int = 0) -> M.InferResponse:
     record, seq, ignored = parse_sequence_input(text)
-    s = _sae_id(request, sae)
+    s = await run_in_threadpool(sae_or_404, reader, sae)
     for lat in latents:
-        if not 0 <= lat < s["d_sae"]:
-            raise InputError(f"SAE {s['sae_id']} has latents 0..{s['d_sae'] - 1}; there is no latent {lat}")
+        latent_or_404(s, lat)
     service.check_rate(client_key(request))
     result, cached = await service.infer(s["sae_id"], seq)
     top = result.top(top_k)
     chosen = latents or [t["latent"] for t in top[:default_heatmaps]]
-    reader = reader_of(request)
-    briefs = await run_in_threadpool(reader.latent_briefs, s["sae_id"], [t["latent"] for t in top] + chosen)
-    heatmaps = []
-    for lat in chosen:
-        vec = result.vector(lat)
-        mx = max(vec) if vec else 0.0
-        heatmaps.append(M.Heatmap(sae_id=s["sae_id"], latent=lat, source="live", activations=vec, max_act=mx,
-                                  max_pos=(vec.index(mx) + 1) if mx > 0 else None,
-                                  message=None if mx > 0 else "not active on this sequence"))
+    briefs, matched = await run_in_threadpool(_lookups, reader, s["sae_id"], [t["latent"] for t in top] + chosen, seq)
+    heatmaps = [assemble_heatmap(seq, result.vector(lat), sae_id=s["sae_id"], latent=lat, source="live",
+                                 inactive="not active on this sequence") for lat in chosen]
     return M.InferResponse(
         atlas_id=reader.atlas_id, sae_id=s["sae_id"], record=record, ignored_records=ignored, sequence=seq,
-        length=len(seq), sequence_sha256=sequence_hash(seq), cached=cached,
-        matched_accession=await run_in_threadpool(reader.accession_for_sequence, seq),
+        length=len(seq), sequence_sha256=sequence_hash(seq), cached=cached, matched_accession=matched,
         top_latents=[M.InferLatent(**t, atlas_max_act=briefs.get(t["latent"], {}).get("max_act"),
                                    description=briefs.get(t["latent"], {}).get("description")) for t in top],
         heatmaps=heatmaps,
     )
 
 
-async def live_heatmap(request: Request, sae_id: str, latent: int, sequence: str) -> M.Heatmap:
+async def live_heatmap(request: Request, service: Optional[InferenceService], sae_id: str, latent: int,
+                       sequence: str) -> M.Heatmap:
     """A latent's activations on a corpus protein whose vector the atlas did not store."""
-    service = request.app.state.infer
     if service is None:
-        return M.Heatmap(sae_id=sae_id, latent=latent, source="none",
-                         message="the atlas stores no activations of this latent on this protein, and "
-                         + unavailable_message(request))
+        return no_heatmap(sae_id, latent, "the atlas stores no activations of this latent on this protein, and "
+                          + unavailable_message(request))
     limit = service.max_length(sae_id)
     note = None
     if len(sequence) > limit:
@@ -103,77 +74,104 @@ async def live_heatmap(request: Request, sae_id: str, latent: int, sequence: str
     try:
         service.check_rate(client_key(request))
     except RateLimited as exc:
-        return M.Heatmap(sae_id=sae_id, latent=latent, source="none", message=str(exc))
+        return no_heatmap(sae_id, latent, str(exc))
     result, _ = await service.infer(sae_id, sequence)
-    vec = result.vector(latent)
-    mx = max(vec) if vec else 0.0
-    return M.Heatmap(sae_id=sae_id, latent=latent, source="live", activations=vec, max_act=mx,
-                     max_pos=(vec.index(mx) + 1) if mx > 0 else None, message=note or ("computed live" if mx > 0 else
-                                                                                     "computed live: not active"))
+    return assemble_heatmap(sequence, result.vector(latent), sae_id=sae_id, latent=latent, source="live",
+                            message=note or "computed live", inactive="computed live: not active")
 
 
-async def _render(request: Request, fmt: str, seq: Optional[str], sae: Optional[str], latents: Optional[str],
-                  top_k: int, upload: Optional[dict] = None, upload_error: Optional[str] = None):
-    reader = reader_of(request)
-    saes = reader.saes()
-    context = {"seq_text": seq or "", "saes": saes, "sae": sae or (saes[0]["sae_id"] if saes else None),
-               "latents_text": latents or "", "top_k": top_k, "model_available": request.app.state.infer is not None,
-               "unavailable": unavailable_message(request), "structure": None, "upload_error": upload_error}
-    m = None
-    if seq and seq.strip() and fmt == "html" and request.app.state.infer is None:
-        # Keep the pasted sequence on the page and say why nothing ran (the notice), with a 503 status.
-        templates = request.app.state.templates
-        return templates.TemplateResponse(request, "infer.html", {"m": None, "data": None, **context}, status_code=503)
-    if seq and seq.strip():
-        m = await run_inference(request, seq, sae, parse_latent_list(latents), top_k,
-                                default_heatmaps=DEFAULT_HEATMAPS if fmt == "html" else 0)
-        if upload is not None:
-            context["structure"] = upload
-        elif m.matched_accession:
-            found = await run_in_threadpool(reader.structures, m.matched_accession)
-            context["structure"] = found[0] if found else None
-    elif fmt != "html":
-        raise HTTPException(422, "give a sequence: /infer.json?seq=MKT...")
+def _twin(fmt: str, m: M.InferResponse):
     if fmt == "json":
-        return respond(request, "json", m, "infer.html")
-    if fmt == "csv":
-        return respond(request, "csv", m, "infer.html", csv_rows=(t.model_dump() for t in m.top_latents),
-                       csv_name="live_top_latents.csv", csv_columns=list(M.InferLatent.model_fields))
-    templates = request.app.state.templates
-    return templates.TemplateResponse(request, "infer.html", {"m": m, "data": m.model_dump(mode="json") if m else None,
-                                                              **context})
+        return JSONResponse(m.model_dump(mode="json"))
+    return csv_response((t.model_dump() for t in m.top_latents), "live_top_latents.csv", TOP_COLUMNS)
 
 
-def _infer_get(fmt_forced: Optional[str]):
-    async def handler(request: Request, seq: Optional[str] = Query(None, max_length=200_000),
-                      sae: Optional[str] = Query(None), latents: Optional[str] = Query(None, max_length=400),
-                      top_k: int = Query(20, ge=1, le=200)):
-        return await _render(request, pick_format(request, fmt_forced), seq, sae, latents, top_k)
+async def _page(request: Request, reader: AtlasReader, engine: Optional[InferenceService], seq: Optional[str],
+                sae: Optional[str], latents: Optional[str], top_k: int, upload: Optional[dict] = None,
+                upload_error: Optional[str] = None):
+    saes = await run_in_threadpool(reader.saes)
+    context = {"seq_text": seq or "", "saes": saes, "sae": sae or (saes[0]["sae_id"] if saes else None),
+               "latents_text": latents or "", "top_k": top_k, "model_available": engine is not None,
+               "unavailable": unavailable_message(request), "structure": None, "upload_error": upload_error}
+    m, status = None, 200
+    if seq and seq.strip():
+        if engine is None:
+            status = 503  # the page keeps the pasted sequence and its notice says why nothing ran
+        else:
+            m = await run_inference(request, engine, reader, seq, sae, parse_latent_list(latents), top_k,
+                                    default_heatmaps=DEFAULT_HEATMAPS)
+            if upload is not None:
+                context["structure"] = upload
+            elif m.matched_accession:
+                found = await run_in_threadpool(reader.structures, m.matched_accession)
+                context["structure"] = found[0] if found else None
+    ctx = {"m": m, "data": m.model_dump(mode="json") if m else None, **context}
+    return await run_in_threadpool(request.app.state.templates.TemplateResponse, request, "infer.html", ctx,
+                                   status_code=status)
 
-    return handler
 
+def make_router(settings: Settings) -> APIRouter:
+    router = APIRouter(tags=["inference"])
+    Sequence = sequence_type(settings)
+    PageSequence = sequence_type(settings, blank_ok=True)
+    seq_help = f"{SEQUENCE_HELP}; at most {settings.max_residues} residues"
+    latents_help = "latents to show as heatmaps, comma-separated (at most 32)"
+    LatentsQuery = Annotated[Optional[LatentListText], Query(description=latents_help)]
+    TopK = Annotated[int, Query(ge=1, le=200, description="how many of the strongest latents to list")]
+    SAEQuery = Annotated[Optional[str], Query(description="SAE to run (default: the atlas's first)")]
 
-router.add_api_route("/infer", _infer_get(None), methods=["GET"], include_in_schema=False)
-router.add_api_route("/infer.json", _infer_get("json"), methods=["GET"], response_model=M.InferResponse,
-                     summary="Live inference on a sequence given in the URL (permalink form of POST /api/infer)")
-router.add_api_route("/infer.csv", _infer_get("csv"), methods=["GET"], summary="Live top latents as CSV")
+    def twin(fmt: str):
+        async def handler(request: Request, reader: Reader, engine: LiveEngine,
+                          seq: Annotated[Sequence, Query(description=seq_help)], sae: SAEQuery = None,
+                          latents: LatentsQuery = None, top_k: TopK = 20):
+            return _twin(fmt, await run_inference(request, engine, reader, seq, sae, parse_latent_list(latents), top_k))
 
+        return handler
 
-@router.post("/infer", include_in_schema=False)
-async def infer_form(request: Request, sequence: str = Form("", max_length=200_000), sae: Optional[str] = Form(None),
-                     latents: Optional[str] = Form(None, max_length=400), top_k: int = Form(20, ge=1, le=200),
-                     structure: Optional[UploadFile] = File(None)):
-    """The page's form.  Without an upload it redirects to the GET permalink."""
-    if structure is None or not structure.filename:
-        url = make_url(request, "/infer", seq=sequence.strip(), sae=sae, latents=latents,
-                       top_k=top_k if top_k != 20 else None)
-        return RedirectResponse(url, status_code=303)
-    cap = request.app.state.settings.max_upload_bytes
-    data = await structure.read(cap + 1)  # in memory only; never written to disk
-    upload, error = None, None
-    try:
-        _, seq, _ = parse_sequence_input(sequence)
-        upload = parse_structure_upload(data, structure.filename, seq, cap)
-    except InputError as exc:
-        error = str(exc)
-    return await _render(request, "html", sequence, sae, latents, top_k, upload=upload, upload_error=error)
+    router.add_api_route("/infer.json", twin("json"), methods=["GET"],
+                         summary="Live inference on a sequence given in the URL (permalink form of POST /api/infer)",
+                         **json_doc(M.InferResponse, *INFER_ERRORS))
+    router.add_api_route("/infer.csv", twin("csv"), methods=["GET"], summary="Live top latents as CSV",
+                         **csv_doc(*INFER_ERRORS))
+
+    @router.get("/infer", summary="Run a sequence (page; empty form without seq)", **page_doc(*INFER_ERRORS))
+    async def infer_page(request: Request, reader: Reader, engine: Engine,
+                         seq: Annotated[Optional[PageSequence], Query(description=seq_help)] = None,
+                         sae: SAEQuery = None, latents: LatentsQuery = None, top_k: TopK = 20):
+        fmt = pick_format(request, None)
+        if fmt == "html":
+            return await _page(request, reader, engine, seq, sae, latents, top_k)
+        if not (seq and seq.strip()):
+            raise HTTPException(422, "give a sequence: /infer.json?seq=MKT...")
+        if engine is None:
+            raise HTTPException(503, unavailable_message(request))
+        return _twin(fmt, await run_inference(request, engine, reader, seq, sae, parse_latent_list(latents), top_k))
+
+    @router.post("/infer", summary="The page's form: redirects to the GET permalink, or shows an uploaded structure",
+                 response_class=HTMLResponse,
+                 responses={**page_doc(*INFER_ERRORS)["responses"], **REDIRECT, **errors(400, 413, page=True)})
+    async def infer_form(request: Request, reader: Reader, engine: Engine, app_settings: AppSettings,
+                         # a field the form leaves out is its empty default
+                         sequence: Annotated[PageSequence, Form(description=seq_help)] = "",
+                         sae: Annotated[str, Form(description="SAE to run (default: the atlas's first)")] = "",
+                         latents: Annotated[LatentListText, Form(description=latents_help)] = "",
+                         top_k: Annotated[int, Form(ge=1, le=200)] = 20,
+                         structure: Annotated[UploadFile, File(
+                             description="PDB or mmCIF file (optionally gzipped) of the sequence's structure",
+                             # tells clients (and schemathesis) that any bytes are a file, whatever they spell
+                             json_schema_extra={"format": "binary"})] = None):
+        text = sequence.strip()
+        if structure is None or not structure.filename:
+            url = make_url(request, "/infer", seq=text, sae=sae, latents=latents, top_k=top_k if top_k != 20 else None)
+            return RedirectResponse(url, status_code=303)
+        cap = app_settings.max_upload_bytes
+        data = await structure.read(cap + 1)
+        upload, error = None, None
+        try:
+            _, seq, _ = parse_sequence_input(text)
+            upload = await run_in_threadpool(parse_structure_upload, data, structure.filename, seq, cap)
+        except InputError as exc:
+            error = str(exc)
+        return await _page(request, reader, engine, text, sae, latents, top_k, upload=upload, upload_error=error)
+
+    return router

@@ -1,48 +1,38 @@
 """Atlas pages: overview + latent table, latent detail, protein search and detail.
 
 Each page has one builder returning its pydantic model; the HTML route, its ``.json`` twin and
-(for tables) its ``.csv`` export all call it, so the three can never disagree.
+(for tables) its ``.csv`` export all call it, so the three can never disagree.  Builders read the
+atlas, so handlers are plain ``def`` (FastAPI runs them in its thread pool); the protein page,
+which may wait for live inference, is ``async`` and runs its builder and its rendering in threads.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 
-from ...store.reader import LATENT_SORTS
+from ...store.reader import LATENT_SORTS, AtlasReader
 from .. import api_models as M
+from ..deps import SAE, Engine, Reader, SAEInPath, latent_or_404
+from ..heatmaps import assemble_heatmap
 from ..templating import make_url
-from .common import pick_format, reader_of, respond
+from .common import COMMON_ERRORS, REDIRECT, csv_doc, errors, json_doc, page_doc, pick_format, respond
 from .infer import live_heatmap
 
 router = APIRouter(tags=["pages"])
 
 LATENT_COLUMNS = list(M.LatentRow.model_fields)
-
-
-def _sae_or_404(request: Request, sae_id: Optional[str]) -> dict:
-    saes = reader_of(request).saes()
-    if not saes:
-        raise HTTPException(404, "this atlas holds no SAE")
-    if not sae_id:
-        return saes[0]
-    for s in saes:
-        if s["sae_id"] == sae_id:
-            return s
-    raise HTTPException(404, f"this atlas has no SAE {sae_id!r}; it has {', '.join(s['sae_id'] for s in saes)}")
+LatentSort = Literal[tuple(LATENT_SORTS)]  # type: ignore[valid-type]
+LatentNumber = Annotated[int, Path(ge=0, description="latent index (0-based)")]
 
 
 # ---- overview ----
-def build_overview(request: Request, sae, sort, desc, family, type_, category, concept, q, page, per_page, include_dead,
-                   csv_all=False) -> M.Overview:
-    reader = reader_of(request)
-    s = _sae_or_404(request, sae)
-    if sort not in LATENT_SORTS:
-        raise HTTPException(422, f"sort must be one of {', '.join(LATENT_SORTS)}, not {sort!r}")
+def build_overview(reader: AtlasReader, s: dict, sort, desc, family, type_, category, concept, q, page, per_page,
+                   include_dead, csv_all=False) -> M.Overview:
     limit = 100_000 if csv_all else per_page
     offset = 0 if csv_all else (page - 1) * per_page
     rows, total = reader.latent_list(
@@ -69,8 +59,9 @@ def build_overview(request: Request, sae, sort, desc, family, type_, category, c
 def _overview(fmt_forced: Optional[str]):
     def handler(
         request: Request,
-        sae: Optional[str] = Query(None, description="SAE id (default: the first)"),
-        sort: str = Query("frac_proteins", description=f"one of {', '.join(LATENT_SORTS)}"),
+        reader: Reader,
+        s: SAE,
+        sort: LatentSort = Query("frac_proteins", description="column to sort the latents by"),
         desc: bool = Query(True),
         family: Optional[str] = Query(None, max_length=200),
         type: Optional[str] = Query(None, max_length=200, description="annotation type"),
@@ -82,7 +73,7 @@ def _overview(fmt_forced: Optional[str]):
         include_dead: bool = Query(False),
     ):
         fmt = pick_format(request, fmt_forced)
-        m = build_overview(request, sae, sort, desc, family, type, category, concept, q, page, per_page, include_dead,
+        m = build_overview(reader, s, sort, desc, family, type, category, concept, q, page, per_page, include_dead,
                            csv_all=fmt == "csv")
         return respond(
             request, fmt, m, "overview.html", csv_rows=(r.model_dump() for r in m.latents),
@@ -93,16 +84,18 @@ def _overview(fmt_forced: Optional[str]):
     return handler
 
 
-router.add_api_route("/", _overview(None), methods=["GET"], include_in_schema=False)
-router.add_api_route("/.json", _overview("json"), methods=["GET"], response_model=M.Overview,
-                     summary="Atlas overview and one page of the latent table")
-router.add_api_route("/.csv", _overview("csv"), methods=["GET"], summary="The latent table (all matching rows) as CSV")
+router.add_api_route("/", _overview(None), methods=["GET"], summary="Atlas overview and the latent table (page)",
+                     **page_doc(404))
+router.add_api_route("/.json", _overview("json"), methods=["GET"], summary="Atlas overview and one page of the latent table",
+                     **json_doc(M.Overview, 404))
+router.add_api_route("/.csv", _overview("csv"), methods=["GET"], summary="The latent table (all matching rows) as CSV",
+                     **csv_doc(404))
 
 
-@router.get("/random", include_in_schema=False)
-def random_latent(request: Request, sae: Optional[str] = None):
-    s = _sae_or_404(request, sae)
-    latent = reader_of(request).random_latent(s["sae_id"])
+@router.get("/random", summary="A random live latent (redirect to its page)", status_code=303,
+            response_class=RedirectResponse, responses={**REDIRECT, **errors(*COMMON_ERRORS, 404, page=True)})
+def random_latent(request: Request, reader: Reader, s: SAE):
+    latent = reader.random_latent(s["sae_id"])
     if latent is None:
         raise HTTPException(404, f"SAE {s['sae_id']} has no live latent")
     return RedirectResponse(make_url(request, f"/latents/{s['sae_id']}/{latent}"), status_code=303)
@@ -139,12 +132,10 @@ def _hist_geometry(hist: dict, width: int = 560, height: int = 160) -> dict:
     return {"bars": bars, "width": width, "height": height, "ticks": ticks, "ymax": ymax}
 
 
-def build_latent(request: Request, sae_id: str, latent: int) -> M.LatentDetail:
-    reader = reader_of(request)
-    _sae_or_404(request, sae_id)
-    d = reader.latent(sae_id, latent)
+def build_latent(reader: AtlasReader, s: dict, latent: int) -> M.LatentDetail:
+    d = reader.latent(s["sae_id"], latent_or_404(s, latent))
     if d is None:
-        raise HTTPException(404, f"SAE {sae_id} has no latent {latent}")
+        raise HTTPException(404, f"SAE {s['sae_id']} has no latent {latent}")
     return M.LatentDetail(atlas_id=reader.atlas_id, **d)
 
 
@@ -152,32 +143,40 @@ EXAMPLE_COLUMNS = ["kind", "bin", "rank", "accession", "label", "length", "max_a
 
 
 def _latent(fmt_forced: Optional[str]):
-    def handler(request: Request, sae_id: str, latent: int):
+    def handler(request: Request, reader: Reader, s: SAEInPath, latent: LatentNumber):
         fmt = pick_format(request, fmt_forced)
-        m = build_latent(request, sae_id, latent)
-        rows = [e.model_dump() for e in m.top_examples] + [e.model_dump() for b in m.bins for e in b.examples]
+        m = build_latent(reader, s, latent)
+        examples = m.top_examples + [e for b in m.bins for e in b.examples]
         structures = {}
         if fmt == "html":
-            for ex in m.top_examples + [e for b in m.bins for e in b.examples]:
+            for ex in examples:
                 if ex.has_structure and ex.accession not in structures:
-                    found = reader_of(request).structures(ex.accession)[:1]
+                    found = reader.structures(ex.accession)[:1]
                     if found:
                         structures[ex.accession] = viewer_structure(found[0], f"{ex.accession} · {ex.label}")
+
+        def example_heatmap(ex: M.Example) -> M.Heatmap:
+            # one colour scale for every example: the latent's corpus maximum
+            return assemble_heatmap(ex.sequence, ex.activations, sae_id=m.sae_id, latent=m.latent, source="atlas",
+                                    scale=m.stats.get("max_act"), max_pos=ex.max_pos)
+
         return respond(
-            request, fmt, m, "latent.html", csv_rows=rows, csv_name=f"{sae_id}_{latent}_examples.csv",
-            csv_columns=EXAMPLE_COLUMNS,
+            request, fmt, m, "latent.html", csv_rows=[e.model_dump() for e in examples],
+            csv_name=f"{m.sae_id}_{latent}_examples.csv", csv_columns=EXAMPLE_COLUMNS,
             context={"hist": _hist_geometry(m.histogram.model_dump()), "structures": structures,
-                     "saes": reader_of(request).saes()},
+                     "saes": reader.saes(), "example_heatmap": example_heatmap},
         )
 
     return handler
 
 
-router.add_api_route("/latents/{sae_id}/{latent:int}", _latent(None), methods=["GET"], include_in_schema=False)
+router.add_api_route("/latents/{sae_id}/{latent:int}", _latent(None), methods=["GET"], summary="One latent (page)",
+                     **page_doc(404))
 router.add_api_route("/latents/{sae_id}/{latent:int}.json", _latent("json"), methods=["GET"],
-                     response_model=M.LatentDetail, summary="One latent: statistics, examples, bins, enrichment, evidence")
+                     summary="One latent: statistics, examples, bins, enrichment, evidence",
+                     **json_doc(M.LatentDetail, 404))
 router.add_api_route("/latents/{sae_id}/{latent:int}.csv", _latent("csv"), methods=["GET"],
-                     summary="One latent's examples as CSV")
+                     summary="One latent's examples as CSV", **csv_doc(404))
 
 
 # ---- proteins ----
@@ -186,10 +185,9 @@ PROTEIN_COLUMNS = ["accession", "label", "entry_name", "protein_name", "organism
 
 
 def _protein_search(fmt_forced: Optional[str]):
-    def handler(request: Request, q: str = Query("", max_length=200), page: int = Query(1, ge=1, le=100_000),
-                per_page: int = Query(50, ge=1, le=500)):
+    def handler(request: Request, reader: Reader, q: str = Query("", max_length=200),
+                page: int = Query(1, ge=1, le=100_000), per_page: int = Query(50, ge=1, le=500)):
         fmt = pick_format(request, fmt_forced)
-        reader = reader_of(request)
         rows, total = reader.search_proteins(q, limit=per_page if fmt != "csv" else 100_000,
                                              offset=(page - 1) * per_page if fmt != "csv" else 0)
         m = M.ProteinSearch(atlas_id=reader.atlas_id, q=q, total=total, proteins=[M.ProteinHit(**r) for r in rows])
@@ -200,40 +198,35 @@ def _protein_search(fmt_forced: Optional[str]):
     return handler
 
 
-router.add_api_route("/proteins", _protein_search(None), methods=["GET"], include_in_schema=False)
-router.add_api_route("/proteins.json", _protein_search("json"), methods=["GET"], response_model=M.ProteinSearch,
-                     summary="Search proteins by accession, name, organism or Pfam family")
-router.add_api_route("/proteins.csv", _protein_search("csv"), methods=["GET"], summary="Protein search results as CSV")
+router.add_api_route("/proteins", _protein_search(None), methods=["GET"], summary="Protein search (page)", **page_doc())
+router.add_api_route("/proteins.json", _protein_search("json"), methods=["GET"],
+                     summary="Search proteins by accession, name, organism or Pfam family", **json_doc(M.ProteinSearch))
+router.add_api_route("/proteins.csv", _protein_search("csv"), methods=["GET"], summary="Protein search results as CSV",
+                     **csv_doc())
 
 
-async def build_protein(request: Request, accession: str, sae: Optional[str], latent: Optional[int]) -> M.ProteinDetail:
-    reader = reader_of(request)
-    p = await run_in_threadpool(reader.protein, accession)
+def build_protein(reader: AtlasReader, s: dict, accession: str, latent: Optional[int]) -> M.ProteinDetail:
+    """The protein page without a live heatmap: ``heatmap`` is None when the atlas stores no vector
+    of the chosen latent on this protein (the caller computes it live), and when no latent is chosen."""
+    p = reader.protein(accession)
     if p is None:
         raise HTTPException(404, f"no protein {accession!r} in this atlas; search for it by name or family")
-    s = _sae_or_404(request, sae)
-    top = await run_in_threadpool(reader.protein_top_latents, s["sae_id"], accession)
-    structures = await run_in_threadpool(reader.structures, accession)
+    top = reader.protein_top_latents(s["sae_id"], accession)
     if latent is None and top:
         latent = top[0]["latent"]
     heatmap = None
     if latent is not None:
-        if not 0 <= latent < s["d_sae"]:
-            raise HTTPException(404, f"SAE {s['sae_id']} has latents 0..{s['d_sae'] - 1}; there is no latent {latent}")
-        vec = await run_in_threadpool(reader.latent_vector, s["sae_id"], accession, latent)
+        latent_or_404(s, latent)
+        vec = reader.latent_vector(s["sae_id"], accession, latent)
         if vec is not None:
-            mx = max(vec) if vec else 0.0
-            heatmap = M.Heatmap(sae_id=s["sae_id"], latent=latent, source="atlas", activations=vec, max_act=mx,
-                                max_pos=vec.index(mx) + 1 if vec else None)
-        else:
-            heatmap = await live_heatmap(request, s["sae_id"], latent, p["sequence"])
+            heatmap = assemble_heatmap(p["sequence"], vec, sae_id=s["sae_id"], latent=latent, source="atlas")
     fams = reader.families(p["families"])
     return M.ProteinDetail(
         atlas_id=reader.atlas_id, accession=p["accession"], label=p["label"], entry_name=p["entry_name"],
         protein_name=p["protein_name"], organism=p["organism"], length=p["length"], sequence=p["sequence"],
         truncated_to=p.get("truncated_to"), locations=p["locations"], families=p["families"],
         family_names={k: v["name"] for k, v in fams.items()}, annotations=[M.Annotation(**a) for a in p["annotations"]],
-        structures=[M.Structure(**x) for x in structures], sae_id=s["sae_id"],
+        structures=[M.Structure(**x) for x in reader.structures(accession)], sae_id=s["sae_id"],
         saes=[x["sae_id"] for x in reader.saes()], top_latents=[M.TopLatent(**t) for t in top], heatmap=heatmap,
     )
 
@@ -251,19 +244,27 @@ def plddt_track(structures: list[M.Structure], length: int) -> list | None:
 
 
 def _protein(fmt_forced: Optional[str]):
-    async def handler(request: Request, accession: str, sae: Optional[str] = Query(None),
-                      latent: Optional[int] = Query(None, ge=0, description="latent shown as a heatmap")):
+    async def handler(request: Request, reader: Reader, s: SAE, engine: Engine, accession: str,
+                      latent: Optional[int] = Query(None, ge=0, description="latent shown as a heatmap "
+                                                    "(default: the protein's strongest)")):
         fmt = pick_format(request, fmt_forced)
-        m = await build_protein(request, accession, sae, latent)
-        return respond(request, fmt, m, "protein.html", csv_rows=(t.model_dump() for t in m.top_latents),
-                       csv_name=f"{accession}_top_latents.csv", csv_columns=list(M.TopLatent.model_fields),
-                       context={"plddt_track": plddt_track(m.structures, m.length)})
+        m = await run_in_threadpool(build_protein, reader, s, accession, latent)
+        if m.heatmap is None and (latent is not None or m.top_latents):
+            chosen = latent if latent is not None else m.top_latents[0].latent
+            m.heatmap = await live_heatmap(request, engine, s["sae_id"], chosen, m.sequence)
+        return await run_in_threadpool(
+            respond, request, fmt, m, "protein.html", csv_rows=[t.model_dump() for t in m.top_latents],
+            csv_name=f"{accession}_top_latents.csv", csv_columns=list(M.TopLatent.model_fields),
+            context={"plddt_track": plddt_track(m.structures, m.length)})
 
     return handler
 
 
 # .json/.csv routes first: "{accession}" would otherwise swallow "P12345.json".
-router.add_api_route("/proteins/{accession}.json", _protein("json"), methods=["GET"], response_model=M.ProteinDetail,
-                     summary="One protein: sequence, annotations, structures, top latents, a latent's heatmap")
-router.add_api_route("/proteins/{accession}.csv", _protein("csv"), methods=["GET"], summary="A protein's top latents as CSV")
-router.add_api_route("/proteins/{accession}", _protein(None), methods=["GET"], include_in_schema=False)
+router.add_api_route("/proteins/{accession}.json", _protein("json"), methods=["GET"],
+                     summary="One protein: sequence, annotations, structures, top latents, a latent's heatmap",
+                     **json_doc(M.ProteinDetail, 404, 503))
+router.add_api_route("/proteins/{accession}.csv", _protein("csv"), methods=["GET"], summary="A protein's top latents as CSV",
+                     **csv_doc(404, 503))
+router.add_api_route("/proteins/{accession}", _protein(None), methods=["GET"], summary="One protein (page)",
+                     **page_doc(404, 503))

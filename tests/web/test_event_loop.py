@@ -1,0 +1,150 @@
+"""Nothing blocks the event loop: atlas reads and model calls run in worker threads.
+
+The first test records, for every call into the app's AtlasReader and every model batch, whether
+it ran on the thread of the running event loop, while every route (pages, twins, exports, live
+inference, uploads) is requested; a handler that reads DuckDB on the loop fails it.  The second
+slows the real atlas reads down and checks that /health still answers at once meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gzip
+import inspect
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from plmscope.settings import Settings
+from plmscope.store.reader import AtlasReader
+from plmscope.web.app import create_app
+
+SEQ = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVVHSLAKWKRQTLGQHDFSAGEGLYTHMK"
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class ThreadRecorder:
+    """Wraps methods of one object in place; each call notes whether it ran on an event-loop thread."""
+
+    def __init__(self):
+        self.calls = 0
+        self.on_loop: list[str] = []
+
+    def wrap(self, obj, name: str, delay: float = 0.0) -> None:
+        method = getattr(obj, name)
+
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            if _on_event_loop():
+                self.on_loop.append(name)
+            if delay:
+                time.sleep(delay)  # a slow query on a large atlas
+            return method(*args, **kwargs)
+
+        setattr(obj, name, wrapper)
+
+
+def reader_methods() -> list[str]:
+    # every way into DuckDB: the public reads and the cursor plumbing under them
+    return [n for n, f in inspect.getmembers(AtlasReader, inspect.isfunction) if n not in ("__init__", "close")]
+
+
+def _app(tiny_atlas, **kw):
+    return create_app(Settings(atlas=tiny_atlas.path, device="cpu", rate_limit_per_minute=0, **kw))
+
+
+def test_no_atlas_read_or_model_call_runs_on_the_event_loop(tiny_atlas):
+    app = _app(tiny_atlas, cache_size=0)
+    rec = ThreadRecorder()
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for name in reader_methods():
+            rec.wrap(app.state.reader, name)
+        rec.wrap(app.state.infer, "_compute")  # the pLM forward and the SAE
+        overview = c.get("/.json").json()
+        sae, latent = overview["sae_id"], overview["latents"][0]["latent"]
+        hits = c.get("/proteins.json", params={"per_page": 500}).json()["proteins"]
+        acc = next(h["accession"] for h in hits if h["has_structure"] and h["length"] <= 1022)
+        protein = c.get(f"/proteins/{acc}.json").json()
+        unstored = next(i for i in range(128) if i not in {t["latent"] for t in protein["top_latents"]})
+        structure = gzip.compress(protein["structures"][0]["content"].encode())
+        requests = [
+            ("GET", "/", {}), ("GET", "/.csv", {}), ("GET", "/random", {}),
+            ("GET", f"/latents/{sae}/{latent}", {}), ("GET", f"/latents/{sae}/{latent}.json", {}),
+            ("GET", f"/latents/{sae}/{latent}.csv", {}),
+            ("GET", "/proteins", {"params": {"q": acc}}), ("GET", "/proteins.csv", {}),
+            ("GET", f"/proteins/{acc}", {}), ("GET", f"/proteins/{acc}.csv", {}),
+            ("GET", f"/proteins/{acc}.json", {"params": {"latent": unstored}}),  # computed live
+            ("GET", "/infer", {}), ("GET", "/infer", {"params": {"seq": protein["sequence"], "latents": "1,2"}}),
+            ("GET", "/infer.json", {"params": {"seq": SEQ}}), ("GET", "/infer.csv", {"params": {"seq": SEQ[:40]}}),
+            ("POST", "/api/infer", {"json": {"sequence": SEQ[:60], "latents": [3]}}),
+            ("POST", "/infer", {"data": {"sequence": protein["sequence"]},
+                                "files": {"structure": ("model.pdb.gz", structure)}}),
+            ("GET", "/analysis", {}), ("GET", "/analysis.json", {}), ("GET", "/health", {}),
+            ("GET", "/latents/nosuch/1.json", {}), ("GET", "/proteins/NOPE", {}),
+        ]
+        for method, url, kw in requests:
+            before = rec.calls
+            r = c.request(method, url, follow_redirects=False, **kw)
+            assert r.status_code < 500, (url, r.status_code, r.text[:300])
+            if url != "/health":
+                assert rec.calls > before, f"{method} {url} read nothing: the instrumentation missed it"
+    assert not rec.on_loop, f"ran on the event loop: {sorted(set(rec.on_loop))}"
+
+
+def test_the_recorder_sees_a_read_on_the_event_loop(tiny_atlas):
+    # the check above can fail: the same wrapper, called from a coroutine, reports it
+    reader = AtlasReader(tiny_atlas.path)
+    rec = ThreadRecorder()
+    rec.wrap(reader, "saes")
+
+    async def handler_that_blocks():
+        return reader.saes()
+
+    try:
+        asyncio.run(handler_that_blocks())
+        reader.saes()  # from a plain thread: fine
+    finally:
+        reader.close()
+    assert rec.on_loop == ["saes"] and rec.calls == 2
+
+
+@pytest.mark.parametrize("page_kind,slow", [("latent", "latent"), ("protein", "saes")])
+def test_health_answers_while_a_slow_page_is_in_flight(tiny_atlas, page_kind, slow):
+    """The latent page is a plain-def handler; the protein page an async one (it may wait for live
+    inference) that looks its SAE up like every page does."""
+    app = _app(tiny_atlas)
+    delay = 1.5
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                overview = (await c.get("/.json")).json()
+                acc = (await c.get("/proteins.json")).json()["proteins"][0]["accession"]
+                url = {"latent": f"/latents/{overview['sae_id']}/{overview['latents'][0]['latent']}.json",
+                       "protein": f"/proteins/{acc}.json"}[page_kind]
+                ThreadRecorder().wrap(app.state.reader, slow, delay=delay)
+                t0 = time.perf_counter()
+                page = asyncio.create_task(c.get(url))
+                await asyncio.sleep(0.2)  # the page's read is under way
+                health = await c.get("/health")
+                health_done = time.perf_counter() - t0
+                assert not page.done()
+                r = await page
+                return health, health_done, r, time.perf_counter() - t0
+
+    health, health_done, page, page_done = asyncio.run(scenario())
+    assert health.status_code == 200 and page.status_code == 200
+    assert page_done >= delay
+    assert health_done < 0.2 + delay / 2, f"/health took {health_done:.2f} s behind a {delay} s atlas read"
