@@ -10,18 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from ...store.analysis_reads import SaeAnalysis, SaeHeader
+from ..deps import Reader
 from ..templating import make_url
-from .common import reader_of
 
 router = APIRouter(tags=["analysis"])
 
 
-def _build(request: Request) -> dict:
-    page = reader_of(request).analysis()
+def _build(request: Request, reader: Reader) -> dict:
+    page = reader.analysis()
     return {**asdict(page), "saes": [_sae_json(request, s) for s in page.saes]}
 
 
@@ -48,14 +47,15 @@ def _sae_json(request: Request, sae: SaeHeader) -> dict:
     return out
 
 
+# Plain def handlers: FastAPI runs them (the atlas read and the rendering) in its thread pool.
 @router.get("/analysis.json", summary="Analysis summary (JSON)")
-async def analysis_json(request: Request):
-    return JSONResponse(await run_in_threadpool(_build, request))
+def analysis_json(request: Request, reader: Reader):
+    return JSONResponse(_build(request, reader))
 
 
 @router.get("/analysis", include_in_schema=False)
-async def analysis_page(request: Request):
+def analysis_page(request: Request, reader: Reader):
+    data = _build(request, reader)
     if request.query_params.get("format") == "json":
-        return await analysis_json(request)
-    data = await run_in_threadpool(_build, request)
+        return JSONResponse(data)
     return request.app.state.templates.TemplateResponse(request, "analysis.html", {"data": data})

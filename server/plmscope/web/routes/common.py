@@ -11,7 +11,6 @@ from fastapi import HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
-from ..deps import reader_of  # noqa: F401  (re-exported: any route may look the reader up here)
 
 
 class CSVResponse(Response):
