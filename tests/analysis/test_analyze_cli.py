@@ -6,6 +6,7 @@ import pytest
 
 from plmscope.analysis.run import AnalyzeSettings, analyze
 from plmscope.cli import main
+from plmscope.store.schema import SCHEMA_VERSION
 
 STEPS = ("load", "family specificity", "patterns", "concepts: load pLM", "concepts: pLM forward", "concepts: associate",
          "probes", "descriptions", "write")
@@ -30,7 +31,20 @@ def _check_tables(path):
             "SELECT count(*) FROM latent_analysis WHERE family_specific AND (family_f1 < 0.5 OR family_precision < 0.7 OR family IS NULL)"
         ).fetchall()[0][0]
         assert bad == 0
-        assert con.execute("SELECT count(*) FROM latent_concepts WHERE associated <> (test_f1 > 0.5)").fetchall()[0][0] == 0
+        # InterPLM's rule, row by row
+        assert con.execute(
+            "SELECT count(*) FROM latent_concepts WHERE associated <> "
+            "(val_f1 > 0.5 AND test_f1 > 0.5 AND n_val >= 10 AND n_test >= 10)").fetchall()[0][0] == 0
+        # every stored pair has its interval, around its test F1
+        assert con.execute(
+            "SELECT count(*) FROM latent_concepts WHERE test_f1_lo IS NULL OR NOT (test_f1_lo <= test_f1 + 1e-9 "
+            "AND test_f1 <= test_f1_hi + 1e-9) OR norm_max < 0 OR level NOT IN ('region', 'residue')").fetchall()[0][0] == 0
+        # the concept a latent is described with is its associated pair with the highest validation F1
+        bad = con.execute(
+            "SELECT count(*) FROM latent_analysis a WHERE a.concept IS DISTINCT FROM ("
+            "  SELECT arg_max(c.concept, (c.val_f1, c.concept)) FROM latent_concepts c "
+            "  WHERE c.sae_id = a.sae_id AND c.latent = a.latent AND c.associated)").fetchall()[0][0]
+        assert bad == 0
         assert con.execute(
             "SELECT count(*) FROM latent_concepts WHERE threshold NOT IN (0, 0.15, 0.5, 0.6, 0.8)"
         ).fetchall()[0][0] == 0
@@ -79,12 +93,16 @@ def test_bad_inputs_are_user_errors(tmp_path, mini_atlas, capsys):
     assert "not a plmscope atlas" in capsys.readouterr().err
     assert not_atlas.read_bytes() == before  # failed run leaves the file untouched
     old = tmp_path / "old.duckdb"
-    shutil.copyfile(mini_atlas, old)
-    con = duckdb.connect(str(old))
-    con.execute("UPDATE atlas_meta SET value = '0' WHERE key = 'schema_version'")
-    con.close()
-    assert main(["analyze", "--atlas", str(old)]) == 2
-    assert "has atlas schema version 0; this plmscope reads version" in capsys.readouterr().err  # the reader's check
+    # 1: the atlases whose latent_concepts had no validation numbers, intervals or counts per split
+    for version in ("0", "1"):
+        shutil.copyfile(mini_atlas, old)
+        con = duckdb.connect(str(old))
+        con.execute(f"UPDATE atlas_meta SET value = '{version}' WHERE key = 'schema_version'")
+        con.close()
+        assert main(["analyze", "--atlas", str(old)]) == 2
+        err = capsys.readouterr().err
+        assert f"has atlas schema version {version}; this plmscope reads version {SCHEMA_VERSION}" in err  # the reader's check
+        assert "rebuild the atlas" in err
     assert not list(tmp_path.glob("*.tmp"))
 
 

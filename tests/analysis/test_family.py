@@ -28,7 +28,7 @@ def test_latent_on_exactly_one_family_is_specific_with_f1_1():
     M[:, 1] = rng.uniform(0, 5, n) * (rng.random(n) < 0.5)  # fires at random: general
     # latent 2 fires strongly on PF00002 and weakly on everything else: needs a threshold > 0
     M[:, 2] = [4.0 if "PF00002" in f else 0.3 for f in fams]
-    res = family.family_specificity(sparse.csr_matrix(M), M.max(axis=0), fams, seqs, seed=0)
+    res = family.family_specificity(sparse.csr_matrix(M), fams, seqs, seed=0)
     assert res.family[0] == "PF00001"
     assert res.f1[0] == 1.0 and res.precision[0] == 1.0 and res.recall[0] == 1.0 and res.auc[0] == 1.0
     assert res.specific[0]
@@ -59,7 +59,36 @@ def test_threshold_and_family_come_from_the_selection_half_only():
     for i, f in enumerate(fams):
         if sel[i] and "PF00001" in f or (not sel[i]) and "PF00002" in f:
             M[i, 0] = 2.0
-    res = family.family_specificity(sparse.csr_matrix(M), M.max(axis=0), fams, seqs, seed=0)
+    res = family.family_specificity(sparse.csr_matrix(M), fams, seqs, seed=0)
     assert res.family[0] == "PF00001"  # chosen where it was chosen ...
     assert res.selection_f1[0] == 1.0
     assert res.f1[0] == 0.0 and not res.specific[0]  # ... and judged where it was not
+
+
+def test_the_threshold_scale_comes_from_the_selection_half():
+    fams, seqs = make_corpus(200)
+    sel = family.split_halves(seqs, seed=0)
+    M = np.zeros((200, 1), np.float32)
+    for i, f in enumerate(fams):
+        M[i, 0] = (2.0 if "PF00001" in f else 0.3) if sel[i] else (2.0 if "PF00001" in f else 0.3)
+    base = family.family_specificity(sparse.csr_matrix(M), fams, seqs, seed=0)
+    # one held-out protein fires 100x harder: the scale, so the chosen threshold, must not move
+    M[np.flatnonzero(~sel)[0], 0] = 200.0
+    res = family.family_specificity(sparse.csr_matrix(M), fams, seqs, seed=0)
+    assert res.family[0] == base.family[0] == "PF00001" and res.fraction[0] == base.fraction[0] > 0
+    assert res.selection_f1[0] == base.selection_f1[0] == 1.0
+
+
+def test_a_family_without_held_out_members_is_counted_as_no_evidence():
+    # PF00009 sits only in the selection half: a latent on it can be chosen but not judged
+    fams, seqs = make_corpus(200)
+    sel = family.split_halves(seqs, seed=0)
+    fams = [f + (["PF00009"] if sel[i] and i % 4 == 2 else []) for i, f in enumerate(fams)]
+    M = np.zeros((200, 2), np.float32)
+    M[:, 0] = ["PF00009" in f for f in fams]
+    M[:, 1] = ["PF00001" in f for f in fams]
+    res = family.family_specificity(sparse.csr_matrix(M), fams, seqs, seed=0)
+    assert res.family[0] == "PF00009" and res.n_heldout_members[0] == 0 and np.isnan(res.f1[0])
+    assert res.n_heldout_members[1] > 0 and res.n_heldout_active[1] == res.n_heldout_members[1] and res.specific[1]
+    s = family.summarize(res, np.ones(2, bool))
+    assert s["n_no_heldout_evidence"] == 1 and s["n_general"] == 0 and s["n_family_specific"] == 1

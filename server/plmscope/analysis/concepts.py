@@ -1,4 +1,4 @@
-"""Concept associations, as InterPLM (Simon & Zou 2024): latent x per-residue concept F1.
+"""Concept associations by InterPLM's rule (Simon & Zou 2024/2025): latent x per-residue concept F1.
 
 Concepts are annotated regions of the atlas proteins: each Pfam family (``pfam:PF00069``), each
 UniProt feature type (``feature:signal peptide``, ``feature:transmembrane region``, ...; bookkeeping
@@ -6,22 +6,59 @@ types such as chain / variant / conflict are left out), NLS motifs, and secondar
 HELIX/STRAND/TURN features, or computed from atlas structures by ``secondary.py``).  The names and
 ``concept_key`` live in ``plmscope.vocab``.
 
-For a latent, a residue is *predicted* when its activation / the latent's corpus maximum exceeds a
-threshold in ``THRESHOLDS`` (0 = any activation).  For a concept:
+The rule
+--------
+Proteins are split into *validation* and *test* by homology: whole MMseqs2 clusters
+(``plmscope.homology``) go to one side, so close homologues never sit on both.
 
-* precision is per residue: predicted residues inside the concept / predicted residues;
-* recall is per region: annotated regions with at least one predicted residue / regions;
-* F1 = 2PR / (P + R).
+1. **Normalisation.**  Each latent's activations are divided by its maximum over the proteins
+   *outside the test split's clusters* (``normalising_max``), so no test protein, nor a homologue
+   of one, sets the scale the thresholds are fractions of.
+2. **Metric.**  A residue is *predicted* when its normalised activation exceeds a threshold in
+   ``THRESHOLDS``.  Precision is per residue (predicted residues inside the concept / predicted
+   residues).  Recall is per region (annotated regions with at least one predicted residue /
+   regions) for *region-level* concepts and per residue (concept residues predicted / concept
+   residues) for the *residue-level* concepts ``RESIDUE_LEVEL`` (single annotated residues).
+   F1 = 2PR / (P + R).
+3. **Threshold** per (latent, concept): the one with the highest validation F1 (ties: the lowest).
+4. **Association**: validation F1 > ``ASSOCIATION_F1`` *and* test F1 (at the validation's
+   threshold) > ``ASSOCIATION_F1``, for concepts with at least ``MIN_PER_SPLIT`` regions
+   (residue-level concepts: residues) in *each* split.  Concepts with fewer are still scored (a
+   description can then say "not enough evidence") but never associated.
+5. **Interval**: a 95 % percentile-bootstrap interval of the test F1, resampling the test split's
+   MMseqs2 clusters with replacement (``BOOTSTRAP_RESAMPLES``, seeded), for the reported pairs
+   (``reported_pairs``: each latent's best by validation F1, plus every associated pair).
+6. **Counts**, per SAE (one layer), as InterPLM reports them: associated (latent, concept) pairs,
+   latents with at least one association, concepts with at least one associated latent.
 
-The threshold is chosen per (latent, concept) on the validation proteins; precision, recall and F1
-are reported on the test proteins at that threshold.  A pair is *associated* when test F1 >
-``ASSOCIATION_F1``.  Proteins are split by homology: whole MMseqs2 clusters (``plmscope.homology``)
-go to one side, so close homologues cannot sit on both sides.
+Differences from InterPLM's published code (``interplm/concept``: compare_activations_to_concepts,
+calculate_f1, report_final_metrics, prepare_concept_eval_set, ``interplm/sae/normalize.py``):
 
-The mixed residue/region metric is not a library function and it is needed for every (threshold,
-latent, concept) triple at once, so the confusion counts are computed with sparse matrix products:
-``B`` (residues x latents, activation above threshold), ``C`` (residues x concepts), ``R``
-(residues x regions) and ``G`` (regions x concepts): TP residues = B'C, found regions = (B'R > 0) G.
+* *Test F1 at the validation's threshold.*  InterPLM's ``find_all_top_heldout_feats`` keeps the
+  (feature, concept) pairs with validation F1 > 0.5 at any threshold and joins them to the test
+  rows on (feature, concept) only, so its test F1 is the best over thresholds on the test set; here
+  the threshold is fixed on validation and test F1 is read at it (stricter).
+* *Normalising set.*  InterPLM scales each feature by its maximum over the proteins given to its
+  normalise step (a random sample; its walkthrough uses the first annotated shard, which is also
+  in the validation set); here: every atlas protein outside the test split's clusters.
+* *Minimum evidence.*  InterPLM keeps concepts with more than 10 domains (its walkthrough: 25) *or*
+  more than 1,500 residues (1,000) over validation and test together; here at least 10 regions
+  (residue-level: residues) in each split separately.
+* *Splits.*  InterPLM's validation and test are shards of a random protein sample; here they are
+  MMseqs2 clusters hashed whole to one side.
+* *Residue-level concepts.*  InterPLM's ``per_aa_concepts`` are active site, cofactor,
+  glycosylation, modified residue and disulfide bond; plmscope has no cofactor concept and also
+  counts cross-links residue by residue (stored, like disulfide bonds, as their two bonded residues).
+* *Concept vocabulary.*  InterPLM uses UniProtKB feature sub-types (named domains, motifs, regions,
+  without the catch-all "any" sub-concepts); plmscope uses whole feature types, Pfam families,
+  NLS motifs and computed secondary structure.
+* *Intervals.*  InterPLM reports no interval; the bootstrap interval is added here.
+* *Ties.*  InterPLM breaks ties between thresholds by per-residue F1; here the lowest threshold wins.
+
+The mixed residue/region metric is needed for every (threshold, latent, concept) triple at once, so
+the confusion counts are sparse matrix products: ``B`` (residues x latents, activation above
+threshold), ``C`` (residues x concepts), ``R`` (residues x regions) and ``G`` (regions x concepts):
+TP residues = B'C, found regions = (B'R > 0) G.
 """
 
 from __future__ import annotations
@@ -35,9 +72,25 @@ from scipy import sparse
 
 from ..vocab import concept_key, is_point_pair
 
-THRESHOLDS = (0.0, 0.15, 0.5, 0.6, 0.8)  # InterPLM's fractions of the latent max
-ASSOCIATION_F1 = 0.5
-MIN_REGIONS_PER_SPLIT = 2  # a concept needs regions on both sides to be chosen and tested
+THRESHOLDS = (0.0, 0.15, 0.5, 0.6, 0.8)  # InterPLM's fractions of the latent's normalising maximum
+ASSOCIATION_F1 = 0.5  # on validation and on test
+MIN_PER_SPLIT = 10  # regions (residue-level concepts: residues) a concept needs in each split to be associated
+BOOTSTRAP_RESAMPLES = 200  # resamples of the test split's clusters for the interval of test F1
+CI_LEVEL = 0.95
+# The pairs reported (stored, described, given an interval): each latent's best REPORTED_PER_LATENT
+# concepts by validation F1 with validation F1 >= REPORTED_MIN_VAL_F1, plus every associated pair.
+REPORTED_PER_LATENT = 5
+REPORTED_MIN_VAL_F1 = 0.2
+# Concepts whose annotations are single residues: recall and the minimum count go residue by
+# residue (InterPLM's per_aa_concepts that plmscope has, plus cross-links; see the module docstring).
+RESIDUE_LEVEL = frozenset({
+    "feature:active site", "feature:glycosylation", "feature:modified residue", "feature:disulfide bond",
+    "feature:cross-link",
+})
+
+
+def is_residue_level(concept: str) -> bool:
+    return concept in RESIDUE_LEVEL
 
 
 def regions_from_annotations(rows, index: dict[str, int], lengths: Sequence[int]):
@@ -73,6 +126,14 @@ class ConceptMasks:
     R: sparse.csr_matrix  # residues x regions (0/1)
     G: sparse.csr_matrix  # regions x concepts (0/1)
     n_regions: np.ndarray  # per concept
+    n_residues: np.ndarray  # per concept: residues inside it (overlapping regions count once)
+    residue_level: np.ndarray  # bool per concept
+    region_protein: np.ndarray  # per region: its protein
+
+    @property
+    def n_units(self) -> np.ndarray:
+        """Per concept, what its recall and minimum count are over: residues or regions."""
+        return np.where(self.residue_level, self.n_residues, self.n_regions).astype(np.int64)
 
 
 def build_masks(regions, offsets: np.ndarray, n_residues: int, concepts: Sequence[str]) -> ConceptMasks:
@@ -94,31 +155,41 @@ def build_masks(regions, offsets: np.ndarray, n_residues: int, concepts: Sequenc
         shape=(n_reg, len(concepts)),
     )
     C = (R @ G).astype(bool).astype(np.float32).tocsr()  # overlapping regions of one concept count once
-    n_regions = np.asarray(G.sum(axis=0)).ravel()
-    return ConceptMasks(list(concepts), C, R, G, n_regions)
+    return ConceptMasks(
+        concepts=list(concepts), C=C, R=R, G=G,
+        n_regions=np.asarray(G.sum(axis=0)).ravel(), n_residues=np.asarray(C.sum(axis=0)).ravel(),
+        residue_level=np.array([is_residue_level(c) for c in concepts], dtype=bool),
+        region_protein=np.array([r[0] for r in regions], dtype=np.int64),
+    )
+
+
+def _f1(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    denom = precision + recall
+    return np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
 
 
 def concept_scores(acts: sparse.csr_matrix, masks: ConceptMasks, thresholds: Sequence[float] = THRESHOLDS):
     """precision, recall, f1 arrays of shape (n_thresholds, n_latents, n_concepts), float32.
 
-    ``acts``: residues x latents, activations already divided by each latent's corpus maximum.
+    ``acts``: residues x latents, activations already divided by each latent's normalising maximum.
+    Recall is per region, or per residue for residue-level concepts.
     """
     n_lat, n_con = acts.shape[1], len(masks.concepts)
     shape = (len(thresholds), n_lat, n_con)
     precision = np.zeros(shape, np.float32)
     recall = np.zeros(shape, np.float32)
     Ct, Rt = masks.C.tocsc(), masks.R.tocsc()
+    units = masks.n_units[None, :].astype(np.float32)
     for t, thr in enumerate(thresholds):
         B = (acts > thr).astype(np.float32).tocsc()
         n_pred = np.asarray(B.sum(axis=0)).ravel()
         tp = (B.T @ Ct).toarray()
         found = ((B.T @ Rt) > 0).astype(np.float32) @ masks.G
         found = found.toarray() if sparse.issparse(found) else np.asarray(found)
+        found = np.where(masks.residue_level[None, :], tp, found)  # residue-level: residues found
         np.divide(tp, n_pred[:, None], out=precision[t], where=n_pred[:, None] > 0)
-        np.divide(found, masks.n_regions[None, :], out=recall[t], where=masks.n_regions[None, :] > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    return precision, recall, f1
+        np.divide(found, units, out=recall[t], where=units > 0)
+    return precision, recall, _f1(precision, recall)
 
 
 def split_validation(groups: np.ndarray, names: Sequence[str], seed: int = 0) -> np.ndarray:
@@ -132,17 +203,55 @@ def split_validation(groups: np.ndarray, names: Sequence[str], seed: int = 0) ->
     return np.array([side[g] for g in groups], dtype=bool)
 
 
+def normalising_max(protein_max: sparse.spmatrix, groups: Sequence, test_groups: Sequence) -> np.ndarray:
+    """Per latent, the maximum activation over the proteins whose homology group is not a test group.
+
+    ``protein_max``: proteins x latents maxima (the atlas's ``protein_latent_stats``, every protein);
+    ``groups``: per protein, its MMseqs2 cluster; ``test_groups``: the clusters of the test split.
+    Excluding whole clusters keeps a test protein's homologues outside the concept subset from
+    setting the scale too.  0 for a latent active only there (it then predicts nothing).
+    """
+    keep = np.flatnonzero(~np.isin(np.asarray(groups, dtype=object), np.asarray(list(test_groups), dtype=object)))
+    if len(keep) == 0:
+        return np.zeros(protein_max.shape[1], np.float32)
+    return np.asarray(sparse.csr_matrix(protein_max)[keep].max(axis=0).toarray()).ravel().astype(np.float32)
+
+
 @dataclass
 class ConceptResult:
+    """Per (latent, concept) arrays of shape (latents, concepts); per concept arrays of (concepts,)."""
+
     concepts: list[str]
-    threshold: np.ndarray  # (latents, concepts) chosen fraction
+    residue_level: np.ndarray  # bool per concept
+    scale: np.ndarray  # per latent: the normalising maximum (over proteins outside the test clusters)
+    threshold: np.ndarray  # chosen fraction of ``scale``, on validation
+    val_precision: np.ndarray
+    val_recall: np.ndarray
     val_f1: np.ndarray
-    test_f1: np.ndarray
-    test_precision: np.ndarray
+    test_precision: np.ndarray  # at the validation's threshold
     test_recall: np.ndarray
-    associated: np.ndarray  # bool (latents, concepts)
-    n_val_regions: np.ndarray
-    n_test_regions: np.ndarray
+    test_f1: np.ndarray
+    test_f1_lo: np.ndarray  # bootstrap interval of test F1; NaN outside ``reported``
+    test_f1_hi: np.ndarray
+    associated: np.ndarray  # bool: InterPLM's rule
+    reported: np.ndarray  # bool: the pairs stored and described (``reported_pairs``)
+    n_val: np.ndarray  # per concept: regions (residue-level: residues) in validation
+    n_test: np.ndarray
+    enough: np.ndarray  # bool per concept: >= min_per_split in each split
+    n_test_clusters: int = 0
+    n_boot: int = 0
+
+
+def reported_pairs(val_f1: np.ndarray, associated: np.ndarray, *, per_latent: int = REPORTED_PER_LATENT,
+                   min_val_f1: float = REPORTED_MIN_VAL_F1) -> np.ndarray:
+    """Each latent's best ``per_latent`` concepts by *validation* F1 (never test F1) with validation
+    F1 >= ``min_val_f1``, plus every associated pair."""
+    if val_f1.size == 0:
+        return np.zeros(val_f1.shape, bool)
+    order = np.argsort(-val_f1, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :], axis=1)
+    return ((rank < per_latent) & (val_f1 >= min_val_f1)) | associated
 
 
 def associate(
@@ -152,64 +261,132 @@ def associate(
     regions,
     validation: np.ndarray,
     *,
+    scale: np.ndarray,
+    groups: Sequence | None = None,
     thresholds: Sequence[float] = THRESHOLDS,
-    min_regions: int = MIN_REGIONS_PER_SPLIT,
+    min_per_split: int = MIN_PER_SPLIT,
+    n_boot: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
 ) -> ConceptResult:
-    """Threshold chosen on validation proteins, F1 reported on test proteins.
+    """InterPLM's rule: threshold chosen on validation proteins, F1 on validation and test.
 
-    ``acts``: residues x latents (normalised), proteins concatenated at ``offsets``;
-    ``validation``: bool per protein.
+    ``acts``: residues x latents, raw activations, proteins concatenated at ``offsets``;
+    ``validation``: bool per protein; ``scale``: per latent, the normalising maximum
+    (``normalising_max``); ``groups``: per protein, its homology cluster, the unit the bootstrap
+    resamples (default: each protein alone).  Concepts with at least one region in each split are
+    scored; only those with ``min_per_split`` can be associated.
     """
     lengths = np.asarray(lengths)
+    scale = np.asarray(scale, dtype=np.float64)
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0)
+    acts = sparse.csr_matrix(acts @ sparse.diags(inv.astype(np.float32)))
     protein_of_residue = np.repeat(np.arange(len(lengths)), lengths)
-    out = {}
-    counts = {}
+    sides = {}
     for name, side in (("val", validation), ("test", ~validation)):
         prot = np.flatnonzero(side)
-        res_mask = side[protein_of_residue]
+        res_rows = np.flatnonzero(side[protein_of_residue])
         sub_offsets = np.zeros(len(lengths), dtype=np.int64)
         sub_offsets[prot] = np.concatenate([[0], np.cumsum(lengths[prot])[:-1]]) if len(prot) else []
-        sub_regions = [r for r in regions if side[r[0]]]
-        counts[name] = sub_regions
-        out[name] = (acts[np.flatnonzero(res_mask)], sub_offsets, int(res_mask.sum()))
-    concepts = sorted({r[1] for r in regions})
-    per_split = {}
-    for name in ("val", "test"):
-        n = {c: 0 for c in concepts}
-        for r in counts[name]:
-            n[r[1]] += 1
-        per_split[name] = n
-    concepts = [c for c in concepts if min(per_split["val"][c], per_split["test"][c]) >= min_regions]
-    results = {}
-    for name in ("val", "test"):
-        a, off, n_res = out[name]
-        masks = build_masks(counts[name], off, n_res, concepts)
-        results[name] = concept_scores(a, masks, thresholds)
-    _, _, val_f1 = results["val"]
-    best = val_f1.argmax(axis=0)  # (latents, concepts): chosen on validation only
+        sides[name] = (acts[res_rows], sub_offsets, len(res_rows), [r for r in regions if side[r[0]]])
+    present = [{r[1] for r in sides[name][3]} for name in ("val", "test")]
+    concepts = sorted(present[0] & present[1])
+    masks, scores = {}, {}
+    for name, (a, off, n_res, regs) in sides.items():
+        masks[name] = build_masks(regs, off, n_res, concepts)
+        scores[name] = concept_scores(a, masks[name], thresholds)
+    best = scores["val"][2].argmax(axis=0)  # (latents, concepts): chosen on validation only (ties: lowest)
     take = lambda arr: np.take_along_axis(arr, best[None], axis=0)[0]  # noqa: E731
-    tp, tr, tf = results["test"]
-    test_f1 = take(tf)
+    (vp, vr, vf), (tp, tr, tf) = (tuple(take(x) for x in scores[n]) for n in ("val", "test"))
+    n_val, n_test = masks["val"].n_units, masks["test"].n_units
+    enough = (n_val >= min_per_split) & (n_test >= min_per_split)
+    associated = (vf > ASSOCIATION_F1) & (tf > ASSOCIATION_F1) & enough[None, :]
+    reported = reported_pairs(vf, associated)
+    lo = np.full(vf.shape, np.nan)
+    hi = np.full(vf.shape, np.nan)
+    test_groups = np.asarray(groups if groups is not None else np.arange(len(lengths)), dtype=object)[~validation]
+    _, cluster = np.unique(test_groups.astype(str), return_inverse=True)
+    n_clusters = int(cluster.max()) + 1 if len(cluster) else 0
+    li, ci = np.nonzero(reported)
+    if len(li) and n_clusters and n_boot > 0:
+        a, off, n_res, _ = sides["test"]
+        test_local = np.cumsum(~validation) - 1  # global protein index -> index among test proteins
+        residue_cluster = np.repeat(cluster, lengths[~validation])
+        region_cluster = cluster[test_local[masks["test"].region_protein]]
+        lo[li, ci], hi[li, ci] = bootstrap_f1(
+            a, masks["test"], residue_cluster, region_cluster, n_clusters, np.asarray(thresholds)[best[li, ci]],
+            li, ci, n_boot=n_boot, seed=seed)
     return ConceptResult(
-        concepts=concepts,
+        concepts=concepts, residue_level=masks["val"].residue_level, scale=scale.astype(np.float32),
         threshold=np.asarray(thresholds, np.float32)[best],
-        val_f1=take(val_f1),
-        test_f1=test_f1,
-        test_precision=take(tp),
-        test_recall=take(tr),
-        associated=test_f1 > ASSOCIATION_F1,
-        n_val_regions=np.array([per_split["val"][c] for c in concepts]),
-        n_test_regions=np.array([per_split["test"][c] for c in concepts]),
+        val_precision=vp, val_recall=vr, val_f1=vf, test_precision=tp, test_recall=tr, test_f1=tf,
+        test_f1_lo=lo, test_f1_hi=hi, associated=associated, reported=reported,
+        n_val=n_val, n_test=n_test, enough=enough, n_test_clusters=n_clusters, n_boot=n_boot,
     )
 
 
+def bootstrap_f1(acts: sparse.csr_matrix, masks: ConceptMasks, residue_cluster: np.ndarray, region_cluster: np.ndarray,
+                 n_clusters: int, pair_threshold: np.ndarray, pair_latent: np.ndarray, pair_concept: np.ndarray,
+                 *, n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = 0, level: float = CI_LEVEL):
+    """Percentile-bootstrap interval (lo, hi) of F1 for each (latent, concept) pair at its threshold.
+
+    The clusters (``residue_cluster`` / ``region_cluster``: the cluster of each residue / region of
+    ``acts`` / ``masks``) are resampled with replacement.  The confusion counts are additive over
+    clusters, so they are computed once per cluster (clusters x pairs) and every resample is one
+    weighted sum: ``W @ counts`` with W (resamples x clusters) the multinomial draw counts.
+    """
+    n_pairs = len(pair_latent)
+    counts = {k: np.zeros((n_clusters, n_pairs), np.float64) for k in ("tp", "pred", "found", "units")}
+    Q = sparse.csr_matrix((np.ones(len(residue_cluster), np.float32), (residue_cluster, np.arange(len(residue_cluster)))),
+                          shape=(n_clusters, len(residue_cluster)))
+    Qr = sparse.csr_matrix((np.ones(len(region_cluster), np.float32), (region_cluster, np.arange(len(region_cluster)))),
+                           shape=(n_clusters, len(region_cluster)))
+    units = np.where(masks.residue_level[None, :], (Q @ masks.C).toarray(), (Qr @ masks.G).toarray())
+    counts["units"][:] = units[:, pair_concept]
+    Cc, Gc, Rr = masks.C.tocsc(), masks.G.tocsc(), masks.R.tocsr()
+    for thr in np.unique(pair_threshold):
+        at = pair_threshold == thr
+        B = (acts > thr).astype(np.float32).tocsr()
+        counts["pred"][:, at] = (Q @ B).toarray()[:, pair_latent[at]]
+        for c in np.unique(pair_concept[at]):
+            idx = np.flatnonzero(at & (pair_concept == c))
+            rows = Cc[:, c].indices  # the concept's residues
+            Bc = B[rows][:, pair_latent[idx]]
+            Qc = sparse.csr_matrix((np.ones(len(rows), np.float32), (residue_cluster[rows], np.arange(len(rows)))),
+                                   shape=(n_clusters, len(rows)))
+            counts["tp"][:, idx] = (Qc @ Bc).toarray()
+            if masks.residue_level[c]:
+                counts["found"][:, idx] = counts["tp"][:, idx]
+            else:
+                regs = Gc[:, c].indices
+                hit = ((Rr[rows][:, regs].T @ Bc) > 0).astype(np.float32)  # regions x pairs: found at all
+                counts["found"][:, idx] = (Qr[:, regs] @ hit).toarray()
+    rng = np.random.default_rng(seed)
+    W = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_boot).astype(np.float64)
+    tp, pred, found, unit = (W @ counts[k] for k in ("tp", "pred", "found", "units"))
+    precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
+    recall = np.divide(found, unit, out=np.zeros_like(found), where=unit > 0)
+    alpha = (1.0 - level) / 2
+    lo, hi = np.quantile(_f1(precision, recall), [alpha, 1.0 - alpha], axis=0)
+    return lo, hi
+
+
 def summarize(result: ConceptResult, live: np.ndarray) -> dict:
-    assoc = result.associated & np.asarray(live, bool)[:, None]
+    """Counts as InterPLM reports them, per SAE (one layer): associated pairs, latents, concepts."""
+    live = np.asarray(live, bool)[:, None]
+    assoc = result.associated & live
+    passed_val = (result.val_f1 > ASSOCIATION_F1) & result.enough[None, :] & live
     return {
-        "n_concepts_tested": len(result.concepts),
-        "n_associated_latents": int(assoc.any(axis=1).sum()),
-        "n_concepts_covered": int(assoc.any(axis=0).sum()),
         "n_associated_pairs": int(assoc.sum()),
+        "n_associated_latents": int(assoc.any(axis=1).sum()),
+        "n_associated_concepts": int(assoc.any(axis=0).sum()),
+        "n_pairs_passing_validation": int(passed_val.sum()),  # of which the test F1 confirmed n_associated_pairs
+        "n_concepts_scored": len(result.concepts),
+        "n_concepts_tested": int(result.enough.sum()),
+        "residue_level_concepts": [c for c, r in zip(result.concepts, result.residue_level) if r],
         "thresholds": list(THRESHOLDS),
-        "association_rule": f"test F1 > {ASSOCIATION_F1}",
+        "min_per_split": MIN_PER_SPLIT,
+        "association_rule": (f"validation F1 > {ASSOCIATION_F1} and test F1 > {ASSOCIATION_F1} at the threshold chosen on "
+                             f"validation; >= {MIN_PER_SPLIT} regions (residue-level concepts: residues) in each split"),
+        "bootstrap": {"resamples": result.n_boot, "level": CI_LEVEL, "unit": "MMseqs2 cluster of the test split",
+                      "n_test_clusters": result.n_test_clusters},
     }

@@ -1,8 +1,9 @@
 """Family specificity: which protein family best predicts "the latent is active on the protein".
 
-For every latent, a protein counts as *active* when its maximum activation exceeds a fraction of
-the latent's corpus maximum (``FRACTIONS``; 0 means any activation).  Proteins are split into two
-halves (``split_halves``):
+Proteins are split into two halves (``split_halves``).  For every latent, a protein counts as
+*active* when its maximum activation exceeds a fraction (``FRACTIONS``; 0 means any activation) of
+the latent's maximum over the *selection* half, so the held-out proteins do not set the scale the
+threshold is a fraction of:
 
 * on the **selection** half, the (family, fraction) pair with the highest F1 of "active" vs "member
   of the family" is chosen, over all families with >= ``MIN_FAMILY_MEMBERS`` members there;
@@ -14,7 +15,9 @@ Rule (``is_family_specific``): a latent is *family-specific* when it is active o
 ``MIN_ACTIVE_PROTEINS`` selection proteins and its held-out F1 >= ``SPECIFIC_MIN_F1`` and held-out
 precision >= ``SPECIFIC_MIN_PRECISION`` (most proteins it fires on belong to the family, and it
 finds a good part of the family).  Other latents active on enough proteins are *general*; latents
-active on fewer are *rare* (too little evidence either way).
+active on fewer are *rare* (too little evidence either way).  A latent whose chosen family has no
+held-out member, or that fires on no held-out protein, cannot be judged on the held-out half
+(``n_heldout_members`` / ``n_heldout_active``; counted as ``n_no_heldout_evidence``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 from scipy import sparse
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
 
-FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75)  # of the latent's corpus max
+FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75)  # of the latent's max over the selection half
 MIN_FAMILY_MEMBERS = 3  # in the selection half; a 1-member family would win F1 = 1 by chance
 MIN_ACTIVE_PROTEINS = 5  # selection proteins the latent must be active on to be judged
 SPECIFIC_MIN_F1 = 0.5
@@ -62,7 +65,7 @@ def family_matrix(families: Sequence[Sequence[str]]) -> tuple[sparse.csr_matrix,
 
 
 def normalise(protein_max: sparse.spmatrix, latent_max: np.ndarray) -> sparse.csr_matrix:
-    """Protein maxima divided by each latent's corpus maximum (dead latents stay 0)."""
+    """Protein maxima divided by each latent's ``latent_max`` (latents with max 0 stay 0)."""
     lmax = np.asarray(latent_max, dtype=np.float64)
     inv = np.divide(1.0, lmax, out=np.zeros_like(lmax), where=lmax > 0)
     return sparse.csr_matrix(protein_max @ sparse.diags(inv.astype(np.float32)))
@@ -81,6 +84,8 @@ class FamilyResult:
     f1: np.ndarray
     auc: np.ndarray
     specific: np.ndarray  # bool
+    n_heldout_members: np.ndarray  # held-out proteins of the chosen family (0 without one)
+    n_heldout_active: np.ndarray  # held-out proteins active at the chosen threshold
     selection: np.ndarray = field(repr=False)  # the protein split used (True = selection)
 
 
@@ -95,7 +100,6 @@ def is_family_specific(f1: float, precision: float, n_active_selection: int) -> 
 
 def family_specificity(
     protein_max: sparse.spmatrix,
-    latent_max: np.ndarray,
     families: Sequence[Sequence[str]],
     split_keys: Sequence[str],
     *,
@@ -109,11 +113,13 @@ def family_specificity(
     """
     n, d = protein_max.shape
     selection = split_halves(split_keys, seed)
-    pn = normalise(protein_max, latent_max)
-    fam, names = family_matrix(families)
-
     sel_rows = np.flatnonzero(selection)
     held_rows = np.flatnonzero(~selection)
+    protein_max = sparse.csr_matrix(protein_max)
+    sel_max = protein_max[sel_rows].max(axis=0).toarray().ravel() if len(sel_rows) else np.zeros(d)
+    pn = normalise(protein_max, sel_max)
+    fam, names = family_matrix(families)
+
     f_sel = fam[sel_rows]
     fam_size = np.asarray(f_sel.sum(axis=0)).ravel()
     eligible = np.flatnonzero(fam_size >= min_family_members)
@@ -146,16 +152,20 @@ def family_specificity(
     recall = np.full(d, np.nan)
     f1_out = np.full(d, np.nan)
     auc = np.full(d, np.nan)
+    n_members = np.zeros(d, np.int64)
+    n_held_active = np.zeros(d, np.int64)
     pn_held = pn[held_rows].tocsc()
     fam_held = fam[held_rows].tocsc()
     for lat in np.flatnonzero(chosen):
         y_true = fam_held[:, best_fam[lat]].toarray().ravel() > 0
-        if not y_true.any():
-            continue  # the chosen family has no held-out member: nothing to report
         score = pn_held[:, lat].toarray().ravel()
         y_pred = score > best_frac[lat]
+        n_members[lat], n_held_active[lat] = y_true.sum(), y_pred.sum()
+        if not y_true.any():
+            continue  # the chosen family has no held-out member: nothing to report
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average="binary", zero_division=0)
-        precision[lat], recall[lat], f1_out[lat] = p, r, f
+        # active on no held-out protein: recall and F1 are 0, precision is undefined (not 0)
+        precision[lat], recall[lat], f1_out[lat] = (p if y_pred.any() else np.nan), r, f
         if not y_true.all():
             auc[lat] = roc_auc_score(y_true, score)
 
@@ -173,6 +183,8 @@ def family_specificity(
         f1=f1_out,
         auc=auc,
         specific=specific,
+        n_heldout_members=n_members,
+        n_heldout_active=n_held_active,
         selection=selection,
     )
 
@@ -182,11 +194,14 @@ def summarize(result: FamilyResult, live: np.ndarray) -> dict:
     live = np.asarray(live, dtype=bool)
     judged = live & (result.n_active_selection >= MIN_ACTIVE_PROTEINS)
     specific = live & result.specific
+    # judged on selection, but the held-out half has nothing to judge it on
+    no_evidence = judged & ~result.specific & ((result.n_heldout_members == 0) | (result.n_heldout_active == 0))
     fams = {result.family[i] for i in np.flatnonzero(specific)}
     return {
         "n_live": int(live.sum()),
         "n_family_specific": int(specific.sum()),
-        "n_general": int((judged & ~result.specific).sum()),
+        "n_general": int((judged & ~result.specific & ~no_evidence).sum()),
+        "n_no_heldout_evidence": int(no_evidence.sum()),
         "n_rare": int((live & ~judged).sum()),
         "n_families_with_specific_latent": len(fams),
         "n_selection_proteins": int(result.selection.sum()),

@@ -40,8 +40,6 @@ from . import concepts, describe, family, patterns, probes, secondary
 log = logging.getLogger(__name__)
 
 TOP_EXAMPLES = 10  # top examples per latent that vote on the pattern
-CONCEPT_ROWS_PER_LATENT = 5  # latent_concepts keeps each latent's best pairs by validation F1 ...
-MIN_STORED_VAL_F1 = 0.2  # ... above this, plus every associated pair
 
 
 @dataclass(frozen=True)
@@ -235,7 +233,7 @@ def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSet
     with progress.step(f"load {sae['sae_id']}", "family"):
         inputs = load_inputs(con, sae, corpus)
     with progress.step("family specificity", "family"):
-        fres = family.family_specificity(inputs.pm, inputs.lat.max_act, corpus.families, corpus.cluster_key, seed=seed)
+        fres = family.family_specificity(inputs.pm, corpus.families, corpus.cluster_key, seed=seed)
     with progress.step("patterns", "patterns", total=inputs.d, unit="latent") as bar:
         pattern = activation_patterns(con, inputs, bar)
     cres, concept_summary = concept_associations(con, inputs, corpus, plms, settings, progress)
@@ -287,7 +285,8 @@ def pattern_counts(pattern: list[str]) -> dict[str, int]:
 
 def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: dict, settings: AnalyzeSettings,
                          progress: Progress) -> tuple[concepts.ConceptResult | None, dict]:
-    """Concept associations on per-residue activations recomputed for up to ``max_proteins`` annotated proteins."""
+    """InterPLM's association rule on per-residue activations recomputed for up to ``max_proteins``
+    annotated proteins (``concepts`` module docstring)."""
     chosen = _pick_concept_proteins(corpus, settings.max_proteins, settings.seed) if settings.max_proteins > 0 else np.array([], int)
     if len(chosen) == 0:
         with progress.step("concepts: skipped", "concepts"):
@@ -302,8 +301,7 @@ def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: dict, set
     seqs = [corpus.sequences[i][: corpus.lengths[i]] for i in chosen]
     cfg, weights = read_sae_weights(con, inputs.sae_id, settings.atlas)
     with progress.step("concepts: pLM forward", "concepts", total=len(ids)) as bar:
-        acts = _residue_activations(cfg, weights, plm, inputs.sae["layer"], seqs, ids, inputs.lat.max_act,
-                                    settings.token_budget, bar)
+        acts = _residue_activations(cfg, weights, plm, inputs.sae["layer"], seqs, ids, settings.token_budget, bar)
     with progress.step("concepts: associate", "concepts"):
         sub = {int(p): k for k, p in enumerate(chosen)}
         lengths = corpus.lengths[chosen]
@@ -311,25 +309,33 @@ def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: dict, set
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         groups = corpus.cluster_key[chosen]
         validation = concepts.split_validation(groups, ids, seed=settings.seed)
-        cres = concepts.associate(acts, offsets, lengths, regions, validation)
+        # The scale comes from the atlas's per-protein maxima of every protein outside the test
+        # split's clusters: more proteins than the concept subset, and no test protein or homologue.
+        test_groups = np.unique(groups[~validation].astype(str))
+        scale = concepts.normalising_max(inputs.pm, corpus.cluster_key, test_groups)
+        n_norm = int((~np.isin(corpus.cluster_key.astype(str), test_groups)).sum())
+        cres = concepts.associate(acts, offsets, lengths, regions, validation, scale=scale, groups=groups,
+                                  seed=settings.seed)
     return cres, {
         **concepts.summarize(cres, inputs.live),
         "n_proteins": len(chosen), "n_validation": int(validation.sum()), "n_test": int((~validation).sum()),
-        "n_clusters": int(len(np.unique(groups))),
+        "n_clusters": int(len(np.unique(groups.astype(str)))),
         "split": "MMseqs2 clusters (>= 30 % identity over >= 80 % of both sequences) hashed whole to validation/test",
+        "normalisation": f"each latent's maximum over the {n_norm} atlas proteins outside the test split's clusters",
+        "n_normalisation_proteins": n_norm,
     }
 
 
-def _residue_activations(sae_cfg, weights, plm, layer, seqs, ids, latent_max, token_budget, bar: tqdm):
-    """Residues x latents (normalised by the corpus max), proteins concatenated in ``ids`` order."""
+def _residue_activations(sae_cfg, weights, plm, layer, seqs, ids, token_budget, bar: tqdm):
+    """Residues x latents, raw SAE activations, proteins concatenated in ``ids`` order (the
+    association normalises them, by a maximum that leaves the test split out)."""
     from ..sae.io import sae_from_bytes
 
     sae = sae_from_bytes(sae_cfg, weights).to(plm.device)
-    inv = torch.tensor(np.divide(1.0, latent_max, out=np.zeros_like(latent_max), where=latent_max > 0), device=plm.device)
     blocks: dict[str, sparse.csr_matrix] = {}
     with torch.no_grad():
         for rid, _, rep in plm.iter_representations(zip(ids, seqs), layer, token_budget=token_budget):
-            z = sae.encode(rep.to(plm.device)) * inv
+            z = sae.encode(rep.to(plm.device))
             blocks[rid] = sparse.csr_matrix(z.float().cpu().numpy())
             bar.update(1)
     return sparse.vstack([blocks[i] for i in ids], format="csr")
@@ -383,31 +389,54 @@ def _probe_scores(fit: probes.ProbeResult) -> dict:
 
 
 def latent_analysis_columns(con, inputs: SaeInputs, corpus: Corpus, res: SaeResults, bar: tqdm) -> dict[str, np.ndarray]:
-    """The latent_analysis rows: each latent's pattern, family, best concept and description."""
+    """The latent_analysis rows: each latent's pattern, family, named concept and description.
+
+    The named concept is ``describe.choose_concept`` of the latent's reported pairs: chosen by
+    validation F1, never by test F1; ``concept_f1`` is its test F1, ``concept_val_f1`` its validation F1.
+    """
     d, fres, cres = inputs.d, res.family, res.concepts
-    best_concept, best_cf1 = [None] * d, np.full(d, np.nan)
-    if cres is not None and len(cres.concepts):
-        masked = np.where(cres.associated, cres.test_f1, -1.0)
-        j = masked.argmax(axis=1)
-        for i in np.flatnonzero(masked.max(axis=1) > 0):
-            best_concept[i], best_cf1[i] = cres.concepts[j[i]], float(cres.test_f1[i, j[i]])
+    candidates = _concept_candidates(cres, d)
     bg = reads.aa_background(con, inputs.sae_id)
+    chosen: list[describe.ConceptEvidence | None] = []
     descriptions = []
     for i in range(d):
+        c = describe.choose_concept(candidates[i]) if inputs.live[i] else None
+        chosen.append(c)
+        fam = describe.FamilyEvidence(
+            family=fres.family[i], name=corpus.family_names.get(fres.family[i] or "", ""),
+            precision=float(fres.precision[i]), f1=float(fres.f1[i]), specific=bool(fres.specific[i]),
+            n_active_selection=int(fres.n_active_selection[i]), n_heldout_members=int(fres.n_heldout_members[i]),
+            n_heldout_active=int(fres.n_heldout_active[i]))
         descriptions.append(describe.describe(
-            pattern=res.patterns[i], concept=best_concept[i], concept_f1=best_cf1[i],
-            family=fres.family[i], family_name=corpus.family_names.get(fres.family[i] or "", ""),
-            family_f1=fres.f1[i], family_precision=fres.precision[i], family_specific=bool(fres.specific[i]),
+            pattern=res.patterns[i], concept=c, family=fam,
             enriched=describe.aa_enrichment(inputs.lat.aa_counts[i], bg, AMINO_ACIDS),
         ) if inputs.live[i] else describe.describe(pattern="dead"))
         bar.update(1)
+    named = [c if c is not None and c.associated else None for c in chosen]  # the columns hold associations only
     return {
         "latent": np.arange(d, dtype=np.int32), "pattern": np.array(res.patterns, dtype=object),
         "family": np.array(fres.family, dtype=object), "family_threshold": fres.fraction.astype(np.float32),
         "family_precision": fres.precision, "family_recall": fres.recall, "family_f1": fres.f1, "family_auc": fres.auc,
-        "family_specific": fres.specific, "concept": np.array(best_concept, dtype=object), "concept_f1": best_cf1,
+        "family_specific": fres.specific,
+        "concept": np.array([c.concept if c else None for c in named], dtype=object),
+        "concept_val_f1": np.array([c.val_f1 if c else np.nan for c in named], dtype=np.float64),
+        "concept_f1": np.array([c.test_f1 if c else np.nan for c in named], dtype=np.float64),
         "description": np.array(descriptions, dtype=object),
     }
+
+
+def _concept_candidates(cres: concepts.ConceptResult | None, d: int) -> list[list[describe.ConceptEvidence]]:
+    """Per latent, its reported (latent, concept) pairs as the descriptions weigh them."""
+    out: list[list[describe.ConceptEvidence]] = [[] for _ in range(d)]
+    if cres is None or not len(cres.concepts):
+        return out
+    for li, ci in zip(*np.nonzero(cres.reported)):
+        out[li].append(describe.ConceptEvidence(
+            concept=cres.concepts[ci], val_f1=float(cres.val_f1[li, ci]), test_f1=float(cres.test_f1[li, ci]),
+            test_f1_lo=float(cres.test_f1_lo[li, ci]), test_f1_hi=float(cres.test_f1_hi[li, ci]),
+            n_val=int(cres.n_val[ci]), n_test=int(cres.n_test[ci]), residue_level=bool(cres.residue_level[ci]),
+            associated=bool(cres.associated[li, ci])))
+    return out
 
 
 def write_results(con, inputs: SaeInputs, res: SaeResults, columns: dict[str, np.ndarray]) -> None:
@@ -421,33 +450,37 @@ def write_results(con, inputs: SaeInputs, res: SaeResults, columns: dict[str, np
         writes.write_probe(con, sid, fit.__dict__, top)
 
 
-def _concept_rows(cres, live) -> dict[str, np.ndarray]:
-    # Keep each latent's best pairs by *validation* F1 (never by test F1) plus all associated pairs.
-    order = np.argsort(-cres.val_f1, axis=1)
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :], axis=1)
-    keep = ((rank < CONCEPT_ROWS_PER_LATENT) & (cres.val_f1 >= MIN_STORED_VAL_F1)) | cres.associated
-    keep &= np.asarray(live, bool)[:, None]
-    li, ci = np.nonzero(keep)
+def _concept_rows(cres: concepts.ConceptResult, live) -> dict[str, np.ndarray]:
+    # The reported pairs (each latent's best by *validation* F1, never by test F1, plus every
+    # associated pair) of live latents, each with the numbers of both splits.
+    li, ci = np.nonzero(cres.reported & np.asarray(live, bool)[:, None])
     return {
         "latent": li.astype(np.int32), "concept": np.array(cres.concepts, dtype=object)[ci],
-        "threshold": cres.threshold[li, ci].astype(np.float32), "val_f1": cres.val_f1[li, ci].astype(np.float64),
-        "test_f1": cres.test_f1[li, ci].astype(np.float64), "test_precision": cres.test_precision[li, ci].astype(np.float64),
-        "test_recall": cres.test_recall[li, ci].astype(np.float64), "associated": cres.associated[li, ci],
+        "level": np.where(cres.residue_level[ci], "residue", "region").astype(object),
+        "threshold": cres.threshold[li, ci].astype(np.float32), "norm_max": cres.scale[li].astype(np.float32),
+        "val_precision": cres.val_precision[li, ci].astype(np.float64),
+        "val_recall": cres.val_recall[li, ci].astype(np.float64), "val_f1": cres.val_f1[li, ci].astype(np.float64),
+        "test_precision": cres.test_precision[li, ci].astype(np.float64),
+        "test_recall": cres.test_recall[li, ci].astype(np.float64), "test_f1": cres.test_f1[li, ci].astype(np.float64),
+        "test_f1_lo": cres.test_f1_lo[li, ci].astype(np.float64), "test_f1_hi": cres.test_f1_hi[li, ci].astype(np.float64),
+        "n_val": cres.n_val[ci].astype(np.int32), "n_test": cres.n_test[ci].astype(np.int32),
+        "associated": cres.associated[li, ci],
     }
 
 
 def format_summary(s: dict) -> str:
     f, p, c, pr = s["family"], s["patterns"], s.get("concepts", {}), s.get("probes", {})
     lines = [f"{s['sae_id']} (layer {s['layer']}, {s['d_sae']} latents, {f['n_live']} live)"]
-    lines.append(f"  family: {f['n_family_specific']} family-specific, {f['n_general']} general, {f['n_rare']} rare "
-                 f"({f['n_families_with_specific_latent']} families)")
+    lines.append(f"  family: {f['n_family_specific']} family-specific, {f['n_general']} general, {f['n_rare']} rare, "
+                 f"{f['n_no_heldout_evidence']} without held-out evidence ({f['n_families_with_specific_latent']} families)")
     lines.append("  patterns: " + ", ".join(f"{k} {v}" for k, v in p.items()))
     if "skipped" in c:
         lines.append(f"  concepts: skipped ({c['skipped']})")
     else:
-        lines.append(f"  concepts: {c['n_associated_latents']} associated latents, {c['n_concepts_covered']} of "
-                     f"{c['n_concepts_tested']} concepts covered ({c['n_proteins']} proteins)")
+        lines.append(f"  concepts (InterPLM's rule): {c['n_associated_pairs']} associated pairs, {c['n_associated_latents']} "
+                     f"latents, {c['n_associated_concepts']} concepts; {c['n_pairs_passing_validation']} pairs passed "
+                     f"validation; {c['n_concepts_tested']} of {c['n_concepts_scored']} concepts with >= {c['min_per_split']} "
+                     f"regions per split ({c['n_proteins']} proteins: {c['n_validation']} validation, {c['n_test']} test)")
     if "skipped" in pr:
         lines.append(f"  probes: skipped ({pr['skipped']})")
     else:

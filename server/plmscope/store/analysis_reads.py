@@ -61,10 +61,39 @@ class ClassLatents:
 
 @dataclass
 class ConceptCoverage:
+    """A concept with at least one associated latent (InterPLM's rule)."""
+
     concept: str
+    level: str  # 'region' | 'residue': what n_val / n_test count
     n_latents: int  # latents associated with the concept
-    best_f1: float | None
-    best_latent: int
+    n_val: int
+    n_test: int
+    best_latent: int  # the associated latent with the highest validation F1 (never test F1)
+    best_val_f1: float
+    best_test_f1: float  # of that latent
+    best_test_f1_lo: float | None  # bootstrap 95 % interval
+    best_test_f1_hi: float | None
+
+
+@dataclass
+class ConceptPair:
+    """One latent_concepts row: a reported (latent, concept) pair, for the latent page's evidence."""
+
+    concept: str
+    level: str
+    associated: bool
+    threshold: float  # fraction of norm_max, chosen on validation
+    norm_max: float
+    val_precision: float
+    val_recall: float
+    val_f1: float
+    test_precision: float
+    test_recall: float
+    test_f1: float
+    test_f1_lo: float | None
+    test_f1_hi: float | None
+    n_val: int
+    n_test: int
 
 
 @dataclass
@@ -127,10 +156,14 @@ def _sae_analysis(con, sae: dict) -> SaeHeader:
     probes = query_rows(
         con, "SELECT task, features, accuracy, macro_f1, n_train, n_test, classes FROM probe_results "
         "WHERE sae_id = ? ORDER BY task, features DESC", [sid])
+    # the best latent of a concept is chosen by validation F1 (ties: lowest latent); its test numbers ride along
     concepts = query_rows(
-        con, "SELECT concept, count(*) AS n_latents, max(test_f1) AS best_f1, arg_max(latent, test_f1) AS best_latent "
+        con, "SELECT concept, any_value(level) AS level, count(*) AS n_latents, any_value(n_val) AS n_val, "
+        "any_value(n_test) AS n_test, arg_max(latent, (val_f1, -latent)) AS best_latent, max(val_f1) AS best_val_f1, "
+        "arg_max(test_f1, (val_f1, -latent)) AS best_test_f1, arg_max(test_f1_lo, (val_f1, -latent)) AS best_test_f1_lo, "
+        "arg_max(test_f1_hi, (val_f1, -latent)) AS best_test_f1_hi "
         "FROM latent_concepts WHERE sae_id = ? AND associated "
-        "GROUP BY concept ORDER BY n_latents DESC, best_f1 DESC, concept LIMIT ?", [sid, CONCEPT_LIMIT])
+        "GROUP BY concept ORDER BY n_latents DESC, best_val_f1 DESC, concept LIMIT ?", [sid, CONCEPT_LIMIT])
     specific = query_rows(
         con, "SELECT latent, family, family_f1, family_precision, family_auc, description FROM latent_analysis "
         "WHERE sae_id = ? AND family_specific ORDER BY family_f1 DESC, latent LIMIT ?", [sid, FAMILY_SPECIFIC_LIMIT])
@@ -143,6 +176,15 @@ def _sae_analysis(con, sae: dict) -> SaeHeader:
         concepts=[ConceptCoverage(**r) for r in concepts],
         family_specific=[FamilySpecificLatent(**r) for r in specific],
     )
+
+
+def latent_concepts(con, sae_id: str, latent: int, limit: int = 50) -> list[ConceptPair]:
+    """A latent's reported concept pairs: associated first, then by validation F1 (never test F1)."""
+    rows = query_rows(
+        con, "SELECT concept, level, associated, threshold, norm_max, val_precision, val_recall, val_f1, test_precision, "
+        "test_recall, test_f1, test_f1_lo, test_f1_hi, n_val, n_test FROM latent_concepts "
+        "WHERE sae_id = ? AND latent = ? ORDER BY associated DESC, val_f1 DESC, concept LIMIT ?", [sae_id, latent, limit])
+    return [ConceptPair(**r) for r in rows]
 
 
 def _probe_latents(con, sae_id: str) -> dict[str, dict[str, ClassLatents]]:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -387,11 +388,9 @@ class AtlasReader:
             [sae_id, latent],
         )
         analysis = self._one("SELECT * FROM latent_analysis WHERE sae_id = ? AND latent = ?", [sae_id, latent])
-        concepts = self._rows(
-            "SELECT concept, threshold, val_f1, test_f1, test_precision, test_recall, associated FROM latent_concepts "
-            "WHERE sae_id = ? AND latent = ? ORDER BY test_f1 DESC LIMIT 50",
-            [sae_id, latent],
-        )
+        from .analysis_reads import latent_concepts  # builds on this module (see ``analysis``)
+
+        concepts = [asdict(c) for c in latent_concepts(self._cur(), sae_id, latent)]
         return {
             "sae_id": sae_id,
             "latent": latent,

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from .. import vocab
 
-SCHEMA_VERSION = 1
+# 2: latent_concepts carries InterPLM's rule (validation and test numbers, interval, counts per
+#    split, normalising maximum); latent_analysis names its concept by validation F1.
+SCHEMA_VERSION = 2
 
 AMINO_ACIDS = vocab.AMINO_ACIDS  # order of every aa_counts array
 
@@ -204,28 +206,37 @@ TABLES: dict[str, str] = {
             latent INTEGER NOT NULL,
             pattern VARCHAR NOT NULL,          -- dead|point|short_motif|long_motif|periodic|whole
             family VARCHAR,                    -- best family, chosen on the selection half
-            family_threshold REAL,
+            family_threshold REAL,             -- fraction of the latent's max over the selection half
             family_precision DOUBLE,
             family_recall DOUBLE,
             family_f1 DOUBLE,                  -- on the held-out half
             family_auc DOUBLE,
             family_specific BOOLEAN NOT NULL,
-            concept VARCHAR,                   -- best associated concept (test F1)
-            concept_f1 DOUBLE,
+            concept VARCHAR,                   -- associated concept with the highest validation F1
+            concept_val_f1 DOUBLE,             -- its validation F1 (what chose it)
+            concept_f1 DOUBLE,                 -- its test F1
             description VARCHAR NOT NULL,      -- automatic, every claim with its number
             PRIMARY KEY (sae_id, latent)
         )""",
     "latent_concepts": """
         CREATE TABLE latent_concepts (
-            sae_id VARCHAR NOT NULL,
-            latent INTEGER NOT NULL,
+            sae_id VARCHAR NOT NULL,           -- the reported pairs: each latent's best by validation F1, and
+            latent INTEGER NOT NULL,           -- every associated pair (analysis/concepts.py)
             concept VARCHAR NOT NULL,
-            threshold REAL NOT NULL,           -- fraction of latent max, chosen on validation
+            level VARCHAR NOT NULL,            -- 'region' | 'residue': what recall and n_val / n_test count
+            threshold REAL NOT NULL,           -- fraction of norm_max, chosen on validation
+            norm_max REAL NOT NULL,            -- the latent's max over proteins outside the test split's clusters
+            val_precision DOUBLE NOT NULL,
+            val_recall DOUBLE NOT NULL,
             val_f1 DOUBLE NOT NULL,
-            test_f1 DOUBLE NOT NULL,
-            test_precision DOUBLE NOT NULL,
+            test_precision DOUBLE NOT NULL,    -- at the validation's threshold
             test_recall DOUBLE NOT NULL,
-            associated BOOLEAN NOT NULL        -- test_f1 > 0.5
+            test_f1 DOUBLE NOT NULL,
+            test_f1_lo DOUBLE,                 -- bootstrap 95 % interval of test F1 (test clusters resampled)
+            test_f1_hi DOUBLE,
+            n_val INTEGER NOT NULL,            -- regions (residue-level: residues) of the concept in validation
+            n_test INTEGER NOT NULL,           -- ... and in test
+            associated BOOLEAN NOT NULL        -- val_f1 > 0.5 and test_f1 > 0.5, n_val and n_test >= 10
         )""",
     "probe_results": """
         CREATE TABLE probe_results (
