@@ -35,6 +35,8 @@ def _check_tables(path):
             "SELECT count(*) FROM latent_concepts WHERE threshold NOT IN (0, 0.15, 0.5, 0.6, 0.8)"
         ).fetchall()[0][0] == 0
         feats = {r[0]: r for r in con.execute("SELECT features, accuracy, macro_f1, n_train, n_test FROM probe_results").fetchall()}
+        assert con.execute("SELECT count(*) FROM probe_results WHERE NOT (accuracy_lo <= accuracy AND accuracy <= accuracy_hi) "
+                           "OR (source = 'majority') <> (c IS NULL)").fetchall()[0][0] == 0
         summary = json.loads(con.execute("SELECT summary FROM analysis_summary WHERE sae_id = ?", [sae_id]).fetchall()[0][0])
         return con.execute("SELECT count(*) FROM latent_concepts").fetchall()[0][0], feats, summary
     finally:
@@ -48,9 +50,23 @@ def test_analyze_fills_tables_and_rerun_replaces(mini_atlas, capsys):
     n_concepts, feats, summary = _check_tables(mini_atlas)
     assert set(summary) >= {"family", "patterns", "concepts", "probes", "timing_s"}
     assert sum(summary["patterns"].values()) == summary["d_sae"]
-    if "skipped" not in summary["probes"]:
-        assert set(feats) == {"sae_mean_max", "raw_mean"}
-        assert feats["sae_mean_max"][3:] == feats["raw_mean"][3:]  # same split
+    pr = summary["probes"]
+    assert "skipped" not in pr  # the mini atlas has three location classes of 20 proteins
+    assert set(feats) == {"sae_mean", "sae_mean_max", "raw_mean", "raw_mean_max", "majority"}
+    assert len({f[3:] for f in feats.values()}) == 1  # one split for all four fits and the baseline
+    assert set(pr["fits"]) == set(feats) - {"majority"} and set(pr["comparisons"]) == {"mean", "mean_max"}
+    assert pr["majority"]["accuracy"] == feats["majority"][1]
+    con = duckdb.connect(str(mini_atlas), read_only=True)
+    comps = con.execute("SELECT pooling, sae_accuracy, raw_accuracy, n_sae_only, n_raw_only, mcnemar_p "
+                        "FROM probe_comparisons ORDER BY pooling").fetchall()
+    top = con.execute("SELECT DISTINCT features FROM probe_latents").fetchall()
+    con.close()
+    assert [c[0] for c in comps] == ["mean", "mean_max"]
+    for pooling, sae_acc, raw_acc, n_s, n_r, p in comps:
+        assert (sae_acc, raw_acc) == (feats[f"sae_{pooling}"][1], feats[f"raw_{pooling}"][1]) and 0 < p <= 1
+        assert sae_acc - raw_acc == pytest.approx((n_s - n_r) / feats["majority"][4])  # discordant counts add up
+    assert sorted(t[0] for t in top) == ["sae_mean", "sae_mean_max"]
+    assert "majority class" in out and "McNemar p" in out and "mean + max" in out
     # every split is grouped by the MMseqs2 clusters of the atlas's proteins, recorded in the atlas
     con = duckdb.connect(str(mini_atlas), read_only=True)
     meta = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'homology'").fetchall()[0][0])
@@ -104,7 +120,7 @@ def _rows(path):
     con = duckdb.connect(str(path), read_only=True)
     try:
         tables = {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall()))  # noqa: S608
-                  for t in ("latent_analysis", "latent_concepts", "probe_results", "probe_latents")}
+                  for t in ("latent_analysis", "latent_concepts", "probe_results", "probe_comparisons", "probe_latents")}
         summary = json.loads(con.execute("SELECT summary FROM analysis_summary").fetchall()[0][0])
     finally:
         con.close()
