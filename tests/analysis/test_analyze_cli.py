@@ -175,3 +175,20 @@ def test_analyze_shows_progress_of_each_step_of_each_sae_on_stderr(two_sae_atlas
         assert "40/40" in forward[-1] and "prot" in forward[-1]  # proteins counted
     assert not any(line.startswith("SAE 2/2 · concepts: load pLM") for line in lines)
     assert "SAE 1/2" not in captured.out
+
+
+def test_probe_lines_show_baseline_intervals_and_why_raw_is_missing():
+    from plmscope.analysis.run import format_probe_lines
+
+    fit = {"accuracy": 0.8, "accuracy_ci": [0.75, 0.85], "macro_f1": 0.5, "n_features": 8, "C": 0.01, "cv_accuracy": 0.79}
+    pr = {"task": "location", "n_classes": 3, "n_train": 80, "n_test": 20, "n_test_clusters": 15,
+          "majority": {"accuracy": 0.6, "accuracy_ci": [0.4, 0.8], "class": "a"},
+          "fits": {"sae_mean": fit, "sae_mean_max": fit, "raw_mean": {"skipped": "no embeddings"},
+                   "raw_mean_max": {"skipped": "no embeddings"}},
+          "comparisons": {"skipped": "no embeddings"}}
+    lines = format_probe_lines(pr)
+    assert "majority class 0.600 [0.400, 0.800]" in lines[0] and "15 test clusters" in lines[0]
+    assert lines[1].split() == ["mean", "SAE", "0.800", "[0.750,", "0.850]", "(C", "0.01)", "vs", "raw", "skipped",
+                                "(no", "embeddings)"]
+    assert "McNemar" not in "\n".join(lines)
+    assert format_probe_lines({"skipped": "too few classes"}) == ["  probes: skipped (too few classes)"]
