@@ -13,6 +13,7 @@ from plmscope.store.analysis_reads import (
     ConceptCoverage,
     ConceptPair,
     PatternCount,
+    ProbeComparison,
     ProbeLatent,
     ProbeScore,
     SaeAnalysis,
@@ -45,6 +46,8 @@ def test_analysis_page_and_json_twin(analysed):
         html = client.get("/analysis")
         assert html.status_code == 200
         assert "Family specificity" in html.text and s["sae_id"] in html.text
+        assert "SAE vs raw pLM at equal pooling" in html.text and "McNemar exact p" in html.text
+        assert "majority class" in html.text and "mean + max" in html.text
         for classes in s["probe_latents"].values():
             for signs in classes.values():
                 for r in signs["positive"][:1]:
@@ -63,14 +66,22 @@ def test_reader_gives_the_page_typed_and_the_route_adds_only_urls(analysed):
     assert isinstance(sae, SaeAnalysis) and sae.analyzed
     assert all(isinstance(p, PatternCount) for p in sae.patterns)
     assert sum(p.n for p in sae.patterns) == sae.d_sae == sae.summary["d_sae"]
-    assert {p.features for p in sae.probes} == {"sae_mean_max", "raw_mean"}
-    assert all(isinstance(p, ProbeScore) and 0 <= p.accuracy <= 1 for p in sae.probes)
+    assert [p.features for p in sae.probes] == ["sae_mean", "raw_mean", "sae_mean_max", "raw_mean_max", "majority"]
+    assert all(isinstance(p, ProbeScore) and 0 <= p.accuracy_lo <= p.accuracy <= p.accuracy_hi <= 1 for p in sae.probes)
+    assert all((p.c is None) == (p.source == "majority") for p in sae.probes)
+    assert [c.pooling for c in sae.probe_comparisons] == ["mean", "mean_max"]
+    assert all(isinstance(c, ProbeComparison) and c.diff_lo <= c.diff <= c.diff_hi for c in sae.probe_comparisons)
+    assert set(sae.probe_latents) == {"location:sae_mean", "location:sae_mean_max"}
     for classes in sae.probe_latents.values():
         for latents in classes.values():
             assert isinstance(latents, ClassLatents) and latents.positive
             assert all(isinstance(r, ProbeLatent) and r.weight > 0 for r in latents.positive)
             assert all(r.weight < 0 for r in latents.negative)
             assert [r.rank for r in latents.positive] == list(range(len(latents.positive)))
+            # each latent comes with its evidence: held-out activity, density, the analysis' description
+            for r in latents.positive + latents.negative:
+                assert 0 <= r.frac_class <= 1 and 0 <= r.frac_rest <= 1 and 0 < r.density <= 1
+                assert r.description and r.pattern
 
     with TestClient(create_app(Settings(atlas=analysed, load_model=False))) as client:
         data = client.get("/analysis.json").json()

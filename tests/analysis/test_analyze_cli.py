@@ -49,6 +49,8 @@ def _check_tables(path):
             "SELECT count(*) FROM latent_concepts WHERE threshold NOT IN (0, 0.15, 0.5, 0.6, 0.8)"
         ).fetchall()[0][0] == 0
         feats = {r[0]: r for r in con.execute("SELECT features, accuracy, macro_f1, n_train, n_test FROM probe_results").fetchall()}
+        assert con.execute("SELECT count(*) FROM probe_results WHERE NOT (accuracy_lo <= accuracy AND accuracy <= accuracy_hi) "
+                           "OR (source = 'majority') <> (c IS NULL)").fetchall()[0][0] == 0
         summary = json.loads(con.execute("SELECT summary FROM analysis_summary WHERE sae_id = ?", [sae_id]).fetchall()[0][0])
         return con.execute("SELECT count(*) FROM latent_concepts").fetchall()[0][0], feats, summary
     finally:
@@ -62,9 +64,23 @@ def test_analyze_fills_tables_and_rerun_replaces(mini_atlas, capsys):
     n_concepts, feats, summary = _check_tables(mini_atlas)
     assert set(summary) >= {"family", "patterns", "concepts", "probes", "timing_s"}
     assert sum(summary["patterns"].values()) == summary["d_sae"]
-    if "skipped" not in summary["probes"]:
-        assert set(feats) == {"sae_mean_max", "raw_mean"}
-        assert feats["sae_mean_max"][3:] == feats["raw_mean"][3:]  # same split
+    pr = summary["probes"]
+    assert "skipped" not in pr  # the mini atlas has three location classes of 20 proteins
+    assert set(feats) == {"sae_mean", "sae_mean_max", "raw_mean", "raw_mean_max", "majority"}
+    assert len({f[3:] for f in feats.values()}) == 1  # one split for all four fits and the baseline
+    assert set(pr["fits"]) == set(feats) - {"majority"} and set(pr["comparisons"]) == {"mean", "mean_max"}
+    assert pr["majority"]["accuracy"] == feats["majority"][1]
+    con = duckdb.connect(str(mini_atlas), read_only=True)
+    comps = con.execute("SELECT pooling, sae_accuracy, raw_accuracy, n_sae_only, n_raw_only, mcnemar_p "
+                        "FROM probe_comparisons ORDER BY pooling").fetchall()
+    top = con.execute("SELECT DISTINCT features FROM probe_latents").fetchall()
+    con.close()
+    assert [c[0] for c in comps] == ["mean", "mean_max"]
+    for pooling, sae_acc, raw_acc, n_s, n_r, p in comps:
+        assert (sae_acc, raw_acc) == (feats[f"sae_{pooling}"][1], feats[f"raw_{pooling}"][1]) and 0 < p <= 1
+        assert sae_acc - raw_acc == pytest.approx((n_s - n_r) / feats["majority"][4])  # discordant counts add up
+    assert sorted(t[0] for t in top) == ["sae_mean", "sae_mean_max"]
+    assert "majority class" in out and "McNemar p" in out and "mean + max" in out
     # every split is grouped by the MMseqs2 clusters of the atlas's proteins, recorded in the atlas
     con = duckdb.connect(str(mini_atlas), read_only=True)
     meta = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'homology'").fetchall()[0][0])
@@ -122,7 +138,7 @@ def _rows(path):
     con = duckdb.connect(str(path), read_only=True)
     try:
         tables = {t: sorted(map(repr, con.execute(f"SELECT * FROM {t}").fetchall()))  # noqa: S608
-                  for t in ("latent_analysis", "latent_concepts", "probe_results", "probe_latents")}
+                  for t in ("latent_analysis", "latent_concepts", "probe_results", "probe_comparisons", "probe_latents")}
         summary = json.loads(con.execute("SELECT summary FROM analysis_summary").fetchall()[0][0])
     finally:
         con.close()
@@ -177,3 +193,20 @@ def test_analyze_shows_progress_of_each_step_of_each_sae_on_stderr(two_sae_atlas
         assert "40/40" in forward[-1] and "prot" in forward[-1]  # proteins counted
     assert not any(line.startswith("SAE 2/2 · concepts: load pLM") for line in lines)
     assert "SAE 1/2" not in captured.out
+
+
+def test_probe_lines_show_baseline_intervals_and_why_raw_is_missing():
+    from plmscope.analysis.run import format_probe_lines
+
+    fit = {"accuracy": 0.8, "accuracy_ci": [0.75, 0.85], "macro_f1": 0.5, "n_features": 8, "C": 0.01, "cv_accuracy": 0.79}
+    pr = {"task": "location", "n_classes": 3, "n_train": 80, "n_test": 20, "n_test_clusters": 15,
+          "majority": {"accuracy": 0.6, "accuracy_ci": [0.4, 0.8], "class": "a"},
+          "fits": {"sae_mean": fit, "sae_mean_max": fit, "raw_mean": {"skipped": "no embeddings"},
+                   "raw_mean_max": {"skipped": "no embeddings"}},
+          "comparisons": {"skipped": "no embeddings"}}
+    lines = format_probe_lines(pr)
+    assert "majority class 0.600 [0.400, 0.800]" in lines[0] and "15 test clusters" in lines[0]
+    assert lines[1].split() == ["mean", "SAE", "0.800", "[0.750,", "0.850]", "(C", "0.01)", "vs", "raw", "skipped",
+                                "(no", "embeddings)"]
+    assert "McNemar" not in "\n".join(lines)
+    assert format_probe_lines({"skipped": "too few classes"}) == ["  probes: skipped (too few classes)"]

@@ -35,7 +35,8 @@ def _feed(agg, items, tmp_path, tag, group=7):
         z = np.concatenate([b[2] for b in batch])
         rows, lat = np.nonzero(z)
         agg.update([b[0] for b in batch], [b[1] for b in batch], rows, lat, z[rows, lat],
-                   mean_reps=np.stack([b[2].mean(0) for b in batch]), spans=[b[3] for b in batch])
+                   mean_reps=np.stack([b[2].mean(0) for b in batch]), max_reps=np.stack([b[2].max(0) for b in batch]),
+                   spans=[b[3] for b in batch])
         agg.flush(tmp_path / f"{tag}-{g}.npz")
 
 

@@ -144,6 +144,28 @@ def test_protein_top_latents_and_uint8_round_trip(tiny_atlas, brute):
     con.close()
 
 
+def test_embeddings_are_the_mean_and_max_of_the_plm_representation(tiny_atlas):
+    """protein_embeddings holds, per protein, the mean and the per-dimension max over residues of the
+    raw layer representation: compared with the pLM run here on single real proteins."""
+    from plmscope.plm.base import load_plm
+
+    con = duckdb.connect(str(tiny_atlas.path), read_only=True)
+    layer = q(con, "SELECT layer FROM saes")[0][0]
+    n_prot = q(con, "SELECT count(*) FROM proteins")[0][0]
+    assert q(con, "SELECT count(DISTINCT accession) FROM protein_embeddings")[0][0] == n_prot
+    rows = q(con, "SELECT p.accession, p.sequence, e.mean_rep, e.max_rep FROM protein_embeddings e "
+                  "JOIN proteins p USING (accession) ORDER BY p.accession LIMIT 6")
+    con.close()
+    plm = load_plm(tiny_atlas.plm, "cpu")
+    with torch.no_grad():
+        for acc, seq, mean_rep, max_rep in rows:
+            rep = plm.representations([seq], layer, records=[acc])[0].numpy()
+            # batched build vs one protein here: float noise only
+            np.testing.assert_allclose(max_rep, rep.max(0), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(mean_rep, rep.mean(0), rtol=1e-5, atol=1e-5)
+            assert not np.allclose(max_rep, mean_rep)  # really the max, not the mean twice
+
+
 def test_bad_inputs_are_counted_with_file_and_record(tiny_atlas):
     con = duckdb.connect(str(tiny_atlas.path), read_only=True)
     skipped = json.loads(q(con, "SELECT value FROM atlas_meta WHERE key='skipped'")[0][0])

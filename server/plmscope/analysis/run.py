@@ -223,7 +223,7 @@ class SaeResults:
     family: family.FamilyResult
     patterns: list[str]  # per latent
     concepts: concepts.ConceptResult | None  # None: concepts skipped
-    probes: list[tuple[probes.ProbeResult, list[dict]]]  # each fit with its top latents
+    probes: probes.ProbeSet | None  # None: probes skipped
 
 
 def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSettings, progress: Progress) -> dict:
@@ -237,7 +237,7 @@ def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSet
     with progress.step("patterns", "patterns", total=inputs.d, unit="latent") as bar:
         pattern = activation_patterns(con, inputs, bar)
     cres, concept_summary = concept_associations(con, inputs, corpus, plms, settings, progress)
-    with progress.step("probes", "probes", total=2, unit="probe") as bar:
+    with progress.step("probes", "probes", total=2 * len(probes.POOLINGS), unit="fit") as bar:
         probe_summary, fits = fit_probes(con, inputs, corpus, seed, bar)
     res = SaeResults(family=fres, patterns=pattern, concepts=cres, probes=fits)
     with progress.step("descriptions", "write", total=inputs.d, unit="latent") as bar:
@@ -349,43 +349,83 @@ def _pick_concept_proteins(corpus: Corpus, limit: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(annotated, size=limit, replace=False))
 
 
-def fit_probes(con, inputs: SaeInputs, corpus: Corpus, seed: int, bar: tqdm) -> tuple[dict, list]:
-    """Location probes on SAE features and on the raw pLM embedding, same split: (summary, fits with top latents)."""
+SUMMARY_TOP_LATENTS = 3  # per class, in the summary JSON (the page lists TOP_LATENTS with the atlas's evidence)
+
+
+def fit_probes(con, inputs: SaeInputs, corpus: Corpus, seed: int, bar: tqdm) -> tuple[dict, probes.ProbeSet | None]:
+    """Location probes on SAE latents and on the raw pLM representation, each pooled mean and
+    mean + max, on one cluster-grouped split: (summary, the probe set or None when skipped)."""
     try:
         rows, y = probes.single_label(corpus.locations)
     except probes.ProbeSkipped as exc:
         log.warning("probes skipped: %s", exc)
-        return {"skipped": str(exc)}, []
-    emb_acc, emb = reads.embeddings(con, inputs.sae_id)
-    if emb is not None:
-        have = set(emb_acc)
-        keep = np.array([corpus.accessions[i] in have for i in rows])
+        return {"skipped": str(exc)}, None
+    emb_acc, emb_mean, emb_max = reads.embeddings(con, inputs.sae_id)
+    raw, raw_skipped = None, "the atlas has no protein_embeddings for this SAE"
+    if emb_mean is not None:
+        # only proteins with both feature sets, so every fit sees the same rows
+        pos = {a: i for i, a in enumerate(emb_acc)}
+        keep = np.array([corpus.accessions[i] in pos for i in rows])
         rows, y = rows[keep], y[keep]
-    try:
-        train, test = probes.split(y, corpus.cluster_key[rows].tolist(), seed=seed)
-    except probes.ProbeSkipped as exc:
-        return {"skipped": str(exc)}, []
-    out = {"task": "location", "labels": "single-location proteins, multiclass", "n_classes": len(set(y))}
+        at = [pos[corpus.accessions[i]] for i in rows]
+        raw = (emb_mean[at], emb_max[at])
     bar.set_postfix(proteins=len(rows), refresh=False)
-    X = probes.sae_features(inputs.pm, inputs.ps, corpus.lengths)[rows]
-    fit = probes.fit_probe(X, y, train, test, task="location", features="sae_mean_max", seed=seed)
-    fits = [(fit, probes.top_latents(fit, inputs.d))]
-    out["sae_mean_max"] = _probe_scores(fit)
-    bar.update(1)
-    if emb is None:
-        out["raw_mean"] = {"skipped": "the atlas has no protein_embeddings for this SAE"}
-        return out, fits
-    pos = {a: i for i, a in enumerate(emb_acc)}
-    raw = probes.fit_probe(emb[[pos[corpus.accessions[i]] for i in rows]], y, train, test,
-                           task="location", features="raw_mean", seed=seed)
-    fits.append((raw, []))
-    out["raw_mean"] = _probe_scores(raw)
-    bar.update(1)
-    return out, fits
+    try:
+        pset = probes.run_probes((inputs.pm[rows], inputs.ps[rows], corpus.lengths[rows]), raw, y,
+                                 corpus.cluster_key[rows].tolist(), task="location", seed=seed,
+                                 raw_skipped=raw_skipped, on_fit=lambda _: bar.update(1))
+    except probes.ProbeSkipped as exc:
+        return {"skipped": str(exc)}, None
+    for fit in pset.fits:
+        if fit.source == "sae":
+            fit.top = probes.top_latents(fit, inputs.d, active=inputs.pm[rows], y=y)
+    return _probe_summary(pset, y, inputs), pset
 
 
 def _probe_scores(fit: probes.ProbeResult) -> dict:
-    return {"accuracy": fit.accuracy, "macro_f1": fit.macro_f1, "n_train": fit.n_train, "n_test": fit.n_test}
+    out = {"accuracy": fit.accuracy, "accuracy_ci": list(fit.accuracy_ci), "macro_f1": fit.macro_f1,
+           "n_features": fit.n_features}
+    if fit.source == "majority":
+        out["class"] = fit.majority_class
+    else:
+        out["C"] = fit.C
+        out["cv_accuracy"] = fit.cv_accuracy[fit.C]
+    return out
+
+
+def _probe_summary(pset: probes.ProbeSet, y: np.ndarray, inputs: SaeInputs) -> dict:
+    base = pset.baseline
+    density = inputs.lat.n_active_proteins / max(int(inputs.sae.get("n_proteins") or 0), 1)
+    fits: dict[str, dict] = {f.features: _probe_scores(f) for f in pset.fits}
+    if pset.raw_skipped:
+        fits.update({f"raw_{p}": {"skipped": pset.raw_skipped} for p in probes.POOLINGS})
+    top = {}
+    for f in pset.fits:
+        if f.source != "sae":
+            continue
+        top[f.features] = {cls: [{"latent": r["latent"], "pooling": r["pooling"], "weight": r["weight"],
+                                  "frac_class": r["frac_class"], "frac_rest": r["frac_rest"],
+                                  "density": float(density[r["latent"]])}
+                                 for r in f.top if r["class"] == cls and r["sign"] == "positive"][:SUMMARY_TOP_LATENTS]
+                           for cls in f.classes}
+    return {
+        "task": "location", "labels": "single-location proteins, multiclass", "n_classes": len(set(y)),
+        "classes": sorted({str(c) for c in y}), "n_proteins": len(y), "n_train": base.n_train, "n_test": base.n_test,
+        "n_test_clusters": pset.n_test_clusters,
+        "split": (f"StratifiedGroupKFold over MMseqs2 clusters, 1 of {probes.TEST_FOLDS} folds held out as test; "
+                  "the same rows for every fit"),
+        "regularisation": (f"C from {list(probes.C_GRID)} by {len(pset.folds)}-fold StratifiedGroupKFold CV (clusters) "
+                           "on the training rows only, per feature set; standardisation fitted inside each fold"),
+        "interval": (f"{probes.CI_LEVEL:.0%} percentile bootstrap over test clusters ({probes.N_BOOT} resamples, "
+                     "paired for differences)"),
+        "majority": _probe_scores(base),
+        "fits": fits,
+        "comparisons": ({c.pooling: {"sae": f"sae_{c.pooling}", "raw": f"raw_{c.pooling}", "diff": c.diff,
+                                     "diff_ci": list(c.diff_ci), "n_sae_only": c.n_sae_only,
+                                     "n_raw_only": c.n_raw_only, "mcnemar_p": c.mcnemar_p}
+                         for c in pset.comparisons} or {"skipped": pset.raw_skipped}),
+        "top_latents": top,
+    }
 
 
 def latent_analysis_columns(con, inputs: SaeInputs, corpus: Corpus, res: SaeResults, bar: tqdm) -> dict[str, np.ndarray]:
@@ -446,8 +486,21 @@ def write_results(con, inputs: SaeInputs, res: SaeResults, columns: dict[str, np
     writes.write_latent_analysis(con, sid, columns)
     if res.concepts is not None and len(res.concepts.concepts):
         writes.write_latent_concepts(con, sid, _concept_rows(res.concepts, inputs.live))
-    for fit, top in res.probes:
-        writes.write_probe(con, sid, fit.__dict__, top)
+    if res.probes is not None:
+        for fit in res.probes.fits + [res.probes.baseline]:
+            writes.write_probe_result(con, sid, {
+                "task": fit.task, "features": fit.features, "source": fit.source, "pooling": fit.pooling,
+                "accuracy": fit.accuracy, "accuracy_lo": fit.accuracy_ci[0], "accuracy_hi": fit.accuracy_ci[1],
+                "macro_f1": fit.macro_f1, "n_train": fit.n_train, "n_test": fit.n_test, "n_features": fit.n_features,
+                "c": fit.C, "cv_accuracy": fit.cv_accuracy.get(fit.C) if fit.C is not None else None,
+                "classes": fit.classes})
+            if fit.source == "sae":
+                writes.write_probe_latents(con, sid, fit.task, fit.features, fit.top)
+        for c in res.probes.comparisons:
+            writes.write_probe_comparison(con, sid, {
+                "task": c.task, "pooling": c.pooling, "sae_accuracy": c.sae_accuracy, "raw_accuracy": c.raw_accuracy,
+                "diff": c.diff, "diff_lo": c.diff_ci[0], "diff_hi": c.diff_ci[1], "n_sae_only": c.n_sae_only,
+                "n_raw_only": c.n_raw_only, "mcnemar_p": c.mcnemar_p})
 
 
 def _concept_rows(cres: concepts.ConceptResult, live) -> dict[str, np.ndarray]:
@@ -481,12 +534,36 @@ def format_summary(s: dict) -> str:
                      f"latents, {c['n_associated_concepts']} concepts; {c['n_pairs_passing_validation']} pairs passed "
                      f"validation; {c['n_concepts_tested']} of {c['n_concepts_scored']} concepts with >= {c['min_per_split']} "
                      f"regions per split ({c['n_proteins']} proteins: {c['n_validation']} validation, {c['n_test']} test)")
-    if "skipped" in pr:
-        lines.append(f"  probes: skipped ({pr['skipped']})")
-    else:
-        sae_p, raw_p = pr["sae_mean_max"], pr["raw_mean"]
-        raw_txt = f"raw accuracy {raw_p['accuracy']:.3f} macro-F1 {raw_p['macro_f1']:.3f}" if "accuracy" in raw_p else f"raw skipped ({raw_p['skipped']})"
-        lines.append(f"  probes (location, {pr['n_classes']} classes): SAE accuracy {sae_p['accuracy']:.3f} "
-                     f"macro-F1 {sae_p['macro_f1']:.3f} vs {raw_txt}")
+    lines += format_probe_lines(pr)
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timing_s"].items()))
     return "\n".join(lines)
+
+
+def _ci(v) -> str:
+    return f"[{v[0]:.3f}, {v[1]:.3f}]"
+
+
+def format_probe_lines(pr: dict) -> list[str]:
+    """The probe lines of ``format_summary``: the baseline, each pooling's SAE and raw fit, the test."""
+    if "skipped" in pr:
+        return [f"  probes: skipped ({pr['skipped']})"]
+    m = pr["majority"]
+    lines = [f"  probes ({pr['task']}, {pr['n_classes']} classes, {pr['n_train']} train / {pr['n_test']} test proteins "
+             f"in {pr['n_test_clusters']} test clusters; 95 % CI over test clusters): "
+             f"majority class {m['accuracy']:.3f} {_ci(m['accuracy_ci'])}"]
+    fits, comps = pr["fits"], pr["comparisons"]
+    for pooling in probes.POOLINGS:
+        sae_f, raw_f = fits.get(f"sae_{pooling}", {}), fits.get(f"raw_{pooling}", {})
+
+        def one(f):
+            if "skipped" in f:
+                return f"skipped ({f['skipped']})"
+            return f"{f['accuracy']:.3f} {_ci(f['accuracy_ci'])} (C {f['C']:g})"
+
+        line = f"    {probes.POOLING_LABELS[pooling]:<10} SAE {one(sae_f)} vs raw {one(raw_f)}"
+        c = comps.get(pooling)
+        if c:
+            line += (f"; SAE - raw {c['diff']:+.3f} {_ci(c['diff_ci'])}, McNemar p {c['mcnemar_p']:.3f} "
+                     f"({c['n_sae_only']} vs {c['n_raw_only']} discordant)")
+        lines.append(line)
+    return lines

@@ -25,7 +25,7 @@ latents, values of the non-zero entries, e.g. from ``sparse_codes``) and folds t
   samples when a bucket straddling its edge kept only proteins from the other side.
 * per protein (streamed to spill files, not kept in memory): every active (protein, latent) pair
   (max, sum, n_active), the top ``protein_top`` latents with vectors, and the mean raw pLM
-  representation;
+  representation and its per-dimension maximum over the residues;
 * per spill part (not kept either): sparse (label, latent) counts of active residues inside Pfam
   families / annotation types, summed over the parts when the atlas is written.
 
@@ -138,12 +138,13 @@ class SAEAggregate:
 
     # ------------------------------------------------------------------ streaming
     def update(self, accessions: list[str], sequences: list[str], rows: np.ndarray, lat: np.ndarray,
-               val: np.ndarray, *, mean_reps: np.ndarray | None = None,
+               val: np.ndarray, *, mean_reps: np.ndarray | None = None, max_reps: np.ndarray | None = None,
                spans: list[list[tuple[str, str, int, int]]] | None = None) -> None:
         """Fold in proteins ``accessions`` (sequences = the residues the pLM saw).
 
         ``rows`` index the concatenation of the sequences' residues; ``spans[i]`` lists
-        ``('family'|'type', label, start, end)`` (1-based inclusive) of protein i.
+        ``('family'|'type', label, start, end)`` (1-based inclusive) of protein i; ``mean_reps`` /
+        ``max_reps`` the proteins' raw pLM representations pooled by mean / max over residues.
         """
         L = self.L
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
@@ -198,7 +199,7 @@ class SAEAggregate:
         bucket = np.maximum(hist_bucket(pair_max), self.sketch_floor[pair_l])
         self._offer(self.sketch, pair_l * HIST_BINS + bucket, pair, acc_arr, lengths, src)
         self.pool.compact([self.top, self.sketch])
-        self._per_protein(accessions, lengths, pair, pair_sum, src, mean_reps)
+        self._per_protein(accessions, lengths, pair, pair_sum, src, mean_reps, max_reps)
 
     def _offer(self, res: Reservoir, cells, pair, acc_arr, lengths, src) -> None:
         cand = np.flatnonzero(res.candidates(self.pool, cells, pair["mx"], pair["pri"]))
@@ -256,7 +257,7 @@ class SAEAggregate:
             idx = _segment_index(row_start[rows], c)
             counter.add(ac[idx], np.repeat(lat, c))
 
-    def _per_protein(self, accessions, lengths, pair, pair_sum, src, mean_reps) -> None:
+    def _per_protein(self, accessions, lengths, pair, pair_sum, src, mean_reps, max_reps) -> None:
         k = self.s.protein_top
         o = np.lexsort((pair["l"], -pair["mx"], pair["p"]))
         sp = pair["p"][o]
@@ -269,6 +270,8 @@ class SAEAggregate:
         pend.append("plen", lengths.astype(np.int32))
         if mean_reps is not None:
             pend.append("emb", np.asarray(mean_reps, dtype=np.float32))
+        if max_reps is not None:
+            pend.append("emb_max", np.asarray(max_reps, dtype=np.float32))
         for name, arr in (("st_p", pair["p"] + off), ("st_l", pair["l"]), ("st_max", pair["mx"]),
                           ("st_sum", pair_sum.astype(np.float32)), ("st_n", pair["n"]),
                           ("tp_p", pair["p"][t] + off), ("tp_l", pair["l"][t]), ("tp_max", pair["mx"][t]),
@@ -288,8 +291,9 @@ class SAEAggregate:
             return
         arrays = self._pending.arrays()
         arrays["acc"] = np.asarray(self._pending_acc, dtype=str)
-        if "emb" not in arrays:
-            arrays["emb"] = np.zeros((len(arrays["acc"]), 0), np.float32)
+        for name in ("emb", "emb_max"):  # 0 columns: no embeddings were given
+            if name not in arrays:
+                arrays[name] = np.zeros((len(arrays["acc"]), 0), np.float32)
         for prefix, counter in (("fam_", self.families), ("typ_", self.types)):
             arrays.update({prefix + k: v for k, v in counter.drain().items()})
         path = Path(path)

@@ -22,7 +22,7 @@ from .aggregate import SAEAggregate
 from .settings import BuildSettings
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: spill parts carry emb_max (max-pooled raw representations)
 
 
 class BuildState:

@@ -215,6 +215,10 @@ class SAEStage:
         prot_of_row = torch.repeat_interleave(torch.arange(len(accs)), lengths).to(X.device)
         means = (torch.zeros(len(accs), X.shape[1], device=X.device).index_add_(0, prot_of_row, X)
                  / lengths.to(X.device)[:, None]).cpu().numpy()
+        # The max-pooled representation too, so the raw-pLM probe can be pooled as the SAE probe
+        # is (mean + max) without analyze recomputing the pLM: one reduction over the batch.
+        maxes = (torch.full((len(accs), X.shape[1]), -torch.inf, dtype=X.dtype, device=X.device)
+                 .scatter_reduce_(0, prot_of_row[:, None].expand_as(X), X, "amax")).float().cpu().numpy()
         spans = [self.spans[a] for a in accs]
         self.timings["aggregate"] += time.perf_counter() - t
         ends = np.cumsum(lengths.numpy())
@@ -225,7 +229,7 @@ class SAEStage:
                 rows, lat, val = sparse_encode(self.saes[j], X[r0:r1], self.encoders[j], scratch=self.scratches[j])
                 ta = time.perf_counter()
                 self.aggs[j].update(accs[p0:p1], seqs[p0:p1], rows, lat, val, mean_reps=means[p0:p1],
-                                    spans=spans[p0:p1])
+                                    max_reps=maxes[p0:p1], spans=spans[p0:p1])
                 if self.aggs[j].pending_bytes >= SPILL_BYTES:
                     self.aggs[j].flush(spill_path(self.root, self.ids[j], self.chunk, self.parts[j]))
                     self.parts[j] += 1

@@ -197,10 +197,12 @@ def protein_tables(agg: SAEAggregate, sae_id: str) -> Iterator[dict[str, dict]]:
                    "n_active": n.astype(np.int32),
                    "activations": _blobs(a["vec_pos"], a["vec_val"], off, n, a["plen"][tp], agg.max_act[tl])}
             out = {"protein_latents": top, "protein_latent_stats": stats}
-            emb = a["emb"]
+            emb, emb_max = a["emb"], a["emb_max"]
             if emb.shape[1]:
+                if emb_max.shape != emb.shape:
+                    raise ValueError(f"{path}: mean and max embeddings differ in shape ({emb.shape} vs {emb_max.shape})")
                 out["protein_embeddings"] = {"sae_id": sae_id, "accession": acc,
-                                             "mean_rep": _rows_as_lists(emb)}
+                                             "mean_rep": _rows_as_lists(emb), "max_rep": _rows_as_lists(emb_max)}
             yield out
 
 

@@ -33,21 +33,56 @@ class PatternCount:
 
 @dataclass
 class ProbeScore:
+    """One probe fit, or the majority-class baseline (``source`` 'majority', no pooling or C)."""
+
     task: str
-    features: str  # 'sae_mean_max' | 'raw_mean'
+    features: str  # '<source>_<pooling>' | 'majority'
+    source: str  # 'sae' | 'raw' | 'majority'
+    pooling: str | None  # 'mean' | 'mean_max'
     accuracy: float
+    accuracy_lo: float  # 95 % bootstrap interval over test clusters
+    accuracy_hi: float
     macro_f1: float
     n_train: int
     n_test: int
+    n_features: int
+    c: float | None  # chosen by CV on the training rows
+    cv_accuracy: float | None
     classes: list[str]
 
 
 @dataclass
+class ProbeComparison:
+    """SAE vs raw probe at the same pooling, on the same test proteins."""
+
+    task: str
+    pooling: str
+    sae_accuracy: float
+    raw_accuracy: float
+    diff: float  # SAE - raw
+    diff_lo: float  # 95 % paired bootstrap interval
+    diff_hi: float
+    n_sae_only: int  # discordant test proteins: only the SAE probe right
+    n_raw_only: int
+    mcnemar_p: float
+
+
+@dataclass
 class ProbeLatent:
+    """A top-weighted latent of an SAE probe with its evidence: the probe's own (weight, activity
+    on the class's test proteins vs the others') and the atlas's (density, analysis)."""
+
     rank: int
     latent: int
     pooling: str  # 'mean' | 'max'
     weight: float
+    frac_class: float | None  # share of the class's test proteins it is active on
+    frac_rest: float | None  # share of the other classes' test proteins
+    density: float | None  # share of all atlas proteins it is active on (latents.frac_proteins)
+    pattern: str | None
+    family: str | None
+    family_specific: bool | None
+    concept: str | None
     description: str | None
 
 
@@ -126,7 +161,9 @@ class SaeAnalysis(SaeHeader):
     summary: dict[str, Any]
     patterns: list[PatternCount]
     probes: list[ProbeScore]
-    probe_latents: dict[str, dict[str, ClassLatents]]  # task -> class -> latents
+    probe_comparisons: list[ProbeComparison]
+    # '<task>:<features>' (each SAE fit, e.g. 'location:sae_mean_max') -> class -> latents
+    probe_latents: dict[str, dict[str, ClassLatents]]
     concepts: list[ConceptCoverage]
     family_specific: list[FamilySpecificLatent]
 
@@ -154,8 +191,12 @@ def _sae_analysis(con, sae: dict) -> SaeHeader:
     patterns = query_rows(
         con, "SELECT pattern, count(*) AS n FROM latent_analysis WHERE sae_id = ? GROUP BY pattern ORDER BY n DESC", [sid])
     probes = query_rows(
-        con, "SELECT task, features, accuracy, macro_f1, n_train, n_test, classes FROM probe_results "
-        "WHERE sae_id = ? ORDER BY task, features DESC", [sid])
+        con, "SELECT task, features, source, pooling, accuracy, accuracy_lo, accuracy_hi, macro_f1, n_train, n_test, "
+        "n_features, c, cv_accuracy, classes FROM probe_results WHERE sae_id = ? "
+        "ORDER BY task, pooling NULLS LAST, source DESC", [sid])
+    comparisons = query_rows(
+        con, "SELECT task, pooling, sae_accuracy, raw_accuracy, diff, diff_lo, diff_hi, n_sae_only, n_raw_only, "
+        "mcnemar_p FROM probe_comparisons WHERE sae_id = ? ORDER BY task, pooling", [sid])
     # the best latent of a concept is chosen by validation F1 (ties: lowest latent); its test numbers ride along
     concepts = query_rows(
         con, "SELECT concept, any_value(level) AS level, count(*) AS n_latents, any_value(n_val) AS n_val, "
@@ -172,6 +213,7 @@ def _sae_analysis(con, sae: dict) -> SaeHeader:
         summary=json.loads(row["summary"]),
         patterns=[PatternCount(**r) for r in patterns],
         probes=[ProbeScore(**r) for r in probes],
+        probe_comparisons=[ProbeComparison(**r) for r in comparisons],
         probe_latents=_probe_latents(con, sid),
         concepts=[ConceptCoverage(**r) for r in concepts],
         family_specific=[FamilySpecificLatent(**r) for r in specific],
@@ -189,12 +231,15 @@ def latent_concepts(con, sae_id: str, latent: int, limit: int = 50) -> list[Conc
 
 def _probe_latents(con, sae_id: str) -> dict[str, dict[str, ClassLatents]]:
     rows = query_rows(
-        con, "SELECT p.task, p.class, p.sign, p.rank, p.latent, p.pooling, p.weight, a.description "
-        "FROM probe_latents p LEFT JOIN latent_analysis a ON a.sae_id = p.sae_id AND a.latent = p.latent "
-        "WHERE p.sae_id = ? ORDER BY p.task, p.class, p.sign DESC, p.rank", [sae_id])
+        con, "SELECT p.task || ':' || p.features AS fit, p.class, p.sign, p.rank, p.latent, p.pooling, p.weight, "
+        "p.frac_class, p.frac_rest, l.frac_proteins AS density, a.pattern, a.family, a.family_specific, a.concept, "
+        "a.description FROM probe_latents p "
+        "LEFT JOIN latent_analysis a ON a.sae_id = p.sae_id AND a.latent = p.latent "
+        "LEFT JOIN latents l ON l.sae_id = p.sae_id AND l.latent = p.latent "
+        "WHERE p.sae_id = ? ORDER BY p.task, p.features DESC, p.class, p.sign DESC, p.rank", [sae_id])
     out: dict[str, dict[str, ClassLatents]] = {}
     for r in rows:
-        by_sign = out.setdefault(r.pop("task"), {}).setdefault(r.pop("class"), ClassLatents())
+        by_sign = out.setdefault(r.pop("fit"), {}).setdefault(r.pop("class"), ClassLatents())
         getattr(by_sign, r.pop("sign")).append(ProbeLatent(**r))
     return out
 
@@ -245,12 +290,14 @@ def protein_latent_stats(con, sae_id: str) -> dict[str, np.ndarray]:
     ).fetchnumpy()
 
 
-def embeddings(con, sae_id: str) -> tuple[list[str], np.ndarray | None]:
-    """Accessions and mean raw pLM representations (rows in accession order), or ([], None)."""
-    rows = con.execute("SELECT accession, mean_rep FROM protein_embeddings WHERE sae_id = ? ORDER BY accession", [sae_id]).fetchall()
+def embeddings(con, sae_id: str) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """Accessions, mean and max raw pLM representations (rows in accession order), or ([], None, None)."""
+    rows = con.execute("SELECT accession, mean_rep, max_rep FROM protein_embeddings WHERE sae_id = ? ORDER BY accession",
+                       [sae_id]).fetchall()
     if not rows:
-        return [], None
-    return [r[0] for r in rows], np.asarray([r[1] for r in rows], dtype=np.float32)
+        return [], None, None
+    return ([r[0] for r in rows], np.asarray([r[1] for r in rows], dtype=np.float32),
+            np.asarray([r[2] for r in rows], dtype=np.float32))
 
 
 def top_examples(con, sae_id: str, per_latent: int) -> list[tuple[int, bytes]]:

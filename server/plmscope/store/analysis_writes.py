@@ -36,18 +36,32 @@ def write_latent_concepts(con, sae_id: str, rows: dict[str, np.ndarray]) -> None
     insert_columns(con, "latent_concepts", {"sae_id": sae_id, **rows})
 
 
-def write_probe(con, sae_id: str, result: dict, latent_rows: list[dict]) -> None:
-    """One probe_results row (``result``: a ``ProbeResult``'s fields) and its top latents."""
-    con.execute(
-        "INSERT INTO probe_results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [sae_id, result["task"], result["features"], result["accuracy"], result["macro_f1"],
-         result["n_train"], result["n_test"], result["classes"]],
+def _insert_row(con, table: str, row: dict) -> None:
+    cols = list(row)
+    con.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",  # noqa: S608 (schema names)
+                [row[c] for c in cols])
+
+
+def write_probe_result(con, sae_id: str, row: dict) -> None:
+    """One probe_results row (a fit or the majority baseline); ``row`` has the table's columns."""
+    _insert_row(con, "probe_results", {"sae_id": sae_id, **row})
+
+
+def write_probe_comparison(con, sae_id: str, row: dict) -> None:
+    """One probe_comparisons row: SAE vs raw at one pooling."""
+    _insert_row(con, "probe_comparisons", {"sae_id": sae_id, **row})
+
+
+def write_probe_latents(con, sae_id: str, task: str, features: str, rows: list[dict]) -> None:
+    """The top latents of one SAE fit (``probes.top_latents`` rows)."""
+    if not rows:
+        return
+    con.executemany(
+        "INSERT INTO probe_latents (sae_id, task, features, class, sign, rank, latent, pooling, weight, frac_class, frac_rest) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [[sae_id, task, features, r["class"], r["sign"], r["rank"], r["latent"], r["pooling"], r["weight"],
+          r["frac_class"], r["frac_rest"]] for r in rows],
     )
-    if latent_rows:
-        con.executemany(
-            "INSERT INTO probe_latents VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [[sae_id, result["task"], r["class"], r["sign"], r["rank"], r["latent"], r["pooling"], r["weight"]] for r in latent_rows],
-        )
 
 
 def write_summary(con, sae_id: str, summary: dict) -> None:

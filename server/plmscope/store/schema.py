@@ -19,7 +19,9 @@ from __future__ import annotations
 from .. import vocab
 
 # 2: latent_concepts carries InterPLM's rule (validation and test numbers, interval, counts per
-#    split, normalising maximum); latent_analysis names its concept by validation F1.
+#    split, normalising maximum); latent_analysis names its concept by validation F1;
+#    protein_embeddings.max_rep (the raw probe is pooled as the SAE probe is); probe_comparisons;
+#    probe_results / probe_latents with pooling, chosen C, intervals and evidence.
 SCHEMA_VERSION = 2
 
 AMINO_ACIDS = vocab.AMINO_ACIDS  # order of every aa_counts array
@@ -197,7 +199,8 @@ TABLES: dict[str, str] = {
         CREATE TABLE protein_embeddings (
             sae_id VARCHAR NOT NULL,          -- the SAE's pLM and layer
             accession VARCHAR NOT NULL,
-            mean_rep FLOAT[] NOT NULL         -- mean over residues of the raw pLM representation
+            mean_rep FLOAT[] NOT NULL,        -- mean over residues of the raw pLM representation
+            max_rep FLOAT[] NOT NULL          -- per-dimension max over residues (schema 2)
         )""",
     # ---- written by `plmscope analyze` (interpretation) ----
     "latent_analysis": """
@@ -242,23 +245,47 @@ TABLES: dict[str, str] = {
         CREATE TABLE probe_results (
             sae_id VARCHAR NOT NULL,
             task VARCHAR NOT NULL,             -- e.g. 'location'
-            features VARCHAR NOT NULL,         -- 'sae_mean_max' | 'raw_mean'
-            accuracy DOUBLE NOT NULL,
+            features VARCHAR NOT NULL,         -- '<source>_<pooling>' | 'majority'
+            source VARCHAR NOT NULL,           -- 'sae' | 'raw' | 'majority' (always the training set's top class)
+            pooling VARCHAR,                   -- 'mean' | 'mean_max'; NULL for the baseline
+            accuracy DOUBLE NOT NULL,          -- on the held-out test proteins
+            accuracy_lo DOUBLE NOT NULL,       -- 95 % bootstrap interval, test clusters resampled
+            accuracy_hi DOUBLE NOT NULL,
             macro_f1 DOUBLE NOT NULL,
-            n_train INTEGER NOT NULL,
+            n_train INTEGER NOT NULL,          -- the same rows for every fit of the task
             n_test INTEGER NOT NULL,
+            n_features INTEGER NOT NULL,
+            c DOUBLE,                          -- inverse L2 strength chosen by CV on the training rows only
+            cv_accuracy DOUBLE,                -- that C's mean accuracy over the inner folds
             classes VARCHAR[] NOT NULL
+        )""",
+    "probe_comparisons": """
+        CREATE TABLE probe_comparisons (
+            sae_id VARCHAR NOT NULL,
+            task VARCHAR NOT NULL,
+            pooling VARCHAR NOT NULL,          -- SAE and raw fits compared at this same pooling
+            sae_accuracy DOUBLE NOT NULL,
+            raw_accuracy DOUBLE NOT NULL,
+            diff DOUBLE NOT NULL,              -- SAE - raw
+            diff_lo DOUBLE NOT NULL,           -- 95 % paired bootstrap interval (test clusters)
+            diff_hi DOUBLE NOT NULL,
+            n_sae_only INTEGER NOT NULL,       -- test proteins only the SAE probe gets right
+            n_raw_only INTEGER NOT NULL,       -- ... only the raw probe gets right
+            mcnemar_p DOUBLE NOT NULL          -- exact binomial test on those discordant proteins
         )""",
     "probe_latents": """
         CREATE TABLE probe_latents (
             sae_id VARCHAR NOT NULL,
             task VARCHAR NOT NULL,
+            features VARCHAR NOT NULL,         -- the SAE fit: 'sae_mean' | 'sae_mean_max'
             class VARCHAR NOT NULL,
             sign VARCHAR NOT NULL,             -- 'positive' | 'negative'
             rank INTEGER NOT NULL,
             latent INTEGER NOT NULL,
             pooling VARCHAR NOT NULL,          -- 'mean' | 'max'
-            weight DOUBLE NOT NULL
+            weight DOUBLE NOT NULL,            -- on standardised features
+            frac_class DOUBLE,                 -- share of the class's test proteins the latent is active on
+            frac_rest DOUBLE                   -- ... of the other classes' test proteins
         )""",
     "analysis_summary": """
         CREATE TABLE analysis_summary (
@@ -268,7 +295,8 @@ TABLES: dict[str, str] = {
 }
 
 # Written by `plmscope analyze`, per SAE; empty in a freshly built atlas.
-ANALYSIS_TABLES = ("latent_analysis", "latent_concepts", "probe_results", "probe_latents", "analysis_summary")
+ANALYSIS_TABLES = ("latent_analysis", "latent_concepts", "probe_results", "probe_comparisons", "probe_latents",
+                   "analysis_summary")
 
 # The web app's point lookups.  protein_latent_stats has none: it is only read whole, per SAE (by
 # the analysis), and an ART index over its rows (13M at 20k proteins) was the writer's largest
