@@ -11,14 +11,18 @@ Conventions every backend keeps (tests check them):
 * Computation stops after the requested layer; models run in eval mode; on CUDA under bf16/fp16
   autocast (setting ``dtype``), on CPU in float32 and deterministic.
 * ``lm_loss`` is the model's own training objective with an optional ``splice`` function that
-  replaces the layer-``layer`` residue representations (used by ``eval-sae``).
+  replaces the layer-``layer`` residue representations (used by ``eval-sae``); it also returns each
+  sequence's summed loss and scored-residue count (``eval-sae`` bootstraps over proteins).
+  ``scored_residues`` names the residues it scores and ``target_class`` the class each is scored
+  as, so that a baseline (``eval-sae``'s amino-acid frequencies) can be scored on exactly the same
+  predictions.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -32,10 +36,13 @@ Splice = Callable[[torch.Tensor], torch.Tensor]  # (n_residues, d) -> (n_residue
 
 @dataclass
 class LossResult:
-    """Summed loss in nats over ``n_tokens`` predicted tokens."""
+    """Summed loss in nats over ``n_tokens`` predicted tokens; per input sequence (input order) its
+    summed loss and number of predicted tokens."""
 
     total: float
     n_tokens: int
+    per_sequence: list[float] = field(default_factory=list)
+    tokens_per_sequence: list[int] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -70,6 +77,16 @@ class ProteinLM(ABC):
         mask_prob: float = 0.15,
     ) -> LossResult:
         """The model's own LM loss; ``splice`` replaces layer ``layer``'s residue rows."""
+
+    @abstractmethod
+    def scored_residues(self, seqs: Sequence[str], *, seed: int = 0, mask_prob: float = 0.15) -> list[str]:
+        """Per sequence, the residues ``lm_loss`` (same ``seed``/``mask_prob``) predicts, as a string
+        of their letters in sequence order."""
+
+    @abstractmethod
+    def target_class(self, residue: str) -> int:
+        """The output class ``lm_loss`` scores the residue letter ``residue`` as (letters the model
+        does not tell apart share a class)."""
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer <= self.num_layers:

@@ -368,6 +368,7 @@ class ESM2(ProteinLM):
         seqs = [self.truncate(s, f"sequence {i + 1}") for i, s in enumerate(seqs)]
         masks = mask_positions(seqs, seed, mask_prob)
         total, count = 0.0, 0
+        per_seq, per_count = [0.0] * len(seqs), [0] * len(seqs)
         items = [(str(i), s) for i, s in enumerate(seqs) if s]
         for batch in token_batches(items, token_budget):
             idx = [int(i) for i, _ in batch]
@@ -384,6 +385,19 @@ class ESM2(ProteinLM):
                     x = splice_residue_rows(x, [len(seqs[i]) for i in idx], splice)
                 x = self._layers(x, padding_mask, layer, self.num_layers)
                 logits = self.model.lm_head(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+            total += ce.sum().item()
             count += int((targets != -100).sum())
-        return LossResult(total, count)
+            for b, i in enumerate(idx):
+                per_seq[i], per_count[i] = ce[b].sum().item(), len(masks[i])
+        return LossResult(total, count, per_seq, per_count)
+
+    def scored_residues(self, seqs: Sequence[str], *, seed: int = 0, mask_prob: float = 0.15) -> list[str]:
+        """The masked residues of ``lm_loss`` with the same ``seed`` and ``mask_prob``."""
+        seqs = [self.truncate(s, f"sequence {i + 1}") for i, s in enumerate(seqs)]
+        return ["".join(s[p] for p in m.tolist()) for s, m in zip(seqs, mask_positions(seqs, seed, mask_prob))]
+
+    def target_class(self, residue: str) -> int:
+        if not re.fullmatch(r"[A-Z]", residue):
+            raise ModelError(f"{self.name}: {residue!r} is not a residue ESM-2 can encode")
+        return int(self.alphabet.get_idx(residue))  # a letter outside the alphabet (J) is <unk>, as in _tokens

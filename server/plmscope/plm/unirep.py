@@ -207,6 +207,7 @@ class UniRep(ProteinLM):
         """Next-amino-acid loss (see module docstring); ``seed``/``mask_prob`` are unused (no masking)."""
         self.check_layer(layer)
         total, count = 0.0, 0
+        per_seq, per_count = [0.0] * len(seqs), [0] * len(seqs)
         items = [(str(i), s) for i, s in enumerate(seqs) if s]
         for batch in token_batches(items, token_budget, extra_tokens=1):
             bs = [s for _, s in batch]
@@ -215,7 +216,18 @@ class UniRep(ProteinLM):
             logits = h[:, :-1] @ self.dense_w + self.dense_b  # state before residue j+1
             targets = tokens[:, 1:] - 1
             targets[~valid[:, 1:]] = -100
-            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+            total += ce.sum().item()
             count += int(valid[:, 1:].sum())
-        return LossResult(total, count)
+            for b, (i, s) in enumerate(batch):
+                per_seq[int(i)], per_count[int(i)] = ce[b].sum().item(), len(s)
+        return LossResult(total, count, per_seq, per_count)
+
+    def scored_residues(self, seqs: Sequence[str], *, seed: int = 0, mask_prob: float = 0.15) -> list[str]:
+        return list(seqs)  # every residue is predicted from the state before it
+
+    def target_class(self, residue: str) -> int:
+        if residue not in AA_TO_INT or residue == "-":
+            raise ModelError(f"{self.name}: {residue!r} is not a residue UniRep can encode")
+        return AA_TO_INT[residue] - 1  # as lm_loss's targets (B, J, X, Z share the X class)
 

@@ -6,30 +6,63 @@ Prints one JSON object and writes it to ``DIR/eval.json`` and into ``DIR/cfg.jso
 * ``explained_variance`` = 1 - SSE / SST (SST around the evaluation corpus' per-dimension mean);
 * ``mse``: squared error per residue and dimension; ``l0``: mean active latents per residue;
 * ``dead_fraction``: latents that never fire on the corpus;
-* ``dense_fraction``: latents firing on more than ``DENSE_THRESHOLD`` (10%) of residues;
-* ``lm_loss``: the pLM's own objective with layer L's residue rows left alone (clean), replaced by
-  the SAE reconstruction (spliced) or by zeros (zero-ablated), and
-  ``loss_recovered_pct`` = (zero - spliced) / (zero - clean) * 100.  ESM-2: masked-token loss, 15% of
-  residues masked with a fixed seed (the same positions for all three); UniRep: next-amino-acid loss.
+* ``dense_fraction``: latents firing on more than ``DENSE_THRESHOLD`` (10%) of residues.
+
+The pLM's own objective (``objective``; ESM-2: masked-LM, 15 % of each protein's residues masked
+with a fixed seed, scored on the masked residues; UniRep: next-amino-acid, scored on every
+residue), in nats per scored residue (``lm_loss``), with layer L's residue rows
+
+* ``clean``: left alone;
+* ``spliced``: replaced by the SAE's reconstruction;
+* ``mean_ablated``: replaced, every row, by the layer's mean over the SAE's *training* corpus
+  (``cfg plmscope.baselines.layer_mean``, stored by train-sae).  An SAE trained before that was
+  stored has no such mean: its mean-ablation numbers are null and ``baselines.mean_ablation`` says
+  why (``normalization.mean`` is not used instead: it is a mean of the first shuffle-buffer fill);
+* ``zero_ablated``: replaced by zeros.  Kept for comparison only: zeros are far outside the layer's
+  distribution, so this floor is lower than any model that ignores the layer, and a share of
+  loss "recovered" against it overstates the SAE;
+
+and ``unigram``: every scored residue predicted from the amino-acid frequencies of the SAE's
+training corpus alone (``cfg plmscope.baselines.residue_counts``).  The classes are the pLM's own
+output classes for residue letters (``ProteinLM.target_class``: UniRep pools B, J, X and Z into
+its X class; ESM-2 has a token per letter and scores J as <unk>), with add-one (Laplace) smoothing
+over those classes: p(c) = (n_c + 1) / (N + K), K = number of classes.
+
+Headline (``headline``), each with a 95 % percentile-bootstrap interval over proteins
+(``intervals``: proteins resampled with replacement, every loss a residue-weighted mean):
+
+* ``loss_recovered_vs_mean_ablation_pct`` = (mean_ablated - spliced) / (mean_ablated - clean) * 100;
+* ``splice_delta_nats`` = spliced - clean;
+* ``splice_cost_pct_of_model_gain`` = (spliced - clean) / (unigram - clean) * 100: the splice's cost
+  as a share of all the model predicts beyond amino-acid frequencies.
+
+``zero_ablation.loss_recovered_vs_zero_ablation_pct`` = (zero - spliced) / (zero - clean) * 100
+is the number earlier versions printed as "% loss recovered".  ``corpus.set`` names the set the
+numbers come from (``--set``: e.g. "selection" while choosing a layer, "report" for quoted numbers).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, ModelError
 from ..plm.base import load_plm
 from ..provenance import sha256_file
 from ..sequences import read_proteins
 from .io import load_sae, read_cfg, sae_id, update_cfg
 
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_RESAMPLES = 1000
 DENSE_THRESHOLD = 0.10  # a latent firing on > 10% of residues is "dense" (not a sparse feature)
 EVAL_FILENAME = "eval.json"
 
@@ -42,6 +75,7 @@ class EvalSettings:
     device: str = "auto"
     seed: int = 0  # of the ESM-2 masking
     token_budget: int = 8192
+    set_name: str | None = None  # which set the corpus is (e.g. "selection", "report"); recorded only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sae", Path(self.sae))
@@ -54,7 +88,7 @@ class EvalSettings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EvalSettings":
         return cls(sae=args.sae, fasta=args.fasta, max_proteins=args.max_proteins, device=args.device,
-                   seed=args.seed, token_budget=args.token_budget)
+                   seed=args.seed, token_budget=args.token_budget, set_name=args.set)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=0, help="seed of the ESM-2 masking")
     p.add_argument("--token-budget", type=int, default=8192, help="padded tokens per pLM forward batch")
+    p.add_argument("--set", default=None, help="name of the set the corpus is, recorded with the numbers "
+                   "(e.g. selection while choosing a layer, report for the numbers quoted)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +109,26 @@ def run(args: argparse.Namespace) -> int:
     (settings.sae / EVAL_FILENAME).write_text(text + "\n")
     update_cfg(settings.sae, "metrics", result)
     print(text)
+    log.info("%s", summary(result))
     return 0
+
+
+def summary(r: dict[str, Any]) -> str:
+    """The headline in one sentence, for people reading the log."""
+    def show(number: dict[str, Any], fmt: str) -> str:
+        if number["value"] is None:
+            return "n/a"
+        lo, hi = number["ci95"]
+        return f"{fmt % number['value']} [{fmt % lo}, {fmt % hi}]"
+
+    h, c = r["headline"], r["corpus"]
+    where = f"{c['set']} set" if c.get("set") else "evaluation corpus"
+    text = (f"{r['sae']} on the {where} ({c['n_proteins']} proteins), {r['objective']['name']} loss: "
+            f"{show(h['loss_recovered_vs_mean_ablation_pct'], '%.1f')} % recovered vs mean-ablation; splice costs "
+            f"{show(h['splice_delta_nats'], '%.4f')} nats = {show(h['splice_cost_pct_of_model_gain'], '%.1f')} % of "
+            f"the model's gain over amino-acid frequencies (95 % bootstrap intervals over proteins)")
+    missing = [b["reason"] for b in r["baselines"].values() if not b["available"]]
+    return text + ("; " + "; ".join(missing) if missing else "")
 
 
 @torch.no_grad()
@@ -90,10 +145,10 @@ def evaluate(s: EvalSettings) -> dict[str, Any]:
     return {
         "sae": sae_id(cfg), "plm": plm.name, "layer": layer, "architecture": sae.architecture,
         "d_sae": sae.d_sae, "k": sae.k,
-        "corpus": {"path": str(s.fasta.resolve()), "sha256": sha256_file(s.fasta),
+        "corpus": {"set": s.set_name, "path": str(s.fasta.resolve()), "sha256": sha256_file(s.fasta),
                    "n_proteins": len(items), "n_residues": rec.n},
         **rec.metrics(),
-        **lm_loss_metrics(plm, sae, layer, [seq for _, seq in items], s.seed),
+        **lm_loss_metrics(plm, sae, layer, [seq for _, seq in items], s.seed, cfg),
     }
 
 
@@ -148,27 +203,147 @@ class Reconstruction:
         }
 
 
-def lm_loss_metrics(plm, sae, layer: int, seqs: list[str], seed: int) -> dict[str, Any]:
-    """The pLM's loss with layer ``layer`` clean, spliced with the SAE's reconstruction and
-    zero-ablated, and the share of the zero-ablation gap the SAE recovers."""
+def objective(plm, seed: int, mask_prob: float = 0.15) -> dict[str, Any]:
+    """The pLM's training objective as eval-sae scores it, named for people and for programs."""
+    if plm.family == "esm2":
+        return {"name": "masked-LM", "mask_fraction": mask_prob, "mask_seed": seed,
+                "description": f"masked-LM cross-entropy: round({mask_prob:g} x length) residues of each protein "
+                               f"(at least 1), drawn with seed {seed}, replaced by <mask> and scored"}
+    return {"name": "next-amino-acid",
+            "description": "next-amino-acid cross-entropy: the state before each residue predicts it; "
+                           "every residue is scored"}
+
+
+def training_mean(cfg: dict[str, Any]) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Layer L's training-corpus mean stored with the SAE, and what it is (or why it is missing)."""
+    b = cfg["plmscope"].get("baselines") or {}
+    if b.get("layer_mean") is None:
+        reason = b.get("layer_mean_missing_reason") or (
+            "this SAE's cfg.json has no plmscope.baselines.layer_mean (it was trained before train-sae stored "
+            "the training mean of its layer); normalization.mean is a mean of the first shuffle-buffer fill "
+            "only and is not used in its place. Retrain the SAE with this plmscope to get the baseline.")
+        return None, {"available": False, "reason": reason}
+    mean = torch.tensor(b["layer_mean"], dtype=torch.float32)
+    if mean.shape != (int(cfg["d_in"]),):
+        raise InputError(f"plmscope.baselines.layer_mean has {mean.numel()} values, the SAE's d_in is {cfg['d_in']}")
+    return mean, {
+        "available": True, "what": "every residue row of layer L set to the layer's mean over the SAE's training corpus",
+        "source": "cfg.json plmscope.baselines.layer_mean", "n_residues": b.get("layer_mean_n_residues"),
+        "n_proteins": b.get("layer_mean_n_proteins"), "whole_training_corpus": b.get("layer_mean_whole_corpus"),
+    }
+
+
+def unigram_log_probs(plm, cfg: dict[str, Any]) -> tuple[dict[int, float] | None, dict[str, Any]]:
+    """log p(class) of the amino-acid-frequency baseline (module docstring), from the SAE's stored
+    training-corpus residue counts."""
+    counts = (cfg["plmscope"].get("baselines") or {}).get("residue_counts")
+    if not counts:
+        return None, {"available": False, "reason": (
+            "this SAE's cfg.json has no plmscope.baselines.residue_counts (trained before train-sae stored "
+            "the training corpus' amino-acid counts); retrain it with this plmscope to get the baseline")}
+    per_class: dict[int, int] = {}
+    for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+        try:
+            per_class.setdefault(plm.target_class(letter), 0)
+        except ModelError:  # a letter the pLM cannot read at all is never a target
+            continue
+    for letter, n in counts.items():
+        per_class[plm.target_class(letter)] += int(n)
+    total, k = sum(per_class.values()), len(per_class)
+    log_p = {c: math.log((n + 1) / (total + k)) for c, n in per_class.items()}
+    return log_p, {
+        "available": True, "what": "each scored residue predicted from the training corpus' amino-acid frequencies",
+        "source": "cfg.json plmscope.baselines.residue_counts", "n_residues": total, "n_classes": k,
+        "classes": "the pLM's output classes for residue letters", "smoothing": "add-one: (n_c + 1) / (N + K)",
+    }
+
+
+def _ratio(num, den):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(den) > 1e-12, np.asarray(num, dtype=float) / den * 100.0, np.nan)
+
+
+def _derived(clean, spliced, mean_abl, zero, unigram) -> dict[str, Any]:
+    """The headline numbers from mean losses (floats or arrays of bootstrap resamples)."""
+    return {
+        "loss_recovered_vs_mean_ablation_pct": _ratio(mean_abl - spliced, mean_abl - clean),
+        "splice_delta_nats": np.asarray(spliced - clean, dtype=float),
+        "splice_cost_pct_of_model_gain": _ratio(spliced - clean, unigram - clean),
+        "loss_recovered_vs_zero_ablation_pct": _ratio(zero - spliced, zero - clean),
+    }
+
+
+def lm_loss_metrics(plm, sae, layer: int, seqs: list[str], seed: int, cfg: dict[str, Any] | None = None,
+                    n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """The pLM's loss with layer ``layer`` clean, spliced, mean- and zero-ablated, the unigram
+    baseline, and the headline numbers with bootstrap intervals (module docstring)."""
+    cfg = cfg if cfg is not None else sae.cfg
+    mean, mean_info = training_mean(cfg)
+    log_p, uni_info = unigram_log_probs(plm, cfg)
 
     def splice_sae(h: torch.Tensor) -> torch.Tensor:
         return sae(h.to(sae.device, torch.float32))[0].to(h.device, h.dtype)
 
-    clean = plm.lm_loss(seqs, layer, None, seed=seed)
-    spliced = plm.lm_loss(seqs, layer, splice_sae, seed=seed)
-    zero = plm.lm_loss(seqs, layer, torch.zeros_like, seed=seed)
-    gap = zero.mean - clean.mean
-    objective = (
-        f"masked-token cross-entropy, 15% of residues masked (seed {seed})"
-        if plm.family == "esm2"
-        else "next-amino-acid cross-entropy"
-    )
+    def splice_mean(h: torch.Tensor) -> torch.Tensor:
+        return mean.to(h.device, h.dtype).expand_as(h).clone()
+
+    runs = {"clean": plm.lm_loss(seqs, layer, None, seed=seed),
+            "spliced": plm.lm_loss(seqs, layer, splice_sae, seed=seed),
+            "zero_ablated": plm.lm_loss(seqs, layer, torch.zeros_like, seed=seed)}
+    if mean is not None:
+        runs["mean_ablated"] = plm.lm_loss(seqs, layer, splice_mean, seed=seed)
+    tokens = np.array(runs["clean"].tokens_per_sequence, dtype=float)
+    per_protein = {name: np.array(r.per_sequence, dtype=float) for name, r in runs.items()}
+    if log_p is not None:
+        scored = plm.scored_residues(seqs, seed=seed)
+        if [len(r) for r in scored] != runs["clean"].tokens_per_sequence:
+            raise ModelError(f"{plm.name}: scored_residues disagrees with lm_loss on which residues are scored")
+        per_protein["unigram"] = np.array([-sum(log_p[plm.target_class(ch)] for ch in r) for r in scored])
+    nan = np.full(len(seqs), np.nan)
+    arrays = [per_protein.get(k, nan) for k in ("clean", "spliced", "mean_ablated", "zero_ablated", "unigram")]
+
+    n_tok = tokens.sum()
+    means = [float(a.sum() / n_tok) if n_tok else float("nan") for a in arrays]
+    point = _derived(*[np.float64(m) for m in means])
+    boot = _bootstrap(tokens, arrays, n_resamples, seed)
+
+    def number(key: str) -> dict[str, Any]:
+        lo, hi = (np.nanpercentile(boot[key], [2.5, 97.5]) if np.isfinite(boot[key]).any() else (np.nan, np.nan))
+        return {"value": float(point[key]), "ci95": [float(lo), float(hi)]}
+
+    clean, spliced, mean_abl, zero, unigram = means
     return {
-        "lm_loss": {"objective": objective, "clean": clean.mean, "spliced": spliced.mean, "zero_ablated": zero.mean,
-                    "n_tokens": clean.n_tokens},
-        "loss_recovered_pct": (zero.mean - spliced.mean) / gap * 100 if abs(gap) > 1e-12 else float("nan"),
+        "objective": objective(plm, seed),
+        "lm_loss": {"unit": "nats per scored residue", "clean": clean, "spliced": spliced, "mean_ablated": mean_abl,
+                    "zero_ablated": zero, "unigram": unigram, "model_gain_over_unigram": unigram - clean,
+                    "n_tokens": int(n_tok), "n_proteins": len(seqs)},
+        "headline": {key: number(key) for key in
+                     ("loss_recovered_vs_mean_ablation_pct", "splice_delta_nats", "splice_cost_pct_of_model_gain")},
+        "zero_ablation": {
+            "loss_recovered_vs_zero_ablation_pct": number("loss_recovered_vs_zero_ablation_pct"),
+            "note": "floor = layer L set to zeros, far outside its distribution; not the headline",
+        },
+        "baselines": {"mean_ablation": mean_info, "unigram": uni_info},
+        "intervals": {"method": "percentile bootstrap over proteins (residue-weighted means)", "level": 0.95,
+                      "n_resamples": n_resamples, "seed": seed},
     }
+
+
+def _bootstrap(tokens: np.ndarray, arrays: list[np.ndarray], n_resamples: int, seed: int) -> dict[str, np.ndarray]:
+    """The derived numbers on ``n_resamples`` resamples of the proteins (with replacement)."""
+    rng = np.random.default_rng(seed)
+    n = len(tokens)
+    sums = [np.empty(n_resamples) for _ in arrays]
+    tok = np.empty(n_resamples)
+    chunk = max(1, min(n_resamples, 5_000_000 // max(n, 1)))  # bounded memory for large corpora
+    for start in range(0, n_resamples, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n)) if n else np.zeros((0, 0), int)
+        stop = start + idx.shape[0]
+        tok[start:stop] = tokens[idx].sum(1)
+        for out, a in zip(sums, arrays):
+            out[start:stop] = a[idx].sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _derived(*[s / tok for s in sums])
 
 
 def _json_safe(obj: Any) -> Any:
@@ -177,4 +352,6 @@ def _json_safe(obj: Any) -> Any:
         return None
     if isinstance(obj, dict):
         return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
     return obj

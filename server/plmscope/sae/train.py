@@ -6,8 +6,20 @@ not grow with the corpus) and are drawn at random, with a seeded generator, into
 Training uses Adam in normalised space (per-dimension mean, one scalar scale, both estimated from
 the first buffer fill); the SAE is saved in the SAELens layout with the normalisation folded in.
 
+``eval-sae``'s baselines need two statistics of the training corpus, stored with the SAE under
+``cfg['plmscope']['baselines']`` (``training_baselines``):
+
+* ``layer_mean``: the mean of layer L's residue vectors over the stream's first pass, i.e. over
+  every residue of the training corpus once training has reached a second epoch (``--epochs 1``,
+  the default, always has), else over the ``layer_mean_n_proteins`` proteins it reached.  It is
+  summed in float64 as proteins enter the shuffle buffer.  It is *not* ``normalization.mean``,
+  which comes from the first buffer fill only;
+* ``residue_counts``: how often each letter occurs in the training corpus (as the pLM sees it,
+  truncated to its limit), for the amino-acid-frequency (unigram) baseline.
+
 Checkpoints (``DIR/checkpoint/state.pt``, written to a temporary directory and renamed) hold the SAE,
-the optimiser, the shuffle buffer, the generator state and the stream position, so ``--resume``
+the optimiser, the shuffle buffer, the generator state, the stream position and the layer-mean
+sums, so ``--resume``
 continues exactly where the checkpoint was taken: on CPU a resumed run ends bit-identical to an
 uninterrupted one (the pLM batch being consumed is recomputed with the same composition).
 """
@@ -21,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -203,6 +216,7 @@ class TrainingData:
     items: list[tuple[str, str]]  # (accession, sequence)
     n_residues: int  # residues the pLM sees (at most its limit per protein)
     corpus_sha: str
+    residue_counts: dict[str, int]  # letter -> occurrences in the residues the pLM sees
 
     @classmethod
     def load(cls, s: TrainSettings) -> "TrainingData":
@@ -212,8 +226,10 @@ class TrainingData:
         plm = load_plm(s.model, device=s.device)
         plm.check_layer(s.layer)
         items = [(p.accession, p.sequence) for p in corpus.proteins]
-        n_residues = sum(min(len(seq), plm.max_residues or len(seq)) for _, seq in items)
-        return cls(plm, device, plm.d_model(s.layer), items, n_residues, corpus_sha)
+        seen = [seq[: plm.max_residues] if plm.max_residues else seq for _, seq in items]
+        n_residues = sum(len(seq) for seq in seen)
+        counts = Counter(ch for seq in seen for ch in seq)
+        return cls(plm, device, plm.d_model(s.layer), items, n_residues, corpus_sha, dict(sorted(counts.items())))
 
 
 def dead_tokens_for(n_residues: int, batch_size: int) -> int:
@@ -260,6 +276,10 @@ class Trainer:
         self.buffer = ShuffleBuffer(s.buffer_size, data.d_in, s.batch_size, self.gen)
         self.fired = torch.zeros(s.latents, dtype=torch.long)  # per-latent firing counts -> sparsity.safetensors
         self.step, self.tokens, self.pos, self.pending, self.normalized = 0, 0, Position(), [], False
+        # Sum / residues / proteins of layer L over the stream's first pass (-> baselines.layer_mean).
+        # None after resuming a checkpoint written before these sums were kept: no exact mean then.
+        self.layer_sum: torch.Tensor | None = torch.zeros(data.d_in, dtype=torch.float64)
+        self.layer_n, self.layer_proteins = 0, 0
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.sae.load_state_dict(ckpt["sae"])
@@ -271,6 +291,11 @@ class Trainer:
         self.fired = ckpt["fired"]
         self.step, self.tokens, self.pos = int(ckpt["step"]), int(ckpt["tokens"]), Position(**ckpt["position"])
         self.normalized = bool(ckpt["normalized"])
+        if "layer_sum" in ckpt:
+            self.layer_sum = ckpt["layer_sum"].double()
+            self.layer_n, self.layer_proteins = int(ckpt["layer_n"]), int(ckpt["layer_proteins"])
+        else:
+            self.layer_sum = None
 
     def checkpoint(self) -> dict[str, Any]:
         rest = torch.cat(self.pending) if self.pending else torch.empty(0, self.d_in)
@@ -279,11 +304,18 @@ class Trainer:
             "generator": self.gen.get_state(), "buffer": self.buffer.data[: self.buffer.n].clone(),
             "buffer_n": self.buffer.n, "pending": rest, "fired": self.fired, "step": self.step,
             "tokens": self.tokens, "normalized": self.normalized, "position": vars(self.pos).copy(),
+            **({"layer_sum": self.layer_sum.clone(), "layer_n": self.layer_n, "layer_proteins": self.layer_proteins}
+               if self.layer_sum is not None else {}),
         }
 
     def feed(self, stream: Iterator[tuple[Position, torch.Tensor]]) -> None:
         """Push the next protein into the buffer; the first batches drawn also set the normalisation."""
+        first_pass = self.pos.epoch == 0  # self.pos is the position of the protein about to come
         self.pos, rep = next(stream)
+        if first_pass and self.layer_sum is not None:
+            self.layer_sum += rep.double().sum(0)
+            self.layer_n += rep.shape[0]
+            self.layer_proteins += 1
         self.pending = self.buffer.push(rep)
         if self.pending and not self.normalized:
             sample = torch.cat(self.pending + [self.buffer.data[: self.buffer.n]])
@@ -360,5 +392,27 @@ def _save_sae(s: TrainSettings, trainer: Trainer, data: TrainingData, shown: dic
         "steps": trainer.step, "tokens": trainer.tokens, "device": str(data.device), "wall_s": round(wall_s, 1),
         "final": {key: round(v, 5) for key, v in shown.items()},
     })
+    sae.cfg["plmscope"]["baselines"] = training_baselines(trainer, data)
     save_sae(sae.cpu(), s.out, sparsity=sparsity)
     log.info("saved SAE to %s (%d steps, %d residue vectors)", s.out, trainer.step, trainer.tokens)
+
+
+def training_baselines(trainer: Trainer, data: TrainingData) -> dict[str, Any]:
+    """What eval-sae's mean-ablation and amino-acid-frequency baselines need (module docstring)."""
+    out: dict[str, Any] = {
+        "residue_counts": data.residue_counts,
+        "residue_counts_n_residues": data.n_residues,
+    }
+    if trainer.layer_sum is None or trainer.layer_n == 0:
+        out["layer_mean"] = None
+        out["layer_mean_missing_reason"] = ("resumed from a checkpoint written before plmscope kept the "
+                                            "layer-mean sums")
+        return out
+    whole = trainer.layer_proteins >= len(data.items) or trainer.pos.epoch > 0
+    out.update({
+        "layer_mean": (trainer.layer_sum / trainer.layer_n).tolist(),  # float64, as summed
+        "layer_mean_n_residues": trainer.layer_n,
+        "layer_mean_n_proteins": trainer.layer_proteins,
+        "layer_mean_whole_corpus": bool(whole),
+    })
+    return out
