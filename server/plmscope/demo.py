@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .provenance import sha256_file
+from .store.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
 
     atlas = work / "atlas.duckdb"
     stamp = work / "atlas.stamp.json"
-    key = {"corpus": sha256_file(corpus), "sae": sha256_file(sae_dir / "sae_weights.safetensors"), "analyze": not args.no_analyze}
+    # the schema version too: an atlas of an older plmscope is rebuilt, not served into its version error
+    key = {"corpus": sha256_file(corpus), "sae": sha256_file(sae_dir / "sae_weights.safetensors"), "analyze": not args.no_analyze,
+           "schema": SCHEMA_VERSION}
     if not atlas.exists() or not stamp.exists() or json.loads(stamp.read_text()) != key:
         stamp.unlink(missing_ok=True)
         _step(
