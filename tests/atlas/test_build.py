@@ -19,7 +19,7 @@ from plmscope.cli import main
 from plmscope.errors import InputError
 from plmscope.vocab import AMINO_ACIDS, dequantize
 
-from tests.conftest import DEMO, make_sae
+from tests.conftest import DEMO, demo_rows, make_sae
 
 TABLES = ["proteins", "annotations", "families", "structures", "structure_residues", "saes", "latents",
           "latent_examples", "latent_bins", "latent_families", "latent_annotation_types", "latent_neighbors",
@@ -360,3 +360,56 @@ def test_spill_parts_build_the_same_atlas(tiny_atlas, tmp_path, monkeypatch):
     assert main(["merge", "--state", str(state), "--out", str(many)]) == 0
     for t in TABLES:
         assert table_rows(many, t) == table_rows(one, t), t
+
+
+def _unirep_codes(seqs: list[str], sae_dirs: list) -> list[list[np.ndarray]]:
+    """Per SAE, per protein, the dense SAE codes computed directly (one protein at a time)."""
+    from plmscope.plm.base import load_plm
+    from plmscope.sae.io import load_sae
+
+    plm = load_plm("unirep-64", "cpu")
+    out = []
+    for d in sae_dirs:
+        sae = load_sae(d)
+        out.append([sae.encode(plm.representations([s], sae.layer)[0]).detach().numpy() for s in seqs])
+    return out
+
+
+def test_context_free_residue_one_left_out_and_one_forward_serves_two_layers(tmp_path):
+    """UniRep's residue 1 carries no protein context: no statistic of the atlas counts it.  Two SAEs on
+    layers 1 and 3 are built from one forward and equal what each SAE gives run directly."""
+    rows = [r for r in demo_rows() if len(r["sequence"]) < 120][:10]
+    corpus = tmp_path / "c.fasta"
+    corpus.write_text("".join(f">{r['accession']}\n{r['sequence']}\n" for r in rows))
+    saes = [make_sae(tmp_path / f"s{layer}", "unirep-64", layer=layer, d_in=64, d_sae=48, k=4, seed=layer)
+            for layer in (1, 3)]
+    out = tmp_path / "u.duckdb"
+    args = ["build", "--corpus", str(corpus), "--out", str(out), "--device", "cpu", "--top-n", "50",
+            "--protein-top", "48", "--checkpoint-every", "0"]
+    assert main([*args, *sum((["--sae", str(s)] for s in saes), [])]) == 0
+    seqs = [r["sequence"] for r in rows]
+    codes = _unirep_codes(seqs, saes)
+    con = duckdb.connect(str(out), read_only=True)
+    sae_rows = q(con, "SELECT sae_id, layer, context_free, n_residues, aa_background FROM saes ORDER BY layer")
+    for (sid, layer, cf, n_res, background), per_prot in zip(sae_rows, codes):
+        assert cf == 1 and n_res == sum(len(s) - 1 for s in seqs) == sum(background)
+        counted = np.concatenate([z[1:] for z in per_prot])  # residue 1 dropped
+        lat = q(con, "SELECT latent, n_active_residues, n_active_proteins, max_act FROM latents "
+                     "WHERE sae_id = ? ORDER BY latent", sid)
+        n_res_active = np.array([r[1] for r in lat])
+        np.testing.assert_array_equal(n_res_active, (counted > 0).sum(0))
+        np.testing.assert_array_equal([r[2] for r in lat], sum((z[1:] > 0).any(0) for z in per_prot))
+        np.testing.assert_allclose([r[3] for r in lat], counted.max(0), rtol=1e-4, atol=1e-5)
+        # residue 1 fires in (nearly) every protein at some latents; none of it reaches the atlas
+        assert any((z[0] > 0).any() for z in per_prot)
+        assert q(con, "SELECT count(*) FROM protein_latents WHERE sae_id = ? AND max_pos = 1", sid)[0][0] == 0
+        assert q(con, "SELECT count(*) FROM latent_examples WHERE sae_id = ? AND max_pos = 1", sid)[0][0] == 0
+    con.close()
+
+
+def test_esm2_has_no_context_free_positions(tiny_atlas):
+    con = duckdb.connect(str(tiny_atlas.path), read_only=True)
+    (cf, n_res), = q(con, "SELECT context_free, n_residues FROM saes")
+    total = q(con, "SELECT sum(coalesce(truncated_to, length)) FROM proteins")[0][0]
+    con.close()
+    assert cf == 0 and n_res == total

@@ -83,6 +83,21 @@ def test_equals_fair_esm_every_layer_padded_batches(plm, reference, layer):
         torch.testing.assert_close(streamed[b], expected, atol=1e-5, rtol=0)
 
 
+def test_several_layers_from_one_forward_equal_fair_esm(plm, reference):
+    model, alphabet = reference
+    _, _, tokens = alphabet.get_batch_converter()([("", s) for s in SEQS])
+    layers = [N_LAYERS, 0, 2]  # any order; the results come back in the order asked
+    with torch.no_grad():
+        ref = model(tokens, repr_layers=layers)["representations"]
+    several = plm.layer_representations(SEQS, layers)
+    streamed = {rid: reps for rid, _, reps in plm.iter_layer_representations(enumerate(SEQS), layers, token_budget=40)}
+    for j, layer in enumerate(layers):
+        for b, seq in enumerate(SEQS):
+            torch.testing.assert_close(several[j][b], ref[layer][b, 1 : len(seq) + 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(streamed[b][j], ref[layer][b, 1 : len(seq) + 1], atol=1e-5, rtol=0)
+    assert plm.context_free_positions == 0  # a bidirectional model: every position sees the protein
+
+
 def test_early_stop_skips_later_layers(plm):
     calls = []
     hooks = [layer.fc2.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, layer in enumerate(plm.model.layers)]

@@ -80,6 +80,24 @@ def test_matches_numpy_mlstm_every_layer_padded(u64):
             np.testing.assert_allclose(rep.numpy(), expected, atol=1e-5)
 
 
+def test_several_layers_from_one_forward(u64):
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "MRW"]
+    layers = [4, 1, 3]
+    several = u64.layer_representations(seqs, layers)
+    for j, layer in enumerate(layers):
+        for rep, alone in zip(several[j], u64.representations(seqs, layer)):
+            torch.testing.assert_close(rep, alone, atol=0, rtol=0)
+
+
+def test_residue_one_is_context_free(u64):
+    # The state after residue 1 depends on that residue alone: the same in every protein that starts
+    # with M, whatever follows; residue 2 already differs.
+    a, b = u64.representations(["MKTAYIAKQR", "MGSHHHHHHS"], 2)
+    assert u64.context_free_positions == 1
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[1], b[1], atol=1e-3)
+
+
 def test_padding_and_batching_do_not_change_results(u64):
     seqs = ["MKTAYIAKQR", "M", AMINO_ACIDS * 3]
     batched = u64.representations(seqs, 3)

@@ -23,6 +23,8 @@ latents, values of the non-zero entries, e.g. from ``sparse_codes``) and folds t
   deterministic hash sample: every sampled protein's max lies in its bin, and ``n_proteins`` per bin
   is an exact count (from the per-protein statistics); a bin can hold fewer than ``per_bin``
   samples when a bucket straddling its edge kept only proteins from the other side.
+* none of it sees the pLM's context-free positions (``AggregateSettings.context_free``): their codes
+  are dropped on the way in and ``n_residues`` / the background do not count them;
 * per protein (streamed to spill files, not kept in memory): every active (protein, latent) pair
   (max, sum, n_active), the top ``protein_top`` latents with vectors, and the mean raw pLM
   representation and its per-dimension maximum over the residues;
@@ -68,6 +70,9 @@ class AggregateSettings:
     per_bin: int = 8
     protein_top: int = 16
     label_top: int = 20  # families / annotation types stored per latent
+    # The pLM's context-free positions (``ProteinLM.context_free_positions``): residues 1..this are
+    # left out of every statistic, as if they were not in the protein.
+    context_free: int = 0
 
 
 def hist_bucket(values: np.ndarray) -> np.ndarray:
@@ -151,12 +156,17 @@ class SAEAggregate:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         n_prot = len(accessions)
         codes = _AA_CODE[np.frombuffer("".join(sequences).encode(), dtype=np.uint8)]
-        self.n_proteins += n_prot
-        self.n_residues += int(lengths.sum())
-        self.background += np.bincount(codes[codes < 20], minlength=20)
-
         p_of_row = np.repeat(np.arange(n_prot), lengths)
+        cf = self.s.context_free
+        counted = (np.arange(len(codes)) - offsets[p_of_row] >= cf) if cf else slice(None)
+        self.n_proteins += n_prot
+        self.n_residues += int(np.maximum(lengths - cf, 0).sum())
+        self.background += np.bincount(codes[counted][codes[counted] < 20], minlength=20)
+
         p = p_of_row[rows]
+        if cf:
+            keep = rows - offsets[p] >= cf
+            rows, lat, val, p = rows[keep], lat[keep], val[keep], p[keep]
         order = _stable_argsort(p * L + lat)  # pairs contiguous, positions ascending
         rows, lat, val, p = rows[order], lat[order], val[order].astype(np.float32), p[order]
         pos = (rows - offsets[p]).astype(np.int32)

@@ -183,7 +183,8 @@ def open_job(settings: BuildSettings, inputs: SAEInputs, models: Models, plan: C
         if settings.resume and old:
             log.warning("%s belongs to other inputs or settings; starting over", state.root)
         shutil.rmtree(state.root, ignore_errors=True)
-        done, aggs = [], [SAEAggregate(s.cfg["d_sae"], settings.aggregate_settings()) for s in models.saes]
+        done, aggs = [], [SAEAggregate(s.cfg["d_sae"], settings.aggregate_settings(models.plm.context_free_positions))
+                       for s in models.saes]
     state.root.mkdir(parents=True, exist_ok=True)
     _store_sae_weights(state, inputs.ids, models.saes)
     manifest = {

@@ -22,7 +22,7 @@ from .aggregate import SAEAggregate
 from .settings import BuildSettings
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 2  # 2: spill parts carry emb_max (max-pooled raw representations)
+STATE_VERSION = 3  # 2: spill parts carry emb_max; 3: aggregates leave out context-free positions
 
 
 class BuildState:

@@ -60,11 +60,12 @@ def _malloc_trim():
 
 
 def residue_batches(stream, budget: int):
-    """Group the pLM stream into batches of about ``budget`` residues for the SAE encoder."""
+    """Group the pLM stream ((id, sequence the pLM saw, representation(s)) items) into batches of
+    about ``budget`` residues for the SAE encoder."""
     batch, n = [], 0
     for item in stream:
         batch.append(item)
-        n += len(item[2])
+        n += len(item[1])
         if n >= budget:
             yield batch
             batch, n = [], 0
@@ -163,6 +164,26 @@ def _pieces(ends: np.ndarray, rows: int) -> list[tuple[int, int]]:
     return out
 
 
+def pooled_representations(X: torch.Tensor, lengths: torch.Tensor, context_free: int = 0):
+    """Per protein, the mean and the per-dimension maximum of its rows of ``X`` (proteins
+    concatenated, ``lengths`` rows each), leaving out each protein's first ``context_free`` rows
+    (0 for a protein with no other row).  The max-pooled one is kept so that the raw-pLM probe
+    can be pooled as the SAE probe is (mean + max) without analyze recomputing the pLM."""
+    n_prot = len(lengths)
+    prot_of_row = torch.repeat_interleave(torch.arange(n_prot), lengths).to(X.device)
+    counted = lengths - context_free
+    if context_free:
+        starts = torch.cumsum(lengths, 0) - lengths
+        keep = (torch.arange(X.shape[0]) - starts.repeat_interleave(lengths) >= context_free).to(X.device)
+        X, prot_of_row = X[keep], prot_of_row[keep]
+    means = (torch.zeros(n_prot, X.shape[1], device=X.device).index_add_(0, prot_of_row, X)
+             / counted.clamp_min(1).to(X.device)[:, None]).cpu().numpy()
+    maxes = (torch.full((n_prot, X.shape[1]), -torch.inf, dtype=X.dtype, device=X.device)
+             .scatter_reduce_(0, prot_of_row[:, None].expand_as(X), X, "amax"))
+    maxes = torch.where(counted.to(X.device)[:, None] > 0, maxes, 0).float().cpu().numpy()
+    return means, maxes
+
+
 class SAEStage:
     """Encode + aggregate one batch for the SAEs of its layer, spilling parts as they fill.
 
@@ -212,13 +233,7 @@ class SAEStage:
         accs, seqs, lengths, X = packed
         X = X.to(self.device)
         lengths = torch.tensor(lengths)
-        prot_of_row = torch.repeat_interleave(torch.arange(len(accs)), lengths).to(X.device)
-        means = (torch.zeros(len(accs), X.shape[1], device=X.device).index_add_(0, prot_of_row, X)
-                 / lengths.to(X.device)[:, None]).cpu().numpy()
-        # The max-pooled representation too, so the raw-pLM probe can be pooled as the SAE probe
-        # is (mean + max) without analyze recomputing the pLM: one reduction over the batch.
-        maxes = (torch.full((len(accs), X.shape[1]), -torch.inf, dtype=X.dtype, device=X.device)
-                 .scatter_reduce_(0, prot_of_row[:, None].expand_as(X), X, "amax")).float().cpu().numpy()
+        means, maxes = pooled_representations(X, lengths, self.aggs[members[0]].s.context_free)
         spans = [self.spans[a] for a in accs]
         self.timings["aggregate"] += time.perf_counter() - t
         ends = np.cumsum(lengths.numpy())

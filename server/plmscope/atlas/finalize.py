@@ -208,5 +208,5 @@ def protein_tables(agg: SAEAggregate, sae_id: str) -> Iterator[dict[str, dict]]:
 
 def sae_stats(agg: SAEAggregate) -> dict:
     return {"n_dead": int((agg.n_active_res == 0).sum()), "n_proteins": agg.n_proteins,
-            "n_residues": agg.n_residues, "hist_edges": HIST_EDGES.tolist(),
+            "n_residues": agg.n_residues, "context_free": agg.s.context_free, "hist_edges": HIST_EDGES.tolist(),
             "aa_background": agg.background.tolist()}

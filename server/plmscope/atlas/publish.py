@@ -121,7 +121,7 @@ def _write_sae(w, roots: list[Path], manifests: list[dict], entry: dict, agg: SA
                  "architecture": sae.architecture, "d_in": int(cfg["d_in"]), "d_sae": int(cfg["d_sae"]),
                  "k": cfg.get("k"), "cfg": cfg, "metrics": cfg["plmscope"].get("metrics") or None,
                  "n_dead": st["n_dead"], "n_proteins": st["n_proteins"], "n_residues": st["n_residues"],
-                 "hist_edges": st["hist_edges"], "aa_background": st["aa_background"], "weights": weights,
+                 "context_free": st["context_free"], "hist_edges": st["hist_edges"], "aa_background": st["aa_background"], "weights": weights,
                  "built_at": None})
     top_labels = {}
     for prefix, table, column, top_col, frac_col in LABEL_COLUMNS:

@@ -88,8 +88,9 @@ class BuildSettings:
         """The build-state directory: ``--state-out``, else beside the atlas."""
         return self.state_out if self.state_out is not None else Path(f"{self.out}.build-state")
 
-    def aggregate_settings(self) -> AggregateSettings:
-        return AggregateSettings(self.top_n, self.bins, self.per_bin, self.protein_top)
+    def aggregate_settings(self, context_free: int = 0) -> AggregateSettings:
+        """``context_free``: the pLM's ``context_free_positions``."""
+        return AggregateSettings(self.top_n, self.bins, self.per_bin, self.protein_top, context_free=context_free)
 
     def fingerprinted(self) -> dict:
         """The settings that change the atlas: a build state resumes or merges only with the same."""

@@ -1,5 +1,5 @@
-"""The build's streaming pass: for each chunk of this shard not yet done, the pLM forward of every
-layer with an SAE, the SAEs' encode and aggregation (``encode.SAEStage``, on the pipeline's worker
+"""The build's streaming pass: for each chunk of this shard not yet done, one pLM forward that
+serves every layer with an SAE, the SAEs' encode and aggregation (``encode.SAEStage``, on the pipeline's worker
 thread), the chunk file, the spills and a checkpoint now and then.
 """
 
@@ -56,13 +56,11 @@ class StreamPass:
     def run(self) -> dict[str, float]:
         todo = self.job.todo()
         layers = self.models.layers()
-        counted = next(iter(layers))  # progress counts the proteins of one layer's forward
         with Pipeline(in_flight=self.s.pipeline) as pipeline, self._progress_bar(todo) as bar:
             for c, chunk in iter_chunks(self.s, self.models.plm.max_residues, set(todo)):
                 self._write_chunk(c, chunk)
                 self.stage.start_chunk(c, label_spans(chunk))
-                for layer, members in layers.items():
-                    self._forward(chunk, layer, members, pipeline, bar if layer == counted else None)
+                self._forward(chunk, layers, pipeline, bar)
                 self._end_chunk(c, pipeline, last=c == todo[-1])
         for k, v in self.stage.timings.items():
             self.timings[k] += v
@@ -84,29 +82,31 @@ class StreamPass:
         write_chunk(self.job.state.root, c, chunk, self.models.plm.max_residues, self.s, self.families, pfam_families)
         self.timings["structures+chunk_files"] += time.perf_counter() - tw
 
-    def _forward(self, chunk: list, layer: int, members: list[int], pipeline: Pipeline, bar) -> None:
-        """The chunk's forward at ``layer``, each batch handed to the SAEs ``members`` as it comes."""
+    def _forward(self, chunk: list, layers: dict[int, list[int]], pipeline: Pipeline, bar) -> None:
+        """The chunk's forward, once for all ``layers`` (layer -> its SAEs' indices); each batch is
+        handed to each layer's SAEs as it comes."""
         items = [(p.accession, p.sequence) for p in chunk]
         budget = self.s.token_budget
-        stream = self.models.plm.iter_representations(items, layer, token_budget=budget, sort_window=len(items) or 1)
+        stream = self.models.plm.iter_layer_representations(items, list(layers), token_budget=budget,
+                                                            sort_window=len(items) or 1)
         t = self.timings
         tf = time.perf_counter()
         for batch in residue_batches(stream, budget):
             t["plm_forward"] += time.perf_counter() - tf
-            tw = time.perf_counter()
-            packed = self.stage.pack(batch)
-            n_prot = len(batch)
+            n_prot, n_res = len(batch), sum(len(b[1]) for b in batch)
+            for j, members in enumerate(layers.values()):
+                tw = time.perf_counter()
+                packed = self.stage.pack([(rid, seq, reps[j]) for rid, seq, reps in batch])
+                ts = time.perf_counter()
+                # waits for the batch before (serial build: runs this one, so the wait is the
+                # stage's own encode + aggregation time, also counted under their names)
+                pipeline.submit(self.stage, packed, members)
+                t["sae_handoff"] += ts - tw
+                t["sae_wait"] += time.perf_counter() - ts
             del batch  # the forward's tensors: gone before the next forward (see pack)
-            ts = time.perf_counter()
-            # waits for the batch before (serial build: runs this one, so the wait is the
-            # stage's own encode + aggregation time, also counted under their names)
-            pipeline.submit(self.stage, packed, members)
-            t["sae_handoff"] += ts - tw
-            t["sae_wait"] += time.perf_counter() - ts
-            if bar is not None:
-                self.n_res += packed[3].shape[0]
-                bar.update(n_prot)
-                bar.set_postfix(residues=self.n_res, refresh=False)
+            self.n_res += n_res
+            bar.update(n_prot)
+            bar.set_postfix(residues=self.n_res, refresh=False)
             tf = time.perf_counter()
 
     def _end_chunk(self, c: int, pipeline: Pipeline, *, last: bool) -> None:

@@ -16,6 +16,13 @@ Conventions every backend keeps (tests check them):
   ``scored_residues`` names the residues it scores and ``target_class`` the class each is scored
   as, so that a baseline (``eval-sae``'s amino-acid frequencies) can be scored on exactly the same
   predictions.
+* ``context_free_positions`` counts the leading residues whose representation carries no protein
+  context: a left-to-right model's state at residue 1 has seen one amino acid (nearly always M),
+  so it is the same vector in (almost) every protein, like a BOS token.  plmscope leaves these
+  positions out of SAE training and of every statistic; heatmaps show them greyed.  The count is
+  chosen from data (``scripts/context_free.py``; README "Context-free positions").
+* ``layer_representations`` serves several layers from one forward (a build or ``train-sae`` with
+  SAEs on several layers runs the pLM once).
 """
 
 from __future__ import annotations
@@ -57,14 +64,20 @@ class ProteinLM(ABC):
     num_layers: int
     max_residues: int | None  # None = no limit
     device: torch.device
+    context_free_positions: int = 0  # leading residues without protein context (module docstring)
 
     @abstractmethod
     def d_model(self, layer: int) -> int:
         """Width of the representation at ``layer``."""
 
     @abstractmethod
+    def _forward_layers(self, seqs: Sequence[str], layers: Sequence[int]) -> list[list[torch.Tensor]]:
+        """Representations of an already-truncated batch at each of ``layers`` (ascending, distinct):
+        one list per layer, one tensor per sequence, from one forward."""
+
     def _forward_batch(self, seqs: Sequence[str], layer: int) -> list[torch.Tensor]:
         """Representations for an already-truncated batch (one tensor per sequence)."""
+        return self._forward_layers(seqs, (layer,))[0]
 
     @abstractmethod
     def lm_loss(
@@ -110,6 +123,42 @@ class ProteinLM(ABC):
         names = records or [f"sequence {i + 1}" for i in range(len(seqs))]
         seqs = [self.truncate(s, r) for s, r in zip(seqs, names)]
         return self._forward_batch(seqs, layer)
+
+    @torch.no_grad()
+    def layer_representations(self, seqs: Sequence[str], layers: Sequence[int],
+                              records: Sequence[str] | None = None) -> list[list[torch.Tensor]]:
+        """``representations`` at several layers from one forward: one list per entry of ``layers``."""
+        order = self._layer_order(layers)
+        names = records or [f"sequence {i + 1}" for i in range(len(seqs))]
+        seqs = [self.truncate(s, r) for s, r in zip(seqs, names)]
+        out = self._forward_layers(seqs, order) if seqs else [[] for _ in order]
+        return [out[order.index(layer)] for layer in layers]
+
+    def _layer_order(self, layers: Sequence[int]) -> tuple[int, ...]:
+        if not layers:
+            raise ModelError("no layer requested")
+        for layer in layers:
+            self.check_layer(layer)
+        return tuple(sorted(set(int(x) for x in layers)))
+
+    @torch.no_grad()
+    def iter_layer_representations(
+        self,
+        items: Iterable[tuple[str, str]],
+        layers: Sequence[int],
+        *,
+        token_budget: int = 8192,
+        sort_window: int = 2048,
+    ) -> Iterator[tuple[str, str, list[torch.Tensor]]]:
+        """As ``iter_representations``, with one representation per entry of ``layers`` (one forward)."""
+        order = self._layer_order(layers)
+        at = [order.index(layer) for layer in layers]
+        for window in _windows(items, sort_window):
+            window = [(rid, self.truncate(seq, rid)) for rid, seq in window]
+            for batch in token_batches(window, token_budget):
+                reps = self._forward_layers([s for _, s in batch], order)
+                for i, (rid, seq) in enumerate(batch):
+                    yield rid, seq, [reps[j][i] for j in at]
 
     @torch.no_grad()
     def iter_representations(

@@ -336,16 +336,21 @@ class ESM2(ProteinLM):
             x = m.emb_layer_norm_after(x)
         return x.transpose(0, 1)
 
-    def _forward_batch(self, seqs: Sequence[str], layer: int) -> list[torch.Tensor]:
+    def _forward_layers(self, seqs: Sequence[str], layers: Sequence[int]) -> list[list[torch.Tensor]]:
         if not seqs:
-            return []
+            return [[] for _ in layers]
         tokens = self._tokens(seqs)
+        out = []
         with self._autocast():
             x, padding_mask = self._embed(tokens)
-            x = self._layers(x, padding_mask, 0, layer)
-        x = x.float()
-        # Row 0 is BOS: residue i sits at token i.
-        return [x[b, 1 : len(s) + 1].cpu().clone() for b, s in enumerate(seqs)]
+            done = 0
+            for layer in layers:  # ascending: each stretch of layers runs once
+                x = self._layers(x, padding_mask, done, layer)
+                done = layer
+                # Row 0 is BOS: residue i sits at token i.
+                xf = x.float()
+                out.append([xf[b, 1 : len(s) + 1].cpu().clone() for b, s in enumerate(seqs)])
+        return out
 
     @torch.no_grad()
     def lm_loss(

@@ -127,7 +127,7 @@ def read_saes(con) -> list[dict]:
     rows = query_rows(
         con,
         "SELECT sae_id, plm, layer, architecture, d_in, d_sae, k, cfg, metrics, n_dead, n_proteins, "
-        "n_residues, CAST(built_at AS VARCHAR) AS built_at, position FROM saes ORDER BY position, sae_id",
+        "n_residues, context_free, CAST(built_at AS VARCHAR) AS built_at, position FROM saes ORDER BY position, sae_id",
     )
     for r in rows:
         r["cfg"] = json.loads(r["cfg"]) if r["cfg"] else {}

@@ -22,7 +22,8 @@ from .. import vocab
 #    split, normalising maximum); latent_analysis names its concept by validation F1;
 #    protein_embeddings.max_rep (the raw probe is pooled as the SAE probe is); probe_comparisons;
 #    probe_results / probe_latents with pooling, chosen C, intervals and evidence.
-SCHEMA_VERSION = 2
+# 3: saes.context_free: the pLM's context-free positions, left out of every statistic.
+SCHEMA_VERSION = 3
 
 AMINO_ACIDS = vocab.AMINO_ACIDS  # order of every aa_counts array
 
@@ -51,7 +52,9 @@ TABLES: dict[str, str] = {
             metrics JSON,                    -- eval-sae results stored with the SAE (may be null)
             n_dead INTEGER NOT NULL,         -- latents never active on this corpus
             n_proteins INTEGER NOT NULL,
-            n_residues BIGINT NOT NULL,
+            n_residues BIGINT NOT NULL,      -- residues counted in the statistics (context-free ones not)
+            context_free INTEGER NOT NULL DEFAULT 0, -- leading residues of each protein left out of
+                                             -- every statistic: the pLM's context-free positions
             hist_edges DOUBLE[] NOT NULL,    -- HIST_BINS + 1 edges
             aa_background BIGINT[] NOT NULL, -- residue counts per AMINO_ACIDS letter, whole corpus
             weights BLOB NOT NULL,           -- sae_weights.safetensors bytes: the atlas is self-contained
