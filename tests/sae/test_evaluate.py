@@ -135,11 +135,12 @@ def test_unirep_mean_ablation_and_unigram_by_hand(tmp_path, capsys):
     held = [p.sequence for p in read_proteins(eval_fasta).proteins]
     plm = load_plm("unirep-64", "cpu")
 
-    mean = torch.cat(plm.representations(train, layer)).double().mean(0)
+    # residue 1 is context-free for UniRep: left out of the mean, and of the splice and ablations
+    mean = torch.cat([r[1:] for r in plm.representations(train, layer)]).double().mean(0)
     stored = torch.tensor(read_cfg(out)["plmscope"]["baselines"]["layer_mean"], dtype=torch.float64)
     assert torch.allclose(stored, mean, atol=1e-6)
     assert result["baselines"]["mean_ablation"]["whole_training_corpus"] is True
-    assert result["baselines"]["mean_ablation"]["n_residues"] == sum(map(len, train))
+    assert result["baselines"]["mean_ablation"]["n_residues"] == sum(len(s) - 1 for s in train)
     # ...and it is not the normalisation mean (a sample of the first shuffle-buffer fill)
     norm_mean = torch.tensor(read_cfg(out)["plmscope"]["normalization"]["mean"], dtype=torch.float64)
     assert not torch.allclose(norm_mean, mean, atol=1e-6)
@@ -155,7 +156,7 @@ def test_unirep_mean_ablation_and_unigram_by_hand(tmp_path, capsys):
                 x = plm.layers[i - 1](x, valid)
                 if i == layer:
                     x = x.clone()
-                    x[0, 1:] = mean.float()  # every residue row; column 0 is the start state
+                    x[0, 2:] = mean.float()  # every residue row but residue 1; column 0 is the start state
             logits = x[0, :-1] @ plm.dense_w + plm.dense_b  # the state before residue j predicts it
             logp = torch.log_softmax(logits.double(), -1)
             total -= float(logp[torch.arange(len(seq)), torch.tensor(codes) - 1].sum())

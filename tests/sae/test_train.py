@@ -105,3 +105,46 @@ def test_unknown_model_and_bad_settings_exit_2(tmp_path, demo_fasta, capsys):
 def test_settings_refuse_bad_flag_combinations(tmp_path, changes, words):
     with pytest.raises(SAEError, match=re.escape(words)):
         TrainSettings(model="unirep-64", layer=1, fasta=tmp_path / "c.fasta", out=tmp_path / "o", **changes)
+
+
+def test_several_saes_from_one_pass_equal_each_trained_alone(tmp_path, demo_fasta):
+    """Layers 1 and 3, two sizes at layer 3: one pLM pass, and each SAE bit-identical to its own run."""
+    common = ["--model", "unirep-64", "--batch-size", "128", "--buffer-size", "512", "--lr", "3e-3",
+              "--fasta", str(demo_fasta), "--steps", "6", "--checkpoint-every", "0"]
+    grid = tmp_path / "grid"
+    assert main(["train-sae", *common, "--layer", "1", "3", "--latents", "32", "64", "--k", "4",
+                 "--out", str(grid)]) == 0
+    names = sorted(p.name for p in grid.iterdir() if p.name != "checkpoint")
+    assert names == ["L1-topk32-k4", "L1-topk64-k4", "L3-topk32-k4", "L3-topk64-k4"]
+    for layer, latents in ((1, 64), (3, 32)):
+        alone = tmp_path / f"alone{layer}"
+        assert main(["train-sae", *common, "--layer", str(layer), "--latents", str(latents), "--k", "4",
+                     "--out", str(alone)]) == 0
+        a = load_file(str(alone / "sae_weights.safetensors"))
+        b = load_file(str(grid / f"L{layer}-topk{latents}-k4" / "sae_weights.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        mine = json.loads((grid / f"L{layer}-topk{latents}-k4" / "cfg.json").read_text())["plmscope"]
+        assert mine["training"]["trained_with_layers"] == [1, 3]
+        assert mine["baselines"]["layer_mean"] == json.loads((alone / "cfg.json").read_text())["plmscope"]["baselines"]["layer_mean"]
+
+
+def test_residue_one_of_unirep_never_enters_training(tmp_path, demo_fasta):
+    """The layer mean train-sae stores is the mean over every residue but each protein's first."""
+    from plmscope.plm.base import load_plm
+    from plmscope.sequences import read_proteins
+
+    out = tmp_path / "sae"
+    assert main(["train-sae", *TINY_TRAIN, "--fasta", str(demo_fasta), "--out", str(out), "--epochs", "1.1",
+                 "--buffer-size", "512", "--checkpoint-every", "0"]) == 0
+    cfg = json.loads((out / "cfg.json").read_text())["plmscope"]
+    assert cfg["baselines"]["layer_mean_whole_corpus"]
+    seqs = [p.sequence for p in read_proteins(demo_fasta).proteins]
+    plm = load_plm("unirep-64", "cpu")
+    reps = plm.representations(seqs, 2)
+    assert cfg["corpus"]["n_residues"] == sum(len(s) - 1 for s in seqs) == cfg["baselines"]["layer_mean_n_residues"]
+    expected = torch.cat([r[1:] for r in reps]).double().mean(0)
+    with_first = torch.cat(reps).double().mean(0)
+    got = torch.tensor(cfg["baselines"]["layer_mean"], dtype=torch.float64)
+    assert cfg["training"]["context_free_positions"] == 1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, with_first, atol=1e-5)

@@ -11,7 +11,7 @@ Conventions every backend keeps (tests check them):
 * Computation stops after the requested layer; models run in eval mode; on CUDA under bf16/fp16
   autocast (setting ``dtype``), on CPU in float32 and deterministic.
 * ``lm_loss`` is the model's own training objective with an optional ``splice`` function that
-  replaces the layer-``layer`` residue representations (used by ``eval-sae``); it also returns each
+  replaces the layer-``layer`` residue representations but the context-free ones (used by ``eval-sae``); it also returns each
   sequence's summed loss and scored-residue count (``eval-sae`` bootstraps over proteins).
   ``scored_residues`` names the residues it scores and ``target_class`` the class each is scored
   as, so that a baseline (``eval-sae``'s amino-acid frequencies) can be scored on exactly the same
@@ -214,10 +214,14 @@ def token_batches(items: Sequence[tuple[str, str]], token_budget: int, extra_tok
     return batches
 
 
-def splice_residue_rows(x: torch.Tensor, lengths: list[int], splice: Splice) -> torch.Tensor:
+def splice_residue_rows(x: torch.Tensor, lengths: list[int], splice: Splice, context_free: int = 0) -> torch.Tensor:
     """Replace the residue rows (columns 1..n of each batch row: column 0 is BOS / the start
-    state) of a (B, T, d) hidden-state tensor with ``splice`` applied to all of them at once."""
-    rows = torch.cat([x[b, 1 : n + 1] for b, n in enumerate(lengths)]).float()
+    state) of a (B, T, d) hidden-state tensor with ``splice`` applied to all of them at once.
+
+    The first ``context_free`` residues of each protein (the pLM's context-free positions) stay as
+    they are, as BOS does: an SAE never trained on them, so it neither replaces nor ablates them."""
+    first = 1 + context_free
+    rows = torch.cat([x[b, first : n + 1] for b, n in enumerate(lengths)]).float()
     new = splice(rows)
     if new.shape != rows.shape:
         raise ModelError(f"splice returned shape {tuple(new.shape)}, expected {tuple(rows.shape)}")
@@ -225,8 +229,9 @@ def splice_residue_rows(x: torch.Tensor, lengths: list[int], splice: Splice) -> 
     new = new.to(device=x.device, dtype=x.dtype)
     offset = 0
     for b, n in enumerate(lengths):
-        x[b, 1 : n + 1] = new[offset : offset + n]
-        offset += n
+        k = max(n - context_free, 0)
+        x[b, first : n + 1] = new[offset : offset + k]
+        offset += k
     return x
 
 

@@ -181,7 +181,7 @@ class UniRep(ProteinLM):
             if i > 0:
                 x = self.layers[i - 1](x, valid)
             if splice is not None and i == layer:
-                x = splice_residue_rows(x, lengths, splice)
+                x = splice_residue_rows(x, lengths, splice, self.context_free_positions)
             if i in keep:
                 kept.append(x)
         return kept if keep else x

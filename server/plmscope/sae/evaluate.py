@@ -173,8 +173,9 @@ class Reconstruction:
     @classmethod
     def measure(cls, plm, sae, layer: int, items: list[tuple[str, str]], token_budget: int) -> "Reconstruction":
         rec = cls(sae.d_in, sae.d_sae)
+        cf = plm.context_free_positions  # not trained on, not measured (as BOS)
         for _, _, rep in plm.iter_representations(items, layer, token_budget=token_budget):
-            x = rep.to(sae.device, torch.float32)
+            x = rep[cf:].to(sae.device, torch.float32)
             x_hat, z = sae(x)
             rec.add(x, x_hat, z)
         return rec

@@ -34,9 +34,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def iter_proteins_from(
-    plm: ProteinLM, items: list[tuple[str, str]], layer: int, seed: int, token_budget: int, start: Position
+    plm: ProteinLM, items: list[tuple[str, str]], layers: tuple[int, ...], seed: int, token_budget: int,
+    start: Position
 ) -> Iterator[tuple[Position, torch.Tensor]]:
-    """Yield (position after this protein, representation) from ``start`` on, forever (epochs)."""
+    """Yield (position after this protein, representation) from ``start`` on, forever (epochs).
+
+    The representation holds ``layers``' representations side by side (one forward serves all)
+    and leaves out the pLM's context-free positions: an SAE never trains on them."""
+    cf = plm.context_free_positions
     epoch = start.epoch
     first = True
     while True:
@@ -51,7 +56,8 @@ def iter_proteins_from(
                     continue
                 skip = start.protein if first and (w, b) == (start.window, start.batch) else 0
                 first = False
-                reps = plm.representations([s for _, s in batch], layer, [r for r, _ in batch])
+                per_layer = plm.layer_representations([s for _, s in batch], layers, [r for r, _ in batch])
+                reps = [torch.cat(r, dim=1)[cf:] if len(layers) > 1 else r[0][cf:] for r in zip(*per_layer)]
                 for p in range(skip, len(batch)):
                     nxt = Position(epoch, w, b, p + 1)
                     if p + 1 == len(batch):  # normalise "end of batch" to "start of next batch"

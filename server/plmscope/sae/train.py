@@ -17,9 +17,16 @@ the first buffer fill); the SAE is saved in the SAELens layout with the normalis
 * ``residue_counts``: how often each letter occurs in the training corpus (as the pLM sees it,
   truncated to its limit), for the amino-acid-frequency (unigram) baseline.
 
-Checkpoints (``DIR/checkpoint/state.pt``, written to a temporary directory and renamed) hold the SAE,
-the optimiser, the shuffle buffer, the generator state, the stream position and the layer-mean
-sums, so ``--resume``
+Several SAEs (``--layer``, ``--latents``, ``--k`` with several values: every combination) train
+from one pLM pass: the shuffle buffer holds the layers side by side and every SAE steps on the same
+residues, so each ends exactly as if it had been trained alone (tests check it).
+
+The pLM's context-free positions (``ProteinLM.context_free_positions``: UniRep's residue 1) never
+enter the buffer.
+
+Checkpoints (``OUT/checkpoint/state.pt``, written to a temporary directory and renamed) hold every
+SAE and its optimiser, the shuffle buffer, the generator state, the stream position and the
+layer-mean sums, so ``--resume``
 continues exactly where the checkpoint was taken: on CPU a resumed run ends bit-identical to an
 uninterrupted one (the pLM batch being consumed is recomputed with the same composition).
 """
@@ -107,8 +114,18 @@ class TrainSettings:
             raise SAEError(f"--checkpoint-every must be 0 (only at the end) or more, got {self.checkpoint_every}")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainSettings":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+    def grid_from_args(cls, args: argparse.Namespace) -> tuple["TrainSettings", ...]:
+        """One settings per (layer, latents, k) of the command line, in that order.  A single SAE is
+        written to ``--out``; several to ``--out/<run_name>`` each (and share one pLM pass)."""
+        common = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in GRID_FIELDS + ("out",)}
+        combos = [(layer, n, k) for layer in args.layer for n in args.latents for k in args.k]
+        if len(set(combos)) != len(combos):
+            raise SAEError("--layer, --latents and --k repeat a setting")
+        if len(combos) == 1:
+            layer, n, k = combos[0]
+            return (cls(layer=layer, latents=n, k=k, out=args.out, **common),)
+        return tuple(cls(layer=layer, latents=n, k=k, out=Path(args.out) / run_name(common["arch"], layer, n, k),
+                         **common) for layer, n, k in combos)
 
     def step_budget(self, n_residues: int) -> int:
         """SAE steps to train: ``--steps``, or ``--epochs`` x (corpus residues) / ``--batch-size``
@@ -120,16 +137,26 @@ class TrainSettings:
 
 
 D = {f.name: f.default for f in fields(TrainSettings)}
+GRID_FIELDS = ("layer", "latents", "k")  # what the SAEs of one train-sae run may differ in
+
+
+def run_name(arch: str, layer: int, latents: int, k: int) -> str:
+    """The directory of one SAE of a train-sae run with several settings."""
+    return f"L{layer}-{arch}{latents}" + (f"-k{k}" if arch == "topk" else "")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="pLM: esm2_t6_8M_UR50D ..., a fair-esm .pt checkpoint, unirep-64/256/1900")
-    p.add_argument("--layer", type=int, required=True, help="representation layer (0 = embeddings)")
+    p.add_argument("--layer", type=int, nargs="+", required=True,
+                   help="representation layer (0 = embeddings); several: one SAE per layer from one pLM pass")
     p.add_argument("--fasta", required=True, help="training corpus: FASTA, TSV/CSV (accession, sequence) or UniProt .dat")
-    p.add_argument("--out", required=True, help="output SAE directory (SAELens layout)")
+    p.add_argument("--out", required=True,
+                   help="output SAE directory (SAELens layout); with several SAEs, the directory that holds "
+                        "one per setting (L{layer}-{arch}{latents}-k{k}) and the shared checkpoint")
     p.add_argument("--arch", choices=["topk", "relu"], default=D["arch"])
-    p.add_argument("--latents", type=int, default=D["latents"], help="number of SAE latents (d_sae)")
-    p.add_argument("--k", type=int, default=D["k"], help="active latents per residue (topk)")
+    p.add_argument("--latents", type=int, nargs="+", default=[D["latents"]],
+                   help="number of SAE latents (d_sae); several: one SAE per value")
+    p.add_argument("--k", type=int, nargs="+", default=[D["k"]], help="active latents per residue (topk); several: one SAE per value")
     p.add_argument("--aux-k", type=int, default=None, help="dead latents in the AuxK loss (default d_in/2)")
     p.add_argument("--aux-coeff", type=float, default=D["aux_coeff"], help="AuxK loss coefficient (default 1/32)")
     p.add_argument("--dead-tokens", type=int, default=None,
@@ -184,26 +211,50 @@ def load_checkpoint(out: Path) -> dict[str, Any]:
 
 # ---- training ----------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    train(TrainSettings.from_args(args))
+    runs = TrainSettings.grid_from_args(args)
+    train_many(runs, Path(args.out))
     return 0
 
 
 def train(s: TrainSettings) -> Path:
     """Train (or, with ``resume``, continue) the SAE and save it to ``s.out``; returns ``s.out``."""
+    return train_many((s,), s.out)[0]
+
+
+def train_many(runs: tuple[TrainSettings, ...], root: Path) -> list[Path]:
+    """Train the SAEs ``runs`` (same corpus, model and stream settings; any layers and sizes) from
+    one pLM pass, the checkpoint in ``root``; returns their directories."""
     t0 = time.time()
-    data = TrainingData.load(s)
-    record = training_record(s, data)
-    ckpt = load_checkpoint(s.out) if s.resume else None
+    s = check_grid(runs)
+    data = TrainingData.load(s, sorted({r.layer for r in runs}))
+    records = [training_record(r, data) for r in runs]
+    ckpt = load_checkpoint(root) if s.resume else None
+    feed = Feed(s, data)
+    trainers = [Trainer(r, data, rec, feed.columns[r.layer]) for r, rec in zip(runs, records)]
     if ckpt is not None:
-        check_resumable(s.out, ckpt["settings"], record)
-    trainer = Trainer(s, data, record)
-    if ckpt is not None:
-        trainer.restore(ckpt)
-        log.info("resuming %s at step %d (epoch %d)", s.out, trainer.step, trainer.pos.epoch)
-    shown = _train_loop(s, trainer, data, s.step_budget(data.n_residues))
-    save_checkpoint(s.out, trainer.checkpoint())  # the final state, so that --resume --steps N can train further
-    _save_sae(s, trainer, data, shown, wall_s=time.time() - t0)
-    return s.out
+        check_resumable(root, ckpt, records)
+        feed.restore(ckpt["feed"])
+        for trainer, state in zip(trainers, ckpt["saes"]):
+            trainer.restore(state)
+        log.info("resuming %s at step %d (epoch %d)", root, trainers[0].step, feed.pos.epoch)
+    shown = _train_loop(s, feed, trainers, data, s.step_budget(data.n_residues), root)
+    save_checkpoint(root, checkpoint(feed, trainers))  # the final state: --resume --steps N can train further
+    wall = time.time() - t0
+    for r, trainer, sh in zip(runs, trainers, shown):
+        _save_sae(r, trainer, feed, data, sh, wall_s=wall)
+    return [r.out for r in runs]
+
+
+def check_grid(runs: tuple[TrainSettings, ...]) -> TrainSettings:
+    """The first run's settings, after checking that the runs differ only in GRID_FIELDS and out."""
+    first = runs[0]
+    for r in runs[1:]:
+        diff = [f.name for f in fields(TrainSettings)
+                if f.name not in GRID_FIELDS + ("out",) and getattr(r, f.name) != getattr(first, f.name)]
+        if diff:
+            raise SAEError(f"SAEs trained together must share every setting but layer, latents, k and out; "
+                           f"they differ in {', '.join(diff)}")
+    return first
 
 
 @dataclass
@@ -212,24 +263,26 @@ class TrainingData:
 
     plm: ProteinLM
     device: torch.device
-    d_in: int
+    d_in: dict[int, int]  # layer -> width
     items: list[tuple[str, str]]  # (accession, sequence)
-    n_residues: int  # residues the pLM sees (at most its limit per protein)
+    n_residues: int  # residues the SAEs train on (at most the pLM's limit per protein, less its context-free ones)
     corpus_sha: str
     residue_counts: dict[str, int]  # letter -> occurrences in the residues the pLM sees
 
     @classmethod
-    def load(cls, s: TrainSettings) -> "TrainingData":
+    def load(cls, s: TrainSettings, layers: list[int]) -> "TrainingData":
         corpus = read_proteins(s.fasta, strict=True, limit=s.max_proteins)
         corpus_sha = sha256_file(s.fasta)
         device = resolve_device(s.device)
         plm = load_plm(s.model, device=s.device)
-        plm.check_layer(s.layer)
+        for layer in layers:
+            plm.check_layer(layer)
         items = [(p.accession, p.sequence) for p in corpus.proteins]
         seen = [seq[: plm.max_residues] if plm.max_residues else seq for _, seq in items]
-        n_residues = sum(len(seq) for seq in seen)
+        n_residues = sum(max(len(seq) - plm.context_free_positions, 0) for seq in seen)
         counts = Counter(ch for seq in seen for ch in seq)
-        return cls(plm, device, plm.d_model(s.layer), items, n_residues, corpus_sha, dict(sorted(counts.items())))
+        return cls(plm, device, {layer: plm.d_model(layer) for layer in layers}, items, n_residues, corpus_sha,
+                   dict(sorted(counts.items())))
 
 
 def dead_tokens_for(n_residues: int, batch_size: int) -> int:
@@ -244,89 +297,111 @@ def training_record(s: TrainSettings, data: TrainingData) -> dict[str, Any]:
     return {
         "model": s.model, "layer": s.layer, "arch": s.arch, "latents": s.latents,
         "k": s.k if topk else None,
-        "aux_k": (s.aux_k or default_aux_k(data.d_in)) if topk else None,
+        "aux_k": (s.aux_k or default_aux_k(data.d_in[s.layer])) if topk else None,
         "aux_coeff": s.aux_coeff,
         "dead_tokens": s.dead_tokens if s.dead_tokens is not None else dead_tokens_for(data.n_residues, s.batch_size),
         "l1_coeff": s.l1_coeff if s.arch == "relu" else None,
         "lr": s.lr, "batch_size": s.batch_size, "buffer_size": s.buffer_size,
         "token_budget": s.token_budget, "seed": s.seed, "corpus_sha256": data.corpus_sha,
         "optimizer": "Adam", "max_proteins": s.max_proteins,
+        "context_free_positions": data.plm.context_free_positions,
     }
 
 
-def check_resumable(out: Path, before: dict[str, Any], now: dict[str, Any]) -> None:
-    diff = {k: (before.get(k), now.get(k)) for k in RESUME_KEYS if before.get(k) != now.get(k)}
-    if diff:
-        shown = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise SAEError(f"{out}: cannot resume, the checkpoint was made with other settings ({shown})")
+def check_resumable(out: Path, ckpt: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    if "feed" not in ckpt:
+        raise SAEError(f"{out}: the checkpoint was written by an older plmscope; train again without --resume")
+    before = ckpt["settings"]
+    if len(before) != len(records):
+        raise SAEError(f"{out}: cannot resume, the checkpoint holds {len(before)} SAE(s), this run trains {len(records)}")
+    for b, now in zip(before, records):
+        diff = {k: (b.get(k), now.get(k)) for k in RESUME_KEYS if b.get(k) != now.get(k)}
+        if diff:
+            shown = "; ".join(f"{k}: checkpoint {x!r} vs now {y!r}" for k, (x, y) in diff.items())
+            raise SAEError(f"{out}: cannot resume, the checkpoint was made with other settings ({shown})")
 
 
-class Trainer:
-    """The SAE in training and all that a checkpoint holds: optimiser, shuffle buffer and its
-    generator, batches drawn but not yet used, firing counts, counters and the stream position."""
+class Feed:
+    """The residue stream all SAEs of a run share: the shuffle buffer (the layers side by side) and
+    its generator, batches drawn but not yet used, the stream position and the layer-mean sums."""
 
-    def __init__(self, s: TrainSettings, data: TrainingData, record: dict[str, Any]) -> None:
-        self.record, self.device, self.d_in, self.batch_size = record, data.device, data.d_in, s.batch_size
-        training = {k: v for k, v in record.items() if k not in ("model", "layer", "corpus_sha256")}
-        cfg = make_cfg(plm=data.plm.name, layer=s.layer, d_in=data.d_in, d_sae=s.latents, architecture=s.arch,
-                       k=s.k if s.arch == "topk" else None, training=training)
-        self.sae = SparseAutoencoder.from_config(cfg, generator=torch.Generator().manual_seed(s.seed)).to(data.device)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=s.lr)
+    def __init__(self, s: TrainSettings, data: TrainingData) -> None:
+        self.layers = tuple(sorted(data.d_in))
+        self.columns, at = {}, 0
+        for layer in self.layers:
+            self.columns[layer] = slice(at, at + data.d_in[layer])
+            at += data.d_in[layer]
+        self.width = at
         self.gen = torch.Generator().manual_seed(s.seed + 1)
-        self.buffer = ShuffleBuffer(s.buffer_size, data.d_in, s.batch_size, self.gen)
-        self.fired = torch.zeros(s.latents, dtype=torch.long)  # per-latent firing counts -> sparsity.safetensors
-        self.step, self.tokens, self.pos, self.pending, self.normalized = 0, 0, Position(), [], False
-        # Sum / residues / proteins of layer L over the stream's first pass (-> baselines.layer_mean).
-        # None after resuming a checkpoint written before these sums were kept: no exact mean then.
-        self.layer_sum: torch.Tensor | None = torch.zeros(data.d_in, dtype=torch.float64)
+        self.buffer = ShuffleBuffer(s.buffer_size, self.width, s.batch_size, self.gen)
+        self.batch_size = s.batch_size
+        self.pos, self.pending = Position(), []
+        # Sum / residues / proteins of the layers over the stream's first pass (-> baselines.layer_mean).
+        self.layer_sum = torch.zeros(self.width, dtype=torch.float64)
         self.layer_n, self.layer_proteins = 0, 0
 
-    def restore(self, ckpt: dict[str, Any]) -> None:
-        self.sae.load_state_dict(ckpt["sae"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.gen.set_state(ckpt["generator"])
-        self.buffer.n = int(ckpt["buffer_n"])
-        self.buffer.data[: self.buffer.n] = ckpt["buffer"]
-        self.pending = list(ckpt["pending"].split(self.batch_size)) if ckpt["pending"].numel() else []
-        self.fired = ckpt["fired"]
-        self.step, self.tokens, self.pos = int(ckpt["step"]), int(ckpt["tokens"]), Position(**ckpt["position"])
-        self.normalized = bool(ckpt["normalized"])
-        if "layer_sum" in ckpt:
-            self.layer_sum = ckpt["layer_sum"].double()
-            self.layer_n, self.layer_proteins = int(ckpt["layer_n"]), int(ckpt["layer_proteins"])
-        else:
-            self.layer_sum = None
-
-    def checkpoint(self) -> dict[str, Any]:
-        rest = torch.cat(self.pending) if self.pending else torch.empty(0, self.d_in)
-        return {
-            "settings": self.record, "sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
-            "generator": self.gen.get_state(), "buffer": self.buffer.data[: self.buffer.n].clone(),
-            "buffer_n": self.buffer.n, "pending": rest, "fired": self.fired, "step": self.step,
-            "tokens": self.tokens, "normalized": self.normalized, "position": vars(self.pos).copy(),
-            **({"layer_sum": self.layer_sum.clone(), "layer_n": self.layer_n, "layer_proteins": self.layer_proteins}
-               if self.layer_sum is not None else {}),
-        }
-
-    def feed(self, stream: Iterator[tuple[Position, torch.Tensor]]) -> None:
-        """Push the next protein into the buffer; the first batches drawn also set the normalisation."""
+    def push(self, stream: Iterator[tuple[Position, torch.Tensor]]) -> None:
+        """Push the next protein into the buffer."""
         first_pass = self.pos.epoch == 0  # self.pos is the position of the protein about to come
         self.pos, rep = next(stream)
-        if first_pass and self.layer_sum is not None:
+        if first_pass:
             self.layer_sum += rep.double().sum(0)
             self.layer_n += rep.shape[0]
             self.layer_proteins += 1
         self.pending = self.buffer.push(rep)
-        if self.pending and not self.normalized:
-            sample = torch.cat(self.pending + [self.buffer.data[: self.buffer.n]])
-            mean = sample.mean(0)
-            scale = float((sample - mean).pow(2).sum(-1).mean().div(self.d_in).sqrt())
-            self.sae.set_normalization(mean, scale if scale > 0 else 1.0)
-            self.normalized = True
 
-    def train_step(self) -> dict[str, float]:
-        """One SAE step on the next pending batch; returns its statistics (``_step_stats``)."""
-        x = self.pending.pop(0).to(self.device)
+    def state(self) -> dict[str, Any]:
+        rest = torch.cat(self.pending) if self.pending else torch.empty(0, self.width)
+        return {"generator": self.gen.get_state(), "buffer": self.buffer.data[: self.buffer.n].clone(),
+                "buffer_n": self.buffer.n, "pending": rest, "position": vars(self.pos).copy(),
+                "layer_sum": self.layer_sum.clone(), "layer_n": self.layer_n, "layer_proteins": self.layer_proteins}
+
+    def restore(self, st: dict[str, Any]) -> None:
+        self.gen.set_state(st["generator"])
+        self.buffer.n = int(st["buffer_n"])
+        self.buffer.data[: self.buffer.n] = st["buffer"]
+        self.pending = list(st["pending"].split(self.batch_size)) if st["pending"].numel() else []
+        self.pos = Position(**st["position"])
+        self.layer_sum = st["layer_sum"].double()
+        self.layer_n, self.layer_proteins = int(st["layer_n"]), int(st["layer_proteins"])
+
+
+class Trainer:
+    """One SAE in training and its part of a checkpoint: the SAE, its optimiser, firing counts and
+    counters; it reads columns ``cols`` (its layer) of the shared feed's batches."""
+
+    def __init__(self, s: TrainSettings, data: TrainingData, record: dict[str, Any], cols: slice) -> None:
+        self.record, self.device, self.cols = record, data.device, cols
+        self.d_in = data.d_in[s.layer]
+        training = {k: v for k, v in record.items() if k not in ("model", "layer", "corpus_sha256")}
+        cfg = make_cfg(plm=data.plm.name, layer=s.layer, d_in=self.d_in, d_sae=s.latents, architecture=s.arch,
+                       k=s.k if s.arch == "topk" else None, training=training)
+        self.sae = SparseAutoencoder.from_config(cfg, generator=torch.Generator().manual_seed(s.seed)).to(data.device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=s.lr)
+        self.fired = torch.zeros(s.latents, dtype=torch.long)  # per-latent firing counts -> sparsity.safetensors
+        self.step, self.tokens, self.normalized = 0, 0, False
+
+    def restore(self, st: dict[str, Any]) -> None:
+        self.sae.load_state_dict(st["sae"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.fired = st["fired"]
+        self.step, self.tokens, self.normalized = int(st["step"]), int(st["tokens"]), bool(st["normalized"])
+
+    def state(self) -> dict[str, Any]:
+        return {"sae": self.sae.state_dict(), "optimizer": self.opt.state_dict(), "fired": self.fired,
+                "step": self.step, "tokens": self.tokens, "normalized": self.normalized}
+
+    def normalize_from(self, feed: Feed) -> None:
+        """The normalisation, from the first batches drawn and what stays in the buffer."""
+        sample = torch.cat(feed.pending + [feed.buffer.data[: feed.buffer.n]])[:, self.cols]
+        mean = sample.mean(0)
+        scale = float((sample - mean).pow(2).sum(-1).mean().div(self.d_in).sqrt())
+        self.sae.set_normalization(mean, scale if scale > 0 else 1.0)
+        self.normalized = True
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+        """One SAE step on its columns of ``batch``; returns the step's statistics (``_step_stats``)."""
+        x = batch[:, self.cols].to(self.device)
         xn = self.sae.normalize(x)
         res = self.sae.training_loss(xn)
         self.opt.zero_grad(set_to_none=True)
@@ -338,6 +413,10 @@ class Trainer:
         self.step += 1
         self.tokens += x.shape[0]
         return _step_stats(self.sae, xn, res)
+
+
+def checkpoint(feed: Feed, trainers: list[Trainer]) -> dict[str, Any]:
+    return {"settings": [t.record for t in trainers], "feed": feed.state(), "saes": [t.state() for t in trainers]}
 
 
 def _step_stats(sae: SparseAutoencoder, xn: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -352,34 +431,43 @@ def _step_stats(sae: SparseAutoencoder, xn: torch.Tensor, out: dict[str, torch.T
         }
 
 
-def _train_loop(s: TrainSettings, trainer: Trainer, data: TrainingData, max_steps: int) -> dict[str, float]:
-    """Steps until ``max_steps``, checkpointing every ``s.checkpoint_every``; returns the step
-    statistics, exponentially smoothed (as the progress bar shows them)."""
-    stream = iter_proteins_from(data.plm, data.items, s.layer, s.seed, s.token_budget, trainer.pos)
-    last_ckpt = trainer.step
-    shown: dict[str, float] = {}
-    bar = tqdm(total=max_steps, initial=trainer.step, desc=f"train-sae {data.plm.name} L{s.layer}", unit="step",
-               mininterval=1.0)
-    trainer.sae.train()
-    while trainer.step < max_steps:
-        if not trainer.pending:
-            trainer.feed(stream)
+def _train_loop(s: TrainSettings, feed: Feed, trainers: list[Trainer], data: TrainingData, max_steps: int,
+                root: Path) -> list[dict[str, float]]:
+    """Steps until ``max_steps``, checkpointing every ``s.checkpoint_every``; returns each SAE's step
+    statistics, exponentially smoothed (the progress bar shows the first SAE's)."""
+    stream = iter_proteins_from(data.plm, data.items, feed.layers, s.seed, s.token_budget, feed.pos)
+    step = trainers[0].step
+    last_ckpt = step
+    shown: list[dict[str, float]] = [{} for _ in trainers]
+    layers = ",".join(str(x) for x in feed.layers)
+    what = f"L{layers}" + (f" ({len(trainers)} SAEs)" if len(trainers) > 1 else "")
+    bar = tqdm(total=max_steps, initial=step, desc=f"train-sae {data.plm.name} {what}", unit="step", mininterval=1.0)
+    for t in trainers:
+        t.sae.train()
+    while step < max_steps:
+        if not feed.pending:
+            feed.push(stream)
             continue
-        stats = trainer.train_step()
-        step = trainer.step
+        if not trainers[0].normalized:
+            for t in trainers:
+                t.normalize_from(feed)
+        batch = feed.pending.pop(0)
+        for t, sh in zip(trainers, shown):
+            for key, value in t.train_step(batch).items():
+                sh[key] = value if key not in sh else 0.95 * sh[key] + 0.05 * value
+        step = trainers[0].step
         bar.update(1)
-        for key, value in stats.items():
-            shown[key] = value if key not in shown else 0.95 * shown[key] + 0.05 * value
         if step % 10 == 0 or step == max_steps:
-            bar.set_postfix({key: f"{v:.3g}" for key, v in shown.items()})
+            bar.set_postfix({key: f"{v:.3g}" for key, v in shown[0].items()})
         if s.checkpoint_every and step - last_ckpt >= s.checkpoint_every and step < max_steps:
-            save_checkpoint(s.out, trainer.checkpoint())
+            save_checkpoint(root, checkpoint(feed, trainers))
             last_ckpt = step
     bar.close()
     return shown
 
 
-def _save_sae(s: TrainSettings, trainer: Trainer, data: TrainingData, shown: dict[str, float], wall_s: float) -> None:
+def _save_sae(s: TrainSettings, trainer: Trainer, feed: Feed, data: TrainingData, shown: dict[str, float],
+              wall_s: float) -> None:
     """The SAE in the SAELens layout, with its corpus, training record and firing frequencies."""
     freq = trainer.fired.double() / max(trainer.tokens, 1)
     sparsity = torch.log10(freq + 1e-10).float()  # SAELens: log10 feature firing frequency
@@ -390,29 +478,30 @@ def _save_sae(s: TrainSettings, trainer: Trainer, data: TrainingData, shown: dic
     }
     sae.cfg["plmscope"]["training"].update({
         "steps": trainer.step, "tokens": trainer.tokens, "device": str(data.device), "wall_s": round(wall_s, 1),
+        "trained_with_layers": list(feed.layers),  # one pLM pass fed the SAEs of these layers
         "final": {key: round(v, 5) for key, v in shown.items()},
     })
-    sae.cfg["plmscope"]["baselines"] = training_baselines(trainer, data)
+    sae.cfg["plmscope"]["baselines"] = training_baselines(trainer, feed, data)
     save_sae(sae.cpu(), s.out, sparsity=sparsity)
     log.info("saved SAE to %s (%d steps, %d residue vectors)", s.out, trainer.step, trainer.tokens)
 
 
-def training_baselines(trainer: Trainer, data: TrainingData) -> dict[str, Any]:
+def training_baselines(trainer: Trainer, feed: Feed, data: TrainingData) -> dict[str, Any]:
     """What eval-sae's mean-ablation and amino-acid-frequency baselines need (module docstring)."""
     out: dict[str, Any] = {
         "residue_counts": data.residue_counts,
-        "residue_counts_n_residues": data.n_residues,
+        "residue_counts_n_residues": sum(data.residue_counts.values()),
     }
-    if trainer.layer_sum is None or trainer.layer_n == 0:
+    if feed.layer_n == 0:
         out["layer_mean"] = None
-        out["layer_mean_missing_reason"] = ("resumed from a checkpoint written before plmscope kept the "
-                                            "layer-mean sums")
+        out["layer_mean_missing_reason"] = "training stopped before any protein was read"
         return out
-    whole = trainer.layer_proteins >= len(data.items) or trainer.pos.epoch > 0
+    whole = feed.layer_proteins >= len(data.items) or feed.pos.epoch > 0
     out.update({
-        "layer_mean": (trainer.layer_sum / trainer.layer_n).tolist(),  # float64, as summed
-        "layer_mean_n_residues": trainer.layer_n,
-        "layer_mean_n_proteins": trainer.layer_proteins,
+        "layer_mean": (feed.layer_sum[trainer.cols] / feed.layer_n).tolist(),  # float64, as summed
+        "layer_mean_n_residues": feed.layer_n,
+        "layer_mean_n_proteins": feed.layer_proteins,
         "layer_mean_whole_corpus": bool(whole),
+        "layer_mean_context_free_positions_left_out": data.plm.context_free_positions,
     })
     return out
