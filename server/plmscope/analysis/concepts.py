@@ -64,6 +64,7 @@ TP residues = B'C, found regions = (B'R > 0) G.
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -91,6 +92,53 @@ RESIDUE_LEVEL = frozenset({
 
 def is_residue_level(concept: str) -> bool:
     return concept in RESIDUE_LEVEL
+
+
+# Where each kind of annotation comes from, as the concept's source says it (computed secondary
+# structure: its method, ``secondary.METHOD_DSSP`` or ``secondary.METHOD_CA``).
+SOURCE_NAMES = {"pfam": "Pfam domains", "nls": "NLS motifs", "feature": "UniProt features"}
+
+
+def concept_source(kind: str, label: str) -> str:
+    """The source of one annotation row: 'UniProt features', 'Pfam domains', 'NLS motifs', 'DSSP', 'CA rule'."""
+    if kind == "secondary_structure":
+        return label
+    return SOURCE_NAMES.get(kind, kind)
+
+
+def inventory(regions, sources: dict[str, dict[str, int]], validation_of: dict[int, bool],
+              result: ConceptResult | None, live: np.ndarray) -> list[dict]:
+    """Per concept of the corpus: its sources (regions per source), proteins and regions in the
+    corpus, and what the association saw: regions (residue-level concepts: residues) in each split
+    of the concept proteins (``validation_of``: protein index -> True validation / False test),
+    whether it was scored (present in both splits) and tested (>= ``MIN_PER_SPLIT`` in each), and
+    its associated live latents."""
+    proteins: dict[str, set] = defaultdict(set)
+    n_regions: dict[str, int] = defaultdict(int)
+    split = {True: defaultdict(int), False: defaultdict(int)}
+    for i, c, s0, e0 in regions:
+        proteins[c].add(i)
+        n_regions[c] += 1
+        side = validation_of.get(int(i))
+        if side is not None:
+            split[side][c] += (e0 - s0) if is_residue_level(c) else 1
+    scored = {c: j for j, c in enumerate(result.concepts)} if result is not None else {}
+    out = []
+    for c in sorted(proteins):
+        j = scored.get(c)
+        n_assoc = 0
+        if j is not None:
+            n_assoc = int((result.associated[:, j] & np.asarray(live, bool)).sum())
+        out.append({
+            "concept": c, "level": "residue" if is_residue_level(c) else "region",
+            "sources": dict(sorted(sources.get(c, {}).items())),
+            "n_proteins": len(proteins[c]), "n_regions": n_regions[c],
+            "n_val": int(result.n_val[j]) if j is not None else split[True][c],
+            "n_test": int(result.n_test[j]) if j is not None else split[False][c],
+            "scored": j is not None, "tested": bool(result.enough[j]) if j is not None else False,
+            "n_associated_latents": n_assoc,
+        })
+    return out
 
 
 def regions_from_annotations(rows, index: dict[str, int], lengths: Sequence[int]):

@@ -35,7 +35,7 @@ from ..store.reader import check_atlas, read_sae_weights, read_saes
 from ..store.schema import ANALYSIS_TABLES
 from ..store.writer import set_meta
 from ..vocab import AMINO_ACIDS
-from . import concepts, describe, family, patterns, probes, secondary
+from . import concepts, describe, family, findings, patterns, probes, secondary
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,13 @@ class AnalyzeSettings:
     seed: int = 0  # of every split and probe
     device: str = "auto"  # of the pLM + SAE recomputation
     token_budget: int = 8192  # residues per pLM batch
+    sweep: Path | None = None  # SAE settings sweep JSON for the dictionary-size finding; None or missing: not recorded
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AnalyzeSettings:
         return cls(atlas=Path(args.atlas), saes=tuple(args.sae or ()), max_proteins=args.max_proteins,
-                   seed=args.seed, device=args.device, token_budget=args.token_budget)
+                   seed=args.seed, device=args.device, token_budget=args.token_budget,
+                   sweep=Path(args.sweep) if args.sweep else None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every split and probe (default {d.seed})")
     p.add_argument("--device", default=d.device, help="device for the pLM + SAE recomputation: auto, cpu, cuda")
     p.add_argument("--token-budget", type=int, default=d.token_budget, help=f"residues per pLM batch (default {d.token_budget})")
+    p.add_argument("--sweep", help="JSON list of SAE-settings sweep rows (layer, d_sae, k, explained_variance, "
+                   "splice_delta_nats, dead_fraction, associated_concepts) for the dictionary-size finding; "
+                   "a path with no file there records 'no sweep'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +107,7 @@ def analyze_file(tmp: str, display: str, settings: AnalyzeSettings) -> list[dict
     con = writes.open_for_writing(tmp, display)
     try:
         check_atlas(con, display, required=reads.ANALYZE_INPUT_TABLES + ANALYSIS_TABLES)
+        writes.ensure_later_tables(con)
         sae_rows = read_saes(con)
         unknown = set(settings.saes) - {s["sae_id"] for s in sae_rows}
         if unknown:
@@ -113,6 +119,10 @@ def analyze_file(tmp: str, display: str, settings: AnalyzeSettings) -> list[dict
         plms: dict[str, object] = {}
         out = [analyze_sae(con, sae, corpus, plms, settings, Progress(f"SAE {i}/{len(wanted)}"))
                for i, sae in enumerate(wanted, 1)]
+        with _bar("atlas · the paper's findings", None, ""):
+            found = paper_findings(con, settings)
+        for s in out:
+            s["findings"] = {f.claim: f.verdict for f in found}
         writes.checkpoint(con)
         return out
     finally:
@@ -150,7 +160,7 @@ def _bar(desc: str, total: int | None, unit: str) -> tqdm:
 class Corpus:
     """Proteins, their annotations as concept regions, and computed secondary structure."""
 
-    def __init__(self, prots, annotation_rows, ss_rows, fam_names):
+    def __init__(self, prots, annotation_rows, ss_rows, fam_names, secondary_note: str = ""):
         self.accessions = np.array([p["accession"] for p in prots], dtype=object)
         self.index = {a: i for i, a in enumerate(self.accessions)}
         self.lengths = np.array([p["truncated_to"] or p["length"] for p in prots], dtype=np.int64)
@@ -158,7 +168,15 @@ class Corpus:
         self.families = [p["families"] or [] for p in prots]
         self.locations = [p["locations"] or [] for p in prots]
         self.family_names = fam_names
-        self.regions = concepts.regions_from_annotations(annotation_rows + ss_rows, self.index, self.lengths)
+        rows = annotation_rows + ss_rows
+        self.regions = concepts.regions_from_annotations(rows, self.index, self.lengths)
+        # per concept, regions by source (concepts.concept_source): where each concept comes from
+        self.sources: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for row in rows:
+            key = concepts.concept_key(row["kind"], row["type"], row["label"])
+            if key is not None and row["accession"] in self.index:
+                self.sources[key][concepts.concept_source(row["kind"], row["label"])] += 1
+        self.secondary_note = secondary_note
         self.clustering: homology.Clustering | None = None
 
     def cluster(self) -> None:
@@ -183,18 +201,33 @@ class Corpus:
                   if (concepts.concept_key(r["kind"], r["type"], r["label"]) or "").startswith("secondary structure")}
         # annotated secondary structure wins over the CA rule
         structures = [st for st in reads.structures_for_secondary(con) if st["accession"] not in has_ss]
-        ss_rows = []
-        with _bar("corpus · secondary structure", len(structures), "structure") as bar:
-            for st in structures:
-                bar.update(1)
-                try:
-                    segs = secondary.segments(st["content"], st["residue_map"])
-                except (RuntimeError, ValueError) as exc:
-                    log.warning("secondary structure of %s skipped: %s", st["structure_id"], exc)
-                    continue
-                ss_rows += [{"accession": st["accession"], "kind": "secondary_structure", "type": name,
-                             "label": "CA rule", "start": s, "end": e} for name, s, e in segs]
-        return cls(prots, rows, ss_rows, reads.family_names(con))
+        ss_rows, note = secondary_structure_rows(structures)
+        return cls(prots, rows, ss_rows, reads.family_names(con), secondary_note=note)
+
+
+def secondary_structure_rows(structures: list[dict]) -> tuple[list[dict], str]:
+    """Annotation rows of computed secondary structure (label: the method, DSSP or the CA rule) and
+    a note saying which method ran on how many structures (and why DSSP did not, when it did not)."""
+    dssp = secondary.dssp_executable()
+    if dssp is None and structures:
+        log.warning(secondary.MISSING_DSSP)
+    rows, methods = [], defaultdict(int)
+    with _bar(f"corpus · secondary structure ({'DSSP' if dssp else 'CA rule only'})", len(structures), "structure") as bar:
+        for st in structures:
+            bar.update(1)
+            try:
+                method, segs = secondary.segments(st["content"], st["residue_map"], dssp)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("secondary structure of %s skipped: %s", st["structure_id"], exc)
+                methods["failed"] += 1
+                continue
+            methods[method] += 1
+            rows += [{"accession": st["accession"], "kind": "secondary_structure", "type": name,
+                      "label": method, "start": s, "end": e} for name, s, e in segs]
+    note = ", ".join(f"{k} on {v} structure(s)" for k, v in sorted(methods.items()))
+    if dssp is None and structures:
+        note += " (mkdssp not installed: full-backbone structures used the CA rule too)"
+    return rows, note
 
 
 @dataclass
@@ -237,6 +270,8 @@ def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSet
     with progress.step("patterns", "patterns", total=inputs.d, unit="latent") as bar:
         pattern = activation_patterns(con, inputs, bar)
     cres, concept_summary = concept_associations(con, inputs, corpus, plms, settings, progress)
+    with progress.step("concept sources", "concepts"):
+        sources = concept_inventory(corpus, settings, cres, inputs.live)
     with progress.step("probes", "probes", total=2 * len(probes.POOLINGS), unit="fit") as bar:
         probe_summary, fits = fit_probes(con, inputs, corpus, seed, bar)
     res = SaeResults(family=fres, patterns=pattern, concepts=cres, probes=fits)
@@ -244,10 +279,12 @@ def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSet
         columns = latent_analysis_columns(con, inputs, corpus, res, bar)
     with progress.step("write", "write"):
         write_results(con, inputs, res, columns)
+        writes.write_concept_sources(con, inputs.sae_id, sources)
     summary = {"sae_id": inputs.sae_id, "plm": sae["plm"], "layer": sae["layer"], "d_sae": inputs.d, "seed": seed,
                "homology": corpus.clustering.summary(),
                "family": family.summarize(fres, inputs.live), "patterns": pattern_counts(pattern),
-               "concepts": concept_summary, "probes": probe_summary,
+               "concepts": {**concept_summary, "secondary_structure": corpus.secondary_note},
+               "probes": probe_summary,
                "timing_s": {k: round(v, 2) for k, v in progress.times.items()}}
     writes.write_summary(con, inputs.sae_id, summary)
     return summary
@@ -339,6 +376,50 @@ def _residue_activations(sae_cfg, weights, plm, layer, seqs, ids, token_budget, 
             blocks[rid] = sparse.csr_matrix(z.float().cpu().numpy())
             bar.update(1)
     return sparse.vstack([blocks[i] for i in ids], format="csr")
+
+
+def concept_inventory(corpus: Corpus, settings: AnalyzeSettings, cres: concepts.ConceptResult | None,
+                      live: np.ndarray) -> list[dict]:
+    """Every concept's sources and counts, with the split the association used (the same proteins and
+    split as ``concept_associations``: both are seeded functions of the corpus)."""
+    validation_of: dict[int, bool] = {}
+    if cres is not None and settings.max_proteins > 0:
+        chosen = _pick_concept_proteins(corpus, settings.max_proteins, settings.seed)
+        if len(chosen):
+            ids = [str(corpus.accessions[i]) for i in chosen]
+            validation = concepts.split_validation(corpus.cluster_key[chosen], ids, seed=settings.seed)
+            validation_of = {int(i): bool(v) for i, v in zip(chosen, validation)}
+    return concepts.inventory(corpus.regions, corpus.sources, validation_of, cres, live)
+
+
+def paper_findings(con, settings: AnalyzeSettings) -> list[findings.Finding]:
+    """The paper's claims tested over every analysed SAE of the pLM with the most analysed layers
+    (``findings`` module docstring), stored in the findings tables (replacing previous ones)."""
+    saes = reads.analysed_saes(con)
+    by_plm: dict[str, set] = defaultdict(set)
+    for s in saes:
+        by_plm[s["plm"]].add(s["layer"])
+    plm = max(sorted(by_plm), key=lambda p: len(by_plm[p]), default=None)
+    per_sae = []
+    for s in (x for x in saes if x["plm"] == plm):
+        fam = s["summary"].get("family", {})
+        lay = findings.LayerInputs(layer=s["layer"], sae_ids=[s["sae_id"]], n_live=int(fam.get("n_live", 0)),
+                                   n_specific=int(fam.get("n_family_specific", 0)), n_general=int(fam.get("n_general", 0)),
+                                   n_point=reads.pattern_count(con, s["sae_id"], "point"))
+        peaks = reads.probe_class_peaks(con, s["sae_id"], findings.NUCLEUS, "sae_mean_max", "nls", TOP_EXAMPLES)
+        lay.nls_latents, lay.nls_peaks, lay.nls_hits = int(peaks["n_latents"]), int(peaks["n_peaks"]), int(peaks["n_hits"])
+        for r in reads.concept_best(con, s["sae_id"], "secondary structure:"):
+            lay.secondary[r["concept"].split(":", 1)[1]] = (r["test_f1"], r["lo"], r["hi"], int(r["n_associated"]),
+                                                           bool(r["tested"]))
+        per_sae.append((s["layer"], s["sae_id"], lay))
+    base_hits, base_residues = reads.annotation_base_rate(con, "nls")
+    sweep = findings.read_sweep(settings.sweep)
+    out = findings.evaluate(findings.pool_layers(per_sae), base_hits, base_residues, sweep,
+                            sweep_source=str(settings.sweep) if sweep else "")
+    for f in out:
+        f.details.setdefault("plm", plm)
+    writes.replace_findings(con, out)
+    return out
 
 
 def _pick_concept_proteins(corpus: Corpus, limit: int, seed: int) -> np.ndarray:
@@ -535,6 +616,8 @@ def format_summary(s: dict) -> str:
                      f"validation; {c['n_concepts_tested']} of {c['n_concepts_scored']} concepts with >= {c['min_per_split']} "
                      f"regions per split ({c['n_proteins']} proteins: {c['n_validation']} validation, {c['n_test']} test)")
     lines += format_probe_lines(pr)
+    if s.get("findings"):
+        lines.append("  paper's findings: " + ", ".join(f"{k} {v}" for k, v in s["findings"].items()))
     lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["timing_s"].items()))
     return "\n".join(lines)
 

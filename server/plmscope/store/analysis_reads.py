@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .reader import query_one, query_rows, read_saes
-from .schema import ANALYSIS_TABLES
+from .schema import ANALYSIS_TABLES, LATER_ANALYSIS_TABLES
 
 # What analyze needs beyond the analysis tables it rewrites (families, structures and embeddings
 # are optional: an atlas built without them is analysed without them).
@@ -141,6 +141,48 @@ class FamilySpecificLatent:
     description: str | None
 
 
+@dataclass
+class ConceptSource:
+    """A concept of the corpus: where it comes from and how much of it the association saw."""
+
+    concept: str
+    level: str  # 'region' | 'residue'
+    sources: dict[str, int]  # source -> regions in the corpus
+    n_proteins: int
+    n_regions: int
+    n_val: int  # regions (residue-level: residues) among the validation proteins
+    n_test: int
+    scored: bool
+    tested: bool  # >= 10 in each split
+    n_associated_latents: int
+
+
+@dataclass
+class FindingValue:
+    series: str
+    layer: int
+    value: float | None
+    lo: float | None  # 95 % interval
+    hi: float | None
+    k: int | None
+    n: int | None
+    sae_ids: list[str]
+
+
+@dataclass
+class Finding:
+    """One of the paper's claims as tested on this atlas (analysis/findings.py)."""
+
+    claim: str
+    statement: str
+    test: str
+    metric: str
+    verdict: str  # 'reproduced' | 'not reproduced' | 'not enough evidence' | 'measured' | 'not tested'
+    reason: str
+    details: dict[str, Any]
+    values: list[FindingValue] = field(default_factory=list)
+
+
 @dataclass(kw_only=True)
 class SaeHeader:
     """An SAE of the atlas that analyze has not analysed."""
@@ -166,6 +208,7 @@ class SaeAnalysis(SaeHeader):
     probe_latents: dict[str, dict[str, ClassLatents]]
     concepts: list[ConceptCoverage]
     family_specific: list[FamilySpecificLatent]
+    concept_sources: list[ConceptSource]  # empty in an atlas analysed before they were recorded
 
 
 @dataclass
@@ -173,16 +216,37 @@ class AnalysisPage:
     has_analysis: bool
     saes: list[SaeHeader | SaeAnalysis]
     atlas_id: str
+    findings: list[Finding] = field(default_factory=list)  # the paper's claims tested, over all analysed SAEs
 
 
 def analysis_page(con, atlas_id: str, tables: set[str]) -> AnalysisPage:
     if not set(ANALYSIS_TABLES) <= tables:
         return AnalysisPage(has_analysis=False, saes=[], atlas_id=atlas_id)
-    saes = [_sae_analysis(con, s) for s in read_saes(con)]
-    return AnalysisPage(has_analysis=any(s.analyzed for s in saes), saes=saes, atlas_id=atlas_id)
+    later = set(LATER_ANALYSIS_TABLES) <= tables
+    saes = [_sae_analysis(con, s, later) for s in read_saes(con)]
+    return AnalysisPage(has_analysis=any(s.analyzed for s in saes), saes=saes, atlas_id=atlas_id,
+                        findings=findings(con) if later else [])
 
 
-def _sae_analysis(con, sae: dict) -> SaeHeader:
+def findings(con) -> list[Finding]:
+    out = [Finding(**{**r, "details": json.loads(r["details"])}) for r in query_rows(
+        con, "SELECT claim, statement, test, metric, verdict, reason, details FROM findings ORDER BY position")]
+    by_claim = {f.claim: f for f in out}
+    for r in query_rows(con, "SELECT claim, series, layer, value, lo, hi, k, n, sae_ids FROM finding_values "
+                             "ORDER BY claim, series, layer"):
+        by_claim[r.pop("claim")].values.append(FindingValue(**r))
+    return out
+
+
+def _concept_sources(con, sid: str) -> list[ConceptSource]:
+    rows = query_rows(
+        con, "SELECT concept, level, sources, n_proteins, n_regions, n_val, n_test, scored, tested, n_associated_latents "
+        "FROM concept_sources WHERE sae_id = ? ORDER BY n_associated_latents DESC, tested DESC, n_regions DESC, concept",
+        [sid])
+    return [ConceptSource(**{**r, "sources": json.loads(r["sources"])}) for r in rows]
+
+
+def _sae_analysis(con, sae: dict, later: bool = True) -> SaeHeader:
     head = {k: sae[k] for k in ("sae_id", "plm", "layer", "d_sae", "architecture", "k")}
     sid = sae["sae_id"]
     row = query_one(con, "SELECT summary FROM analysis_summary WHERE sae_id = ?", [sid])
@@ -217,6 +281,7 @@ def _sae_analysis(con, sae: dict) -> SaeHeader:
         probe_latents=_probe_latents(con, sid),
         concepts=[ConceptCoverage(**r) for r in concepts],
         family_specific=[FamilySpecificLatent(**r) for r in specific],
+        concept_sources=_concept_sources(con, sid) if later else [],
     )
 
 
@@ -323,3 +388,55 @@ def structures_for_secondary(con) -> list[dict]:
         ).fetchall()
         row["residue_map"] = {(int(a), (i or "").strip()): int(p) for a, i, p in res}
     return rows
+
+
+# ---------------------------------------------------------------- the findings' inputs
+def analysed_saes(con) -> list[dict]:
+    """Every analysed SAE: sae_id, plm, layer and its analyze summary (parsed)."""
+    rows = query_rows(con, "SELECT s.sae_id, s.plm, s.layer, a.summary FROM saes s "
+                           "JOIN analysis_summary a ON a.sae_id = s.sae_id ORDER BY s.layer, s.sae_id")
+    for r in rows:
+        r["summary"] = json.loads(r["summary"])
+    return rows
+
+
+def pattern_count(con, sae_id: str, pattern: str) -> int:
+    return int(query_one(con, "SELECT count(*) AS n FROM latent_analysis WHERE sae_id = ? AND pattern = ?",
+                         [sae_id, pattern])["n"])
+
+
+def probe_class_peaks(con, sae_id: str, cls: str, features: str, kind: str, per_latent: int) -> dict:
+    """The top positive latents of one class of an SAE probe fit, and the peak residue (max_pos) of
+    each of their ``per_latent`` strongest top examples: how many fall inside an annotation of ``kind``."""
+    return query_one(
+        con, "WITH lat AS (SELECT DISTINCT latent FROM probe_latents WHERE sae_id = ? AND task = 'location' AND "
+        "class = ? AND sign = 'positive' AND features = ?), "
+        "peaks AS (SELECT e.accession, e.max_pos FROM latent_examples e JOIN lat USING (latent) "
+        "WHERE e.sae_id = ? AND e.kind = 'top' AND e.rank < ?) "
+        "SELECT (SELECT count(*) FROM lat) AS n_latents, count(*) AS n_peaks, "
+        "count(*) FILTER (WHERE EXISTS (SELECT 1 FROM annotations a WHERE a.kind = ? AND a.accession = peaks.accession "
+        "AND peaks.max_pos BETWEEN a.start AND a.\"end\")) AS n_hits FROM peaks",
+        [sae_id, cls, features, sae_id, per_latent, kind])
+
+
+def annotation_base_rate(con, kind: str) -> tuple[int, int]:
+    """(residues inside an annotation of ``kind``, overlaps counted once; all residues the pLM saw)."""
+    hits = query_one(
+        con, "SELECT count(*) AS n FROM (SELECT DISTINCT a.accession, r.pos FROM annotations a "
+        "JOIN proteins p ON p.accession = a.accession, "
+        "LATERAL (SELECT unnest(range(a.start, least(a.\"end\", coalesce(p.truncated_to, p.length)) + 1)) AS pos) r "
+        "WHERE a.kind = ?)", [kind])["n"]
+    total = query_one(con, "SELECT coalesce(sum(coalesce(truncated_to, length)), 0) AS n FROM proteins")["n"]
+    return int(hits), int(total)
+
+
+def concept_best(con, sae_id: str, prefix: str) -> list[dict]:
+    """Per concept starting with ``prefix``: the test F1 (and interval) of the reported latent with the
+    best validation F1, the number of associated latents, and whether the concept was tested."""
+    return query_rows(
+        con, "SELECT c.concept, arg_max(c.test_f1, (c.val_f1, -c.latent)) AS test_f1, "
+        "arg_max(c.test_f1_lo, (c.val_f1, -c.latent)) AS lo, arg_max(c.test_f1_hi, (c.val_f1, -c.latent)) AS hi, "
+        "count(*) FILTER (WHERE c.associated) AS n_associated, "
+        "coalesce(any_value(s.tested), any_value(c.n_val) >= 10 AND any_value(c.n_test) >= 10) AS tested "
+        "FROM latent_concepts c LEFT JOIN concept_sources s ON s.sae_id = c.sae_id AND s.concept = c.concept "
+        "WHERE c.sae_id = ? AND starts_with(c.concept, ?) GROUP BY c.concept ORDER BY c.concept", [sae_id, prefix])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .reader import connect
-from .schema import ANALYSIS_TABLES
+from .schema import ANALYSIS_TABLES, LATER_ANALYSIS_TABLES, TABLES
 from .writer import insert_columns
 
 
@@ -22,9 +22,17 @@ def open_for_writing(path: str | Path, display: str | Path):
     return connect(path, read_only=False, display=display)
 
 
+def ensure_later_tables(con) -> None:
+    """Create the analysis tables added since the atlas was built (``LATER_ANALYSIS_TABLES``)."""
+    have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    for table in LATER_ANALYSIS_TABLES:
+        if table not in have:
+            con.execute(TABLES[table])
+
+
 def clear_analysis(con, sae_id: str) -> None:
     """Remove a previous analysis of one SAE (re-running replaces it)."""
-    for table in ANALYSIS_TABLES:
+    for table in ANALYSIS_TABLES + ("concept_sources",):
         con.execute(f"DELETE FROM {table} WHERE sae_id = ?", [sae_id])  # noqa: S608 (table names from the schema)
 
 
@@ -71,3 +79,25 @@ def write_summary(con, sae_id: str, summary: dict) -> None:
 def checkpoint(con) -> None:
     """Flush the WAL into the file before it is renamed over the published atlas."""
     con.execute("CHECKPOINT")
+
+
+def write_concept_sources(con, sae_id: str, rows: list[dict]) -> None:
+    """One SAE's ``concepts.inventory`` rows."""
+    if not rows:
+        return
+    con.executemany(
+        "INSERT INTO concept_sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [[sae_id, r["concept"], r["level"], json.dumps(r["sources"]), r["n_proteins"], r["n_regions"], r["n_val"],
+          r["n_test"], r["scored"], r["tested"], r["n_associated_latents"]] for r in rows])
+
+
+def replace_findings(con, findings: list) -> None:
+    """The findings (``analysis.findings.Finding``) replace every previous one."""
+    con.execute("DELETE FROM findings")
+    con.execute("DELETE FROM finding_values")
+    for pos, f in enumerate(findings):
+        con.execute("INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [f.claim, pos, f.statement, f.test, f.metric, f.verdict, f.reason, json.dumps(f.details, default=float)])
+        if f.values:
+            con.executemany("INSERT INTO finding_values VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            [[f.claim, v.series, v.layer, v.value, v.lo, v.hi, v.k, v.n, v.sae_ids] for v in f.values])

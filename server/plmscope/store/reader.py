@@ -33,8 +33,28 @@ from .schema import SCHEMA_VERSION, TABLES
 if TYPE_CHECKING:
     from .analysis_reads import AnalysisPage
 
+# The latent table's default order, "evidence": what a reader should look at first.  Tiers, high first:
+#   4  associated with a concept by InterPLM's rule (latent_analysis.concept)
+#   3  family-specific on held-out proteins
+#   2  a localised activation pattern (point, short or long motif, periodic) or an amino-acid
+#      enrichment in its description
+#   1  the rest
+#   0  dense or artefact: active on >= DENSE_PROTEINS of the proteins, or firing on whole proteins
+#      (without a concept or family association, which keep their tier)
+# and within a tier by the F1 of that evidence (concept test F1, else family held-out F1).  Before
+# `plmscope analyze` every latent is tier 1 or 0.
+DENSE_PROTEINS = 0.5
+EVIDENCE_ORDER = (
+    "(CASE WHEN a.concept IS NOT NULL THEN 4 WHEN a.family_specific THEN 3 "
+    f"WHEN l.frac_proteins >= {DENSE_PROTEINS} OR a.pattern = 'whole' THEN 0 "
+    "WHEN a.pattern IN ('point', 'short_motif', 'long_motif', 'periodic') OR a.description LIKE '%enriched %' THEN 2 "
+    "ELSE 1 END) * 10 + coalesce(a.concept_f1, a.family_f1, 0)"
+)
+DEFAULT_SORT = "evidence"
+
 # Sort keys of the latent table -> SQL expression (a whitelist: user input never reaches SQL text).
 LATENT_SORTS: dict[str, str] = {
+    "evidence": EVIDENCE_ORDER,
     "latent": "l.latent",
     "max_act": "l.max_act",
     "mean_act": "l.mean_act",
@@ -253,7 +273,7 @@ class AtlasReader:
         self,
         sae_id: str,
         *,
-        sort: str = "frac_proteins",
+        sort: str = DEFAULT_SORT,
         desc: bool = True,
         family: str | None = None,
         annotation_type: str | None = None,

@@ -295,11 +295,52 @@ TABLES: dict[str, str] = {
             sae_id VARCHAR PRIMARY KEY,
             summary JSON NOT NULL              -- counts per category, concepts covered, settings, timing
         )""",
+    "concept_sources": """
+        CREATE TABLE concept_sources (
+            sae_id VARCHAR NOT NULL,           -- every concept of the corpus, as one SAE's association saw it
+            concept VARCHAR NOT NULL,
+            level VARCHAR NOT NULL,            -- 'region' | 'residue': what n_val / n_test count
+            sources JSON NOT NULL,             -- {source: regions}: 'UniProt features', 'Pfam domains', 'NLS motifs', 'DSSP', 'CA rule'
+            n_proteins INTEGER NOT NULL,       -- corpus proteins with the concept
+            n_regions INTEGER NOT NULL,        -- its regions in the corpus
+            n_val INTEGER NOT NULL,            -- regions (residue-level: residues) among the validation proteins
+            n_test INTEGER NOT NULL,           -- ... among the test proteins
+            scored BOOLEAN NOT NULL,           -- present in both splits
+            tested BOOLEAN NOT NULL,           -- >= 10 in each split: can be associated
+            n_associated_latents INTEGER NOT NULL
+        )""",
+    # ---- written by `plmscope analyze` over all analysed SAEs (analysis/findings.py) ----
+    "findings": """
+        CREATE TABLE findings (
+            claim VARCHAR PRIMARY KEY,         -- 'family_middle' | 'point_later' | 'nls_probe' | ...
+            position INTEGER NOT NULL,         -- display order
+            statement VARCHAR NOT NULL,        -- the paper's claim
+            test VARCHAR NOT NULL,             -- how it is tested here
+            metric VARCHAR NOT NULL,           -- what the values are
+            verdict VARCHAR NOT NULL,          -- 'reproduced' | 'not reproduced' | 'not enough evidence' | 'measured' | 'not tested'
+            reason VARCHAR NOT NULL,           -- the numbers that decided it
+            details JSON NOT NULL              -- test statistics, base rates, sweep rows
+        )""",
+    "finding_values": """
+        CREATE TABLE finding_values (
+            claim VARCHAR NOT NULL,
+            series VARCHAR NOT NULL,           -- e.g. 'family-specific', 'helix'
+            layer INTEGER NOT NULL,
+            value DOUBLE,                      -- NULL: nothing to measure in this layer
+            lo DOUBLE,                         -- 95 % interval
+            hi DOUBLE,
+            k BIGINT,                          -- count behind a share (secondary structure: associated latents)
+            n BIGINT,                          -- its denominator
+            sae_ids VARCHAR[] NOT NULL         -- the layer's analysed SAEs (pooled)
+        )""",
 }
 
 # Written by `plmscope analyze`, per SAE; empty in a freshly built atlas.
 ANALYSIS_TABLES = ("latent_analysis", "latent_concepts", "probe_results", "probe_comparisons", "probe_latents",
                    "analysis_summary")
+# Added after schema 2 was published: analyze creates them in an atlas that lacks them, and the
+# page shows what they hold when they are there.
+LATER_ANALYSIS_TABLES = ("concept_sources", "findings", "finding_values")
 
 # The web app's point lookups.  protein_latent_stats has none: it is only read whole, per SAE (by
 # the analysis), and an ART index over its rows (13M at 20k proteins) was the writer's largest

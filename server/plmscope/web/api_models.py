@@ -301,3 +301,49 @@ class ErrorBody(BaseModel):
     status: int = Field(description="the HTTP status, repeated")
     error: str = Field(description="its title, e.g. 'Not found'")
     detail: str = Field(description="what went wrong, for a person to read")
+
+
+# ---- /analysis.json (documented; the route serialises the reader's dataclasses) ----
+class FindingValueModel(BaseModel):
+    series: str
+    layer: int
+    value: Optional[float] = None
+    lo: Optional[float] = Field(None, description="95 % interval")
+    hi: Optional[float] = None
+    k: Optional[int] = Field(None, description="count behind a share (secondary structure: associated latents)")
+    n: Optional[int] = Field(None, description="its denominator")
+    sae_ids: list[str]
+
+
+class FindingModel(BaseModel):
+    claim: str
+    statement: str = Field(description="the paper's claim")
+    test: str = Field(description="how it is tested on this atlas")
+    metric: str
+    verdict: str = Field(description="reproduced | not reproduced | not enough evidence | measured | not tested")
+    reason: str = Field(description="the numbers that decided the verdict")
+    details: dict[str, Any]
+    values: list[FindingValueModel]
+
+
+class ConceptSourceModel(BaseModel):
+    concept: str
+    level: str
+    sources: dict[str, int] = Field(description="source -> regions in the corpus")
+    n_proteins: int
+    n_regions: int
+    n_val: int
+    n_test: int
+    scored: bool
+    tested: bool
+    n_associated_latents: int
+
+
+class AnalysisDoc(BaseModel):
+    """/analysis.json: the findings over all analysed SAEs, then each SAE's analysis (its ``summary``
+    as analyze stored it, the probes, concepts with ``concept_sources``, family-specific latents)."""
+
+    has_analysis: bool
+    atlas_id: str
+    findings: list[FindingModel]
+    saes: list[dict[str, Any]]

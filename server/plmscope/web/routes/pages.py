@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 
-from ...store.reader import LATENT_SORTS, AtlasReader
+from ...store.reader import DEFAULT_SORT, LATENT_SORTS, AtlasReader
 from .. import api_models as M
 from ..deps import SAE, Engine, Reader, SAEInPath, latent_or_404
 from ..heatmaps import assemble_heatmap
@@ -61,7 +61,9 @@ def _overview(fmt_forced: Optional[str]):
         request: Request,
         reader: Reader,
         s: SAE,
-        sort: LatentSort = Query("frac_proteins", description="column to sort the latents by"),
+        sort: LatentSort = Query(DEFAULT_SORT, description="column to sort the latents by; 'evidence' (default): "
+                                 "concept association, then family specificity, then pattern / enrichment, dense "
+                                 "and artefact latents last"),
         desc: bool = Query(True),
         family: Optional[str] = Query(None, max_length=200),
         type: Optional[str] = Query(None, max_length=200, description="annotation type"),
