@@ -9,6 +9,7 @@
   // heatmaps, the 3D view and the legends drawn by the templates cannot disagree.
   var SCALE = JSON.parse(document.getElementById('colour-scale').textContent);
   var ZERO = SCALE.zero;
+  var CONTEXT_FREE_FILL = SCALE.context_free;  // "not measured", not "zero"
   var UNMAPPED = parseInt(SCALE.unmapped.slice(1), 16);
   function hexToRgb(h) { return [parseInt(h.slice(1, 3), 16), parseInt(h.slice(3, 5), 16), parseInt(h.slice(5, 7), 16)]; }
   var RGB = SCALE.stops.map(hexToRgb);
@@ -86,6 +87,8 @@
     this.values = raw ? raw.split(',').map(Number) : [];
     this.scale = parseFloat(el.getAttribute('data-scale')) || Math.max.apply(null, this.values.concat([1e-9]));
     this.maxPos = parseInt(el.getAttribute('data-maxpos'), 10) || 1;
+    // leading residues without protein context (UniRep's residue 1): greyed, left out of every statistic
+    this.cf = parseInt(el.getAttribute('data-cf'), 10) || 0;
     this.group = el.closest('.hm-group');
     this.offset = 0;
     var self = this;
@@ -103,6 +106,7 @@
     if (!p) { hideTip(); return; }
     var v = this.values[p - 1];
     var text = (this.seq.charAt(p - 1) || '?') + p + ' · ' + fmt(v);
+    if (p <= this.cf) text += ' · context-free: a left-to-right pLM has seen no protein context here; left out of every statistic';
     this.canvas.setAttribute('data-hover', text);
     showTip(text, e.clientX, e.clientY);
     if (!hovered || hovered.acc !== this.acc || hovered.pos !== p) hoverRows(this.acc, p);
@@ -122,8 +126,8 @@
     var letters = cellW >= 8 && this.seq.length === n;
     if (letters) { ctx.font = Math.min(12, cellW + 1) + 'px ui-monospace, Menlo, Consolas, monospace'; ctx.textAlign = 'center'; ctx.textBaseline = 'middle'; }
     for (var i = 0; i < n; i++) {
-      var t = this.values[i] / this.scale;
-      ctx.fillStyle = colour(t);
+      var t = i < this.cf ? 0 : this.values[i] / this.scale;
+      ctx.fillStyle = i < this.cf ? CONTEXT_FREE_FILL : colour(t);
       ctx.fillRect((off + i) * cellW, 0, cellW, ROW_H);
       if (letters) { ctx.fillStyle = t > 0 ? textColour(t) : '#7a838c'; ctx.fillText(this.seq.charAt(i), (off + i + 0.5) * cellW, ROW_H / 2 + 0.5); }
     }

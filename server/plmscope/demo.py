@@ -1,8 +1,9 @@
-"""Build the offline demo atlas (real Swiss-Prot proteins, UniRep-256, a TopK SAE) and serve it.
+"""Build the offline demo atlas (real Swiss-Prot proteins, UniRep-256, a TopK SAE on each of its
+four layers) and serve it.
 
 ``plmscope demo`` runs, in order, the same public commands a user would run (so the demo proves
-them): prepare the demo corpus from ``data/demo`` -> (``train-sae`` unless the committed SAE in
-``data/demo/sae`` is used) -> ``build`` -> ``analyze`` -> ``serve``.  Every step is skipped when its
+them): prepare the demo corpus from ``data/demo`` -> (``train-sae`` unless the committed SAEs in
+``data/demo/sae`` are used) -> ``build`` -> ``analyze`` -> ``serve``.  Every step is skipped when its
 output already exists for the same inputs, so a second ``plmscope demo`` starts serving at once.
 
 The corpus is deterministic: every protein with a structure, every protein with a UniProt flat-file
@@ -30,18 +31,29 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "demo"
-COMMITTED_SAE = DATA / "sae"
+COMMITTED_SAES = DATA / "sae"  # one directory per layer: L{layer}-topk{latents}-k{k} (train-sae's names)
 
 DEMO_MODEL = "unirep-256"
-DEMO_LAYER = 1  # chosen on the selection set over layers 1-4 (scripts/demo_layers.py, README "The demo atlas")
+DEMO_LAYERS = (1, 2, 3, 4)  # every layer of UniRep-256: the paper's comparisons are across layers
 DEMO_SEED = 20140101
+DEMO_LATENTS, DEMO_K = 1024, 32  # chosen on the selection set (scripts/demo_saes.py, README "The demo atlas")
 
-# The committed SAE is reproduced exactly by these train-sae settings on the committed corpus.
+# The committed SAEs are reproduced exactly by these train-sae settings on the committed corpus
+# (one pLM pass trains all four; each SAE is bit-identical to one trained alone).  The token budget
+# is large because UniRep's recurrent step is cheaper per residue in wide batches.
 SAE_TRAIN_ARGS = [
-    "--model", DEMO_MODEL, "--layer", str(DEMO_LAYER), "--arch", "topk",
-    "--latents", "1024", "--k", "32", "--seed", "0",
+    "--model", DEMO_MODEL, "--layer", *map(str, DEMO_LAYERS), "--arch", "topk",
+    "--latents", str(DEMO_LATENTS), "--k", str(DEMO_K), "--seed", "0", "--token-budget", "65536",
 ]
-SAE_CORPUS = 3000  # the demo selection the SAE's train / selection / report sets are cut from
+SAE_CORPUS = 3000  # the demo selection the SAEs' train / selection / report sets are cut from
+
+
+def committed_sae_dirs() -> list[Path]:
+    """The committed SAEs, in layer order."""
+    from .sae.train import run_name
+
+    return [COMMITTED_SAES / run_name("topk", layer, DEMO_LATENTS, DEMO_K) for layer in DEMO_LAYERS]
+
 
 # The SAE corpus split by MMseqs2 cluster (homology.py): the SAE is trained on "train", its layer
 # and settings are chosen on "selection", and the numbers quoted for it come from "report"; no
@@ -49,6 +61,7 @@ SAE_CORPUS = 3000  # the demo selection the SAE's train / selection / report set
 # `python scripts/demo_sets.py`) so that `plmscope demo --retrain-sae` trains on the same proteins
 # whichever MMseqs2 a machine has; tests/test_demo.py checks it against a fresh clustering.
 SETS_FILE = DATA / "sae_sets.json"
+SWEEP_FILE = DATA / "eval" / "sweep.json"  # scripts/demo_saes.py: the k / size sweep the findings show
 SET_FRACTIONS = {"train": 0.8, "selection": 0.1, "report": 0.1}
 SET_SEED = 0
 
@@ -56,7 +69,7 @@ SET_SEED = 0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=REPO / "var" / "demo", help="where corpus, SAE and atlas are written")
     p.add_argument("--proteins", type=int, default=3000, help="proteins in the demo atlas (structures always kept)")
-    p.add_argument("--retrain-sae", action="store_true", help="train the SAE again instead of using data/demo/sae")
+    p.add_argument("--retrain-sae", action="store_true", help="train the four SAEs again instead of using data/demo/sae")
     p.add_argument("--no-analyze", action="store_true", help="skip `plmscope analyze`")
     p.add_argument("--no-serve", action="store_true", help="stop after building the atlas")
     p.add_argument("--host", default="127.0.0.1")
@@ -208,33 +221,35 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     corpus = write_corpus(work / "corpus.tsv", args.proteins)
 
-    if COMMITTED_SAE.joinpath("cfg.json").exists() and not args.retrain_sae:
-        sae_dir = COMMITTED_SAE
+    committed = committed_sae_dirs()
+    if all(d.joinpath("cfg.json").exists() for d in committed) and not args.retrain_sae:
+        sae_dirs = committed
     else:
-        sae_dir = work / "sae"
+        root = work / "sae"
+        sae_dirs = [root / d.name for d in committed]
         fastas = write_sae_fastas(work)
-        if not sae_dir.joinpath("cfg.json").exists() or args.retrain_sae:
-            _step("train-sae", ["train-sae", *SAE_TRAIN_ARGS, "--fasta", str(fastas["train"]), "--out", str(sae_dir)])
-            # the layer was chosen on "selection"; the numbers stored with the SAE come from "report"
-            _step("eval-sae", ["eval-sae", "--sae", str(sae_dir), "--fasta", str(fastas["report"]), "--set", "report"])
-
+        if not all(d.joinpath("cfg.json").exists() for d in sae_dirs) or args.retrain_sae:
+            _step("train-sae", ["train-sae", *SAE_TRAIN_ARGS, "--fasta", str(fastas["train"]), "--out", str(root)])
+            # the settings were chosen on "selection"; the numbers stored with each SAE come from "report"
+            for d in sae_dirs:
+                _step("eval-sae", ["eval-sae", "--sae", str(d), "--fasta", str(fastas["report"]), "--set", "report"])
     atlas = work / "atlas.duckdb"
     stamp = work / "atlas.stamp.json"
     # the schema version too: an atlas of an older plmscope is rebuilt, not served into its version error
-    key = {"corpus": sha256_file(corpus), "sae": sha256_file(sae_dir / "sae_weights.safetensors"), "analyze": not args.no_analyze,
-           "schema": SCHEMA_VERSION}
+    key = {"corpus": sha256_file(corpus), "saes": [sha256_file(d / "sae_weights.safetensors") for d in sae_dirs],
+           "analyze": not args.no_analyze, "schema": SCHEMA_VERSION}
     if not atlas.exists() or not stamp.exists() or json.loads(stamp.read_text()) != key:
         stamp.unlink(missing_ok=True)
         _step(
             "build",
             [
-                "build", "--corpus", str(corpus), "--sae", str(sae_dir), "--out", str(atlas),
+                "build", "--corpus", str(corpus), *[x for d in sae_dirs for x in ("--sae", str(d))], "--out", str(atlas),
                 "--structures", str(DATA / "structures"), "--manifest", str(DATA / "structures.tsv"),
                 "--families", str(DATA / "pfam_families.tsv"),
             ],
         )
         if not args.no_analyze:
-            _step("analyze", ["analyze", "--atlas", str(atlas)])
+            _step("analyze", ["analyze", "--atlas", str(atlas), "--sweep", str(SWEEP_FILE)])
         stamp.write_text(json.dumps(key))
     log.info("demo: atlas ready at %s after %.1f s", atlas, time.perf_counter() - t0)
     if args.no_serve:

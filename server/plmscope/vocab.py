@@ -142,6 +142,7 @@ COLOUR_STOPS = ("#fde725", "#b5de2b", "#6ece58", "#35b779", "#1f9e89",
                 "#26828e", "#31688e", "#3e4989", "#482878", "#440154")
 ZERO_COLOUR = "#eef0f2"
 UNMAPPED_COLOUR = "#c8c8c8"  # structure residues without a sequence position
+CONTEXT_FREE_COLOUR = "#b9bfc5"  # a pLM's context-free positions: not measured (darker than zero)
 
 
 def css_gradient() -> str:
@@ -151,4 +152,5 @@ def css_gradient() -> str:
 
 def colour_scale() -> dict:
     """The colour scale as the front end reads it (JSON in every page)."""
-    return {"stops": list(COLOUR_STOPS), "zero": ZERO_COLOUR, "unmapped": UNMAPPED_COLOUR, "gradient": css_gradient()}
+    return {"stops": list(COLOUR_STOPS), "zero": ZERO_COLOUR, "unmapped": UNMAPPED_COLOUR,
+            "context_free": CONTEXT_FREE_COLOUR, "gradient": css_gradient()}

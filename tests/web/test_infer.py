@@ -211,3 +211,30 @@ def test_cors_only_when_configured(tiny_atlas):
     with TestClient(_app(tiny_atlas, load_model=False, cors_origins=["https://lab.example"])) as c:
         r = c.get("/.json", headers={"Origin": "https://lab.example"})
         assert r.headers.get("access-control-allow-origin") == "https://lab.example"
+
+
+def test_unirep_residue_one_is_greyed_and_never_the_maximum(tmp_path):
+    """A UniRep atlas: heatmaps (stored and live) say residue 1 is context-free; it is never a maximum,
+    although the SAE's live activations there are kept in the JSON."""
+    from plmscope.cli import main
+    from tests.conftest import demo_rows, make_sae
+
+    rows = [r for r in demo_rows() if len(r["sequence"]) < 150][:8]
+    corpus = tmp_path / "c.fasta"
+    corpus.write_text("".join(f">{r['accession']}\n{r['sequence']}\n" for r in rows))
+    sae = make_sae(tmp_path / "sae", "unirep-64", layer=1, d_in=64, d_sae=48, k=4, seed=3)
+    atlas = tmp_path / "u.duckdb"
+    assert main(["build", "--corpus", str(corpus), "--sae", str(sae), "--out", str(atlas), "--device", "cpu"]) == 0
+    with TestClient(create_app(Settings(atlas=atlas, device="cpu", rate_limit_per_minute=0))) as c:
+        j = c.post("/api/infer", json={"sequence": rows[0]["sequence"], "top_k": 48}).json()
+        assert all(t["max_pos"] != 1 for t in j["top_latents"])
+        # a latent that fires on residue 1 of this protein: its value is shown, its maximum lies elsewhere
+        first = [h for lats in (range(i, i + 8) for i in range(0, 48, 8))
+                 for h in c.post("/api/infer", json={"sequence": rows[0]["sequence"], "latents": list(lats)}).json()["heatmaps"]
+                 if h["activations"] and h["activations"][0] > 0]
+        assert first, "no latent of this SAE fires on residue 1: the test cannot check anything"
+        for h in first:
+            assert h["context_free"] == 1 and h["max_pos"] != 1
+        page = c.get(f"/proteins/{rows[0]['accession']}.json").json()
+        assert page["heatmap"] is None or page["heatmap"]["context_free"] == 1
+        assert 'data-cf="1"' in c.get("/infer", params={"seq": rows[0]["sequence"], "latents": "0,1"}).text

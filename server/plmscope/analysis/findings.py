@@ -255,8 +255,10 @@ def read_sweep(path: Path | None) -> list[dict] | None:
         rows = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"sweep file {path}: not JSON ({exc})") from exc
+    if isinstance(rows, dict) and "rows" in rows:  # scripts/demo_saes.py's file: rows with their provenance
+        rows = rows["rows"]
     if not isinstance(rows, list):
-        raise InputError(f"sweep file {path}: expected a list of rows, got {type(rows).__name__}")
+        raise InputError(f"sweep file {path}: expected a list of rows (or {{\"rows\": [...]}}), got {type(rows).__name__}")
     for i, row in enumerate(rows):
         missing = [k for k in SWEEP_FIELDS if not isinstance(row, dict) or k not in row]
         if missing:

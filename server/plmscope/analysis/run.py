@@ -116,7 +116,7 @@ def analyze_file(tmp: str, display: str, settings: AnalyzeSettings) -> list[dict
         corpus = Corpus.load(con)
         corpus.cluster()
         set_meta(con, "homology", corpus.clustering.summary())
-        plms: dict[str, object] = {}
+        plms = ActivationCache(wanted)
         out = [analyze_sae(con, sae, corpus, plms, settings, Progress(f"SAE {i}/{len(wanted)}"))
                for i, sae in enumerate(wanted, 1)]
         with _bar("atlas · the paper's findings", None, ""):
@@ -259,7 +259,8 @@ class SaeResults:
     probes: probes.ProbeSet | None  # None: probes skipped
 
 
-def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSettings, progress: Progress) -> dict:
+def analyze_sae(con, sae: dict, corpus: Corpus, plms: "ActivationCache", settings: AnalyzeSettings,
+                progress: Progress) -> dict:
     """Analyse one SAE and store the results (replacing a previous analysis); returns its summary."""
     seed = settings.seed
     # Seconds go under the summary's five timing keys: loading counts to family, describing to write.
@@ -320,29 +321,54 @@ def pattern_counts(pattern: list[str]) -> dict[str, int]:
     return counts
 
 
-def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: dict, settings: AnalyzeSettings,
+class ActivationCache:
+    """Per-residue SAE activations of the concept proteins, for every SAE analysed, from one pLM
+    forward per pLM (the first SAE that needs them computes them for all SAEs of its pLM)."""
+
+    def __init__(self, saes: list[dict]):
+        self.saes = saes
+        self.acts: dict[str, sparse.csr_matrix] = {}
+        self.context_free: dict[str, int] = {}
+
+    def get(self, con, sae_id: str, corpus: Corpus, chosen: np.ndarray, settings: AnalyzeSettings,
+            progress: Progress) -> tuple[sparse.csr_matrix, int]:
+        """(residues x latents activations of ``chosen`` proteins, context-free positions left out;
+        the number left out per protein)."""
+        if sae_id not in self.acts:
+            plm_name = next(s["plm"] for s in self.saes if s["sae_id"] == sae_id)
+            group = [s for s in self.saes if s["plm"] == plm_name]
+            with progress.step("concepts: load pLM", "concepts"):
+                from ..plm import load_plm
+
+                plm = load_plm(plm_name, device=settings.device)
+            ids = [str(corpus.accessions[i]) for i in chosen]
+            seqs = [corpus.sequences[i][: corpus.lengths[i]] for i in chosen]
+            weights = [read_sae_weights(con, s["sae_id"], settings.atlas) for s in group]
+            layers = sorted({int(s["layer"]) for s in group})
+            what = f"concepts: pLM forward (layers {', '.join(map(str, layers))}, {len(group)} SAEs)"
+            with progress.step(what, "concepts", total=len(ids)) as bar:
+                acts = _residue_activations(weights, plm, seqs, ids, settings.token_budget, bar)
+            for s, a in zip(group, acts):
+                self.acts[s["sae_id"]] = a
+                self.context_free[s["sae_id"]] = plm.context_free_positions
+        return self.acts.pop(sae_id), self.context_free[sae_id]
+
+
+def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: ActivationCache, settings: AnalyzeSettings,
                          progress: Progress) -> tuple[concepts.ConceptResult | None, dict]:
     """InterPLM's association rule on per-residue activations recomputed for up to ``max_proteins``
-    annotated proteins (``concepts`` module docstring)."""
+    annotated proteins (``concepts`` module docstring).  The pLM's context-free positions are left
+    out of them, as from every other statistic: the proteins are scored from residue cf + 1 on."""
     chosen = _pick_concept_proteins(corpus, settings.max_proteins, settings.seed) if settings.max_proteins > 0 else np.array([], int)
     if len(chosen) == 0:
         with progress.step("concepts: skipped", "concepts"):
             return None, {"skipped": "no annotated proteins (or --max-proteins 0)"}
-    plm = plms.get(inputs.sae["plm"])
-    if plm is None:
-        with progress.step("concepts: load pLM", "concepts"):
-            from ..plm import load_plm
-
-            plm = plms[inputs.sae["plm"]] = load_plm(inputs.sae["plm"], device=settings.device)
     ids = [str(corpus.accessions[i]) for i in chosen]
-    seqs = [corpus.sequences[i][: corpus.lengths[i]] for i in chosen]
-    cfg, weights = read_sae_weights(con, inputs.sae_id, settings.atlas)
-    with progress.step("concepts: pLM forward", "concepts", total=len(ids)) as bar:
-        acts = _residue_activations(cfg, weights, plm, inputs.sae["layer"], seqs, ids, settings.token_budget, bar)
+    acts, cf = plms.get(con, inputs.sae_id, corpus, chosen, settings, progress)
     with progress.step("concepts: associate", "concepts"):
         sub = {int(p): k for k, p in enumerate(chosen)}
-        lengths = corpus.lengths[chosen]
-        regions = [(sub[i], c, s, e) for i, c, s, e in corpus.regions if i in sub]
+        lengths = np.maximum(corpus.lengths[chosen] - cf, 0)
+        regions = [(sub[i], c, max(s - cf, 1), e - cf) for i, c, s, e in corpus.regions if i in sub and e - cf >= 1]
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         groups = corpus.cluster_key[chosen]
         validation = concepts.split_validation(groups, ids, seed=settings.seed)
@@ -360,22 +386,27 @@ def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: dict, set
         "split": "MMseqs2 clusters (>= 30 % identity over >= 80 % of both sequences) hashed whole to validation/test",
         "normalisation": f"each latent's maximum over the {n_norm} atlas proteins outside the test split's clusters",
         "n_normalisation_proteins": n_norm,
+        "context_free_positions_left_out": cf,
     }
 
 
-def _residue_activations(sae_cfg, weights, plm, layer, seqs, ids, token_budget, bar: tqdm):
-    """Residues x latents, raw SAE activations, proteins concatenated in ``ids`` order (the
-    association normalises them, by a maximum that leaves the test split out)."""
+def _residue_activations(saes: list[tuple[dict, bytes]], plm, seqs, ids, token_budget, bar: tqdm) -> list[sparse.csr_matrix]:
+    """Per SAE ((cfg, weights)), residues x latents raw SAE activations, proteins concatenated in
+    ``ids`` order without their context-free positions (the association normalises them, by a
+    maximum that leaves the test split out).  One forward serves every SAE's layer."""
     from ..sae.io import sae_from_bytes
 
-    sae = sae_from_bytes(sae_cfg, weights).to(plm.device)
-    blocks: dict[str, sparse.csr_matrix] = {}
+    models = [sae_from_bytes(cfg, w).to(plm.device) for cfg, w in saes]
+    layers = [int(cfg["plmscope"]["layer"]) for cfg, _ in saes]
+    cf = plm.context_free_positions
+    blocks: list[dict[str, sparse.csr_matrix]] = [{} for _ in models]
     with torch.no_grad():
-        for rid, _, rep in plm.iter_representations(zip(ids, seqs), layer, token_budget=token_budget):
-            z = sae.encode(rep.to(plm.device))
-            blocks[rid] = sparse.csr_matrix(z.float().cpu().numpy())
+        for rid, _, reps in plm.iter_layer_representations(zip(ids, seqs), layers, token_budget=token_budget):
+            for j, (sae, rep) in enumerate(zip(models, reps)):
+                z = sae.encode(rep[cf:].to(plm.device))
+                blocks[j][rid] = sparse.csr_matrix(z.float().cpu().numpy())
             bar.update(1)
-    return sparse.vstack([blocks[i] for i in ids], format="csr")
+    return [sparse.vstack([b[i] for i in ids], format="csr") for b in blocks]
 
 
 def concept_inventory(corpus: Corpus, settings: AnalyzeSettings, cres: concepts.ConceptResult | None,

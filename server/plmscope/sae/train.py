@@ -119,6 +119,7 @@ class TrainSettings:
         written to ``--out``; several to ``--out/<run_name>`` each (and share one pLM pass)."""
         common = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in GRID_FIELDS + ("out",)}
         combos = [(layer, n, k) for layer in args.layer for n in args.latents for k in args.k]
+        combos += [_spec(text) for text in getattr(args, "also", None) or []]
         if len(set(combos)) != len(combos):
             raise SAEError("--layer, --latents and --k repeat a setting")
         if len(combos) == 1:
@@ -140,6 +141,14 @@ D = {f.name: f.default for f in fields(TrainSettings)}
 GRID_FIELDS = ("layer", "latents", "k")  # what the SAEs of one train-sae run may differ in
 
 
+def _spec(text: str) -> tuple[int, int, int]:
+    try:
+        layer, n, k = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise SAEError(f"--also {text!r}: expected LAYER:LATENTS:K, e.g. 3:1024:16") from None
+    return layer, n, k
+
+
 def run_name(arch: str, layer: int, latents: int, k: int) -> str:
     """The directory of one SAE of a train-sae run with several settings."""
     return f"L{layer}-{arch}{latents}" + (f"-k{k}" if arch == "topk" else "")
@@ -157,6 +166,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latents", type=int, nargs="+", default=[D["latents"]],
                    help="number of SAE latents (d_sae); several: one SAE per value")
     p.add_argument("--k", type=int, nargs="+", default=[D["k"]], help="active latents per residue (topk); several: one SAE per value")
+    p.add_argument("--also", action="append", default=[], metavar="LAYER:LATENTS:K",
+                   help="one more SAE with these settings, trained in the same pass (repeatable; e.g. a sweep "
+                        "at one layer beside one setting at every layer)")
     p.add_argument("--aux-k", type=int, default=None, help="dead latents in the AuxK loss (default d_in/2)")
     p.add_argument("--aux-coeff", type=float, default=D["aux_coeff"], help="AuxK loss coefficient (default 1/32)")
     p.add_argument("--dead-tokens", type=int, default=None,

@@ -204,6 +204,8 @@ class Heatmap(BaseModel):
     max_act: Optional[float] = None
     max_pos: Optional[int] = Field(None, description="1-based residue of the maximum; none when nothing is active")
     scale: Optional[float] = Field(None, description="activation drawn in the darkest colour on the page")
+    context_free: int = Field(0, description="leading residues the pLM represents without protein context (UniRep: "
+                              "residue 1): left out of every statistic and of max_act / max_pos, drawn greyed")
     message: Optional[str] = None
 
 

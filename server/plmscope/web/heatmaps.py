@@ -23,25 +23,29 @@ def assemble_heatmap(
     max_pos: Optional[int] = None,
     message: Optional[str] = None,
     inactive: Optional[str] = None,
+    context_free: int = 0,
 ) -> Heatmap:
     """``activations[i]`` belongs to residue ``i + 1``; a pLM that saw only the first N residues gives N values.
 
     ``scale``: the activation drawn darkest (the latent's corpus maximum on the latent page); by
     default the row's own maximum.  ``max_pos``: the strongest residue when the caller knows it from
     full-precision values (the atlas's examples); else the first maximum of ``activations``.
-    ``inactive`` replaces ``message`` when no residue is active.
+    ``inactive`` replaces ``message`` when no residue is active.  ``context_free``: the SAE's pLM's
+    context-free positions (``saes.context_free``); their values (live results have them) are kept but
+    count for neither the maximum nor the activity, as in the atlas's statistics.
     """
     if len(activations) > len(sequence):
         raise ValueError(f"{len(activations)} activations for a sequence of {len(sequence)} residues")
-    max_act = max(activations) if activations else 0.0
+    counted = activations[context_free:]
+    max_act = max(counted) if counted else 0.0
     active = max_act > 0
     if max_pos is None and active:
-        max_pos = activations.index(max_act) + 1
+        max_pos = counted.index(max_act) + 1 + context_free
     if not (scale and scale > 0):
         scale = max_act if active else 1.0
     return Heatmap(
         sae_id=sae_id, latent=latent, source=source, residues=sequence[: len(activations)], activations=activations,
-        max_act=max_act, max_pos=max_pos if active else None, scale=scale,
+        max_act=max_act, max_pos=max_pos if active else None, scale=scale, context_free=context_free,
         message=message if active or inactive is None else inactive,
     )
 

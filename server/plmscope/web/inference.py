@@ -83,22 +83,25 @@ class LiveResult:
     pos: np.ndarray  # int32, residue index of each non-zero
     lat: np.ndarray  # int32, latent of each non-zero
     val: np.ndarray  # float32, activation
+    context_free: int = 0  # leading residues left out of the summaries (the pLM's context-free positions)
     summary_latents: np.ndarray = field(init=False)
     summary_max: np.ndarray = field(init=False)
     summary_argmax: np.ndarray = field(init=False)
     summary_count: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.lat.size == 0:
+        counted = self.pos >= self.context_free  # as the atlas's statistics: vector() still has them all
+        lat, val, pos = self.lat[counted], self.val[counted], self.pos[counted]
+        if lat.size == 0:
             empty = np.zeros(0, dtype=np.int64)
             self.summary_latents, self.summary_max, self.summary_argmax, self.summary_count = empty, empty.astype(float), empty, empty
             return
-        order = np.lexsort((-self.val, self.lat))  # by latent, strongest first
-        lat_sorted = self.lat[order]
+        order = np.lexsort((-val, lat))  # by latent, strongest first
+        lat_sorted = lat[order]
         first = np.flatnonzero(np.r_[True, lat_sorted[1:] != lat_sorted[:-1]])
         self.summary_latents = lat_sorted[first]
-        self.summary_max = self.val[order][first].astype(np.float64)
-        self.summary_argmax = self.pos[order][first]
+        self.summary_max = val[order][first].astype(np.float64)
+        self.summary_argmax = pos[order][first]
         self.summary_count = np.diff(np.r_[first, lat_sorted.size])
 
     def top(self, k: int) -> list[dict]:
@@ -298,6 +301,6 @@ class InferenceService:
                 pos, lat = torch.nonzero(z > 0, as_tuple=True)
                 out[(sae_id, seq)] = LiveResult(
                     sae_id, rep.shape[0], pos.numpy().astype(np.int32), lat.numpy().astype(np.int32),
-                    z[pos, lat].numpy().astype(np.float32),
+                    z[pos, lat].numpy().astype(np.float32), m.plm.context_free_positions,
                 )
         return [out[it] for it in items]

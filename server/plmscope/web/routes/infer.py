@@ -51,7 +51,8 @@ async def run_inference(request: Request, service: InferenceService, reader: Atl
     chosen = latents or [t["latent"] for t in top[:default_heatmaps]]
     briefs, matched = await run_in_threadpool(_lookups, reader, s["sae_id"], [t["latent"] for t in top] + chosen, seq)
     heatmaps = [assemble_heatmap(seq, result.vector(lat), sae_id=s["sae_id"], latent=lat, source="live",
-                                 inactive="not active on this sequence") for lat in chosen]
+                                 inactive="not active on this sequence", context_free=s["context_free"])
+                for lat in chosen]
     return M.InferResponse(
         atlas_id=reader.atlas_id, sae_id=s["sae_id"], record=record, ignored_records=ignored, sequence=seq,
         length=len(seq), sequence_sha256=sequence_hash(seq), cached=cached, matched_accession=matched,
@@ -62,7 +63,7 @@ async def run_inference(request: Request, service: InferenceService, reader: Atl
 
 
 async def live_heatmap(request: Request, service: Optional[InferenceService], sae_id: str, latent: int,
-                       sequence: str) -> M.Heatmap:
+                       sequence: str, context_free: int = 0) -> M.Heatmap:
     """A latent's activations on a corpus protein whose vector the atlas did not store."""
     if service is None:
         return no_heatmap(sae_id, latent, "the atlas stores no activations of this latent on this protein, and "
@@ -77,7 +78,8 @@ async def live_heatmap(request: Request, service: Optional[InferenceService], sa
         return no_heatmap(sae_id, latent, str(exc))
     result, _ = await service.infer(sae_id, sequence)
     return assemble_heatmap(sequence, result.vector(latent), sae_id=sae_id, latent=latent, source="live",
-                            message=note or "computed live", inactive="computed live: not active")
+                            message=note or "computed live", inactive="computed live: not active",
+                            context_free=context_free)
 
 
 def _twin(fmt: str, m: M.InferResponse):

@@ -160,7 +160,7 @@ def _latent(fmt_forced: Optional[str]):
         def example_heatmap(ex: M.Example) -> M.Heatmap:
             # one colour scale for every example: the latent's corpus maximum
             return assemble_heatmap(ex.sequence, ex.activations, sae_id=m.sae_id, latent=m.latent, source="atlas",
-                                    scale=m.stats.get("max_act"), max_pos=ex.max_pos)
+                                    scale=m.stats.get("max_act"), max_pos=ex.max_pos, context_free=s["context_free"])
 
         return respond(
             request, fmt, m, "latent.html", csv_rows=[e.model_dump() for e in examples],
@@ -221,7 +221,8 @@ def build_protein(reader: AtlasReader, s: dict, accession: str, latent: Optional
         latent_or_404(s, latent)
         vec = reader.latent_vector(s["sae_id"], accession, latent)
         if vec is not None:
-            heatmap = assemble_heatmap(p["sequence"], vec, sae_id=s["sae_id"], latent=latent, source="atlas")
+            heatmap = assemble_heatmap(p["sequence"], vec, sae_id=s["sae_id"], latent=latent, source="atlas",
+                                       context_free=s["context_free"])
     fams = reader.families(p["families"])
     return M.ProteinDetail(
         atlas_id=reader.atlas_id, accession=p["accession"], label=p["label"], entry_name=p["entry_name"],
@@ -253,7 +254,7 @@ def _protein(fmt_forced: Optional[str]):
         m = await run_in_threadpool(build_protein, reader, s, accession, latent)
         if m.heatmap is None and (latent is not None or m.top_latents):
             chosen = latent if latent is not None else m.top_latents[0].latent
-            m.heatmap = await live_heatmap(request, engine, s["sae_id"], chosen, m.sequence)
+            m.heatmap = await live_heatmap(request, engine, s["sae_id"], chosen, m.sequence, s["context_free"])
         return await run_in_threadpool(
             respond, request, fmt, m, "protein.html", csv_rows=[t.model_dump() for t in m.top_latents],
             csv_name=f"{accession}_top_latents.csv", csv_columns=list(M.TopLatent.model_fields),
