@@ -21,6 +21,7 @@ Exit status 2 only when no usable protein remains or an SAE does not fit the pLM
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import shutil
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import atomic, faults
-from ..errors import SAEError
+from ..errors import AtlasError, SAEError
 from ..sequences import Problem
 from .aggregate import SAEAggregate
 from .buildstate import STATE_VERSION, BuildJob, BuildState, ChunkPlan, built_from, fingerprint, resumable
@@ -139,7 +140,13 @@ def build(settings: BuildSettings, *, on_checkpoint: Callable[[int], None] | Non
         from .pfam import read_hmms
 
         read_hmms(settings.pfam)  # fail before the pass on a bad HMM file
-    plan, timings, encode_stats = _stream_phase(settings, inputs, fp, t0, on_checkpoint)
+    try:
+        plan, timings, encode_stats = _stream_phase(settings, inputs, fp, t0, on_checkpoint)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise AtlasError(f"{settings.state_dir}: writing the build state failed ({exc.strerror}); free space "
+                         "(or raise the limit) and rerun with --resume to continue from the last checkpoint") from None
     n_proteins = plan.proteins(plan.mine)
     if not settings.writes_atlas:
         return BuildResult(settings.state_dir, n_proteins, None)

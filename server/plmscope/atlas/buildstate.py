@@ -179,7 +179,7 @@ def fingerprint(s: BuildSettings, sae_dirs: list[Path], plm_spec: str) -> dict:
 def load_states(roots: list[Path]) -> tuple[list[dict], dict[str, SAEAggregate]]:
     """The manifests of the states in ``roots`` and, per SAE id, their aggregates merged.  The
     states must be of the same inputs and settings, finished, and cover every chunk once."""
-    manifests = [_read_manifest(r) for r in roots]
+    manifests = [read_manifest(r) for r in roots]
     _check_shards(roots, manifests)
     aggs: dict[str, SAEAggregate] = {}
     for r, m in zip(roots, manifests):
@@ -195,7 +195,7 @@ def load_states(roots: list[Path]) -> tuple[list[dict], dict[str, SAEAggregate]]
     return manifests, aggs
 
 
-def _read_manifest(root: Path) -> dict:
+def read_manifest(root: Path) -> dict:
     try:
         manifest = json.loads((root / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:

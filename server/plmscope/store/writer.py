@@ -69,7 +69,11 @@ class AtlasWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.publish()
+            try:
+                self.publish()
+            except BaseException:  # e.g. the disk filled up during the final CHECKPOINT
+                self.discard()
+                raise
         else:
             self.discard()
 
@@ -83,7 +87,10 @@ class AtlasWriter:
 
     def discard(self) -> None:
         if self.con is not None:
-            self.con.close()
+            try:
+                self.con.close()
+            except duckdb.Error:  # a connection invalidated by a failed write: the file goes anyway
+                pass
             self.con = None
         atomic.remove(self.tmp)
 
