@@ -53,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=200, help="calls per query kind")
     p.add_argument("--repeats", type=int, default=2, help="builds, each followed by a bare extraction")
     p.add_argument("--pipeline", type=int, choices=[0, 1], default=1, help="the build's --pipeline")
+    p.add_argument("--checkpoint-every", type=float, default=None,
+                   help="the build's --checkpoint-every (default: the build's; 0 = after every chunk, the "
+                        "worst case of the checkpoint cost, reported as checkpoint_share)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="the build's --chunk-size")
     p.add_argument("--workdir", help="keep inputs and atlas here (default: a temp dir)")
     p.add_argument("--isolated", action="store_true",
                    help="each bare extraction and build in a fresh process (no warm-up), as a CLI build runs")
@@ -95,7 +99,8 @@ def setup(work: Path, n: int, args) -> dict:
 
 def build_argv(inp: dict, out: Path, args) -> list[str]:
     return ["build", "--corpus", inp["corpus"], "--sae", inp["sae"], "--out", str(out), "--device", "cpu",
-            "--token-budget", str(args.token_budget), "--chunk-size", "1024", "--pipeline", str(args.pipeline)]
+            "--token-budget", str(args.token_budget), "--chunk-size", str(args.chunk_size), "--pipeline", str(args.pipeline),
+            *(["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every is not None else [])]
 
 
 def bare_extraction(inp: dict, args, warm_up: bool = False) -> tuple[int, float]:
@@ -146,7 +151,9 @@ def _child(kind: str, args, *, proteins: int, plm: str) -> tuple[dict | None, st
     proc = subprocess.run([sys.executable, __file__, f"--child-{kind}", "--proteins", str(proteins),
                            "--workdir", str(args.workdir), "--plm", plm, "--latents", str(args.latents),
                            "--k", str(args.k), "--layer", str(args.layer), "--token-budget", str(args.token_budget),
-                           "--pipeline", str(args.pipeline)], capture_output=True, text=True)
+                           "--pipeline", str(args.pipeline), "--chunk-size", str(args.chunk_size),
+                           *(["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every is not None else [])],
+                          capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     return (json.loads(line[-1]) if line else None), proc.stderr
 
@@ -246,8 +253,19 @@ def run(args) -> dict:
         "build_stage_s": summary["timings"], "encode": {k: {"path": v.get("encode"), **(v.get("encode_stats") or {})}
                                                         for k, v in summary["saes"].items()},
         "atlas_mib": round(out.stat().st_size / 2**20, 1),
+        # seconds of the last build spent writing checkpoints, over its wall time: the throughput cost
+        # of resumability (the lost-work bound is --checkpoint-every + one chunk, docs/atlas.md)
+        "checkpoint_share": round(summary["timings"].get("checkpoint", 0.0) / t_builds[-1], 4),
+        "checkpoint_every": args.checkpoint_every, "chunk_size": args.chunk_size,
     }
+    if args.checkpoint_every == 0:  # one checkpoint per chunk: the cost of one
+        report["checkpoint_s_each"] = round(summary["timings"].get("checkpoint", 0.0)
+                                            / -(-args.proteins // args.chunk_size), 3)
     report["queries"] = query_latency(out, args.queries)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _machine import matmul_gflops
+
+    report["machine"] = matmul_gflops()
     report["rss"] = []
     for n in args.rss:
         args.workdir = str(work)

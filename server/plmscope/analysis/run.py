@@ -1,9 +1,11 @@
 """Interpret an atlas: family specificity, activation patterns, concept associations, linear
 probes and automatic descriptions, stored in the atlas's analysis tables.
 
-The atlas is copied to a temporary file next to it, the analysis is written there and the copy
-replaces the atlas with os.replace: an interrupted run leaves the atlas as it was.  Re-running
-replaces the previous analysis of the analysed SAEs.
+The atlas is copied to a temporary file next to it (``ATLAS.tmp-<pid>``), the analysis is written
+there and the copy replaces the atlas (``atomic.writing``: the atlas keeps a plain file's mode, a
+server reading the old one keeps reading it): an interrupted run, even a killed one, leaves the
+atlas as it was, and the next run removes the killed run's temporary file and starts over.
+Re-running replaces the previous analysis of the analysed SAEs.
 
 Each SAE goes through named steps (``analyze_sae``), each with a progress bar on stderr.
 """
@@ -12,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -27,7 +27,7 @@ import torch
 from scipy import sparse
 from tqdm import tqdm
 
-from .. import homology
+from .. import atomic, faults, homology
 from ..errors import AtlasError, InputError
 from ..store import analysis_reads as reads
 from ..store import analysis_writes as writes
@@ -90,15 +90,12 @@ def analyze(settings: AnalyzeSettings) -> list[dict]:
     path = settings.atlas
     if not path.is_file():
         raise AtlasError(f"atlas file {path} does not exist (build one with `plmscope build`)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".analyze.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    atomic.remove_stale(path)
+    with atomic.writing(path) as tmp:
         shutil.copyfile(path, tmp)
-        summaries = analyze_file(tmp, str(path), settings)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        faults.point("analyze:copied")
+        summaries = analyze_file(str(tmp), str(path), settings)
+        faults.point("analyze:analysed")
     return summaries
 
 

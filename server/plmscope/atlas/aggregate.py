@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import faults
 from ..store.schema import HIST_BINS, HIST_MAX_EXP, HIST_MIN_EXP
 from ..vocab import AMINO_ACIDS
 from ._state import EMPTY, Columns, LabelCounter, Reservoir, SlotPool, _segment_index, state_copy
@@ -309,6 +310,7 @@ class SAEAggregate:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)
+        faults.point("spill:before-rename")
         tmp.replace(path)
         self._pending.clear()
         self._pending_acc = []

@@ -21,6 +21,7 @@ Exit status 2 only when no usable protein remains or an SAE does not fit the pLM
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import shutil
 import time
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import SAEError
+from .. import atomic, faults
+from ..errors import AtlasError, SAEError
 from ..sequences import Problem
 from .aggregate import SAEAggregate
-from .buildstate import STATE_VERSION, BuildJob, BuildState, ChunkPlan, fingerprint, resumable
+from .buildstate import STATE_VERSION, BuildJob, BuildState, ChunkPlan, built_from, fingerprint, resumable
 from .chunks import chunk_sizes, problem_record, scan_corpus
 from .publish import check_joinable, print_summary, write_atlas
 from .settings import DEFAULTS as D, ENCODE_MODES, BuildSettings
@@ -122,26 +124,42 @@ def build(settings: BuildSettings, *, on_checkpoint: Callable[[int], None] | Non
     ``on_checkpoint(n)``: called after each checkpoint with the number of chunks done."""
     t0 = time.time()
     inputs = SAEInputs.read(settings.saes)
+    fp = fingerprint(settings, list(inputs.dirs), inputs.plm)
     if settings.writes_atlas and settings.out.exists():
         from ..store.reader import read_existing_meta
 
-        check_joinable(read_existing_meta(settings.out), settings.out, inputs.plm, inputs.ids)
+        existing = read_existing_meta(settings.out)
+        if settings.resume and built_from(existing, fp, inputs.ids):
+            # killed after publishing, before the build state was removed: the atlas is done
+            log.info("%s already holds this build; removing its build state %s", settings.out, settings.state_dir)
+            shutil.rmtree(settings.state_dir, ignore_errors=True)
+            summary = existing.get("summary") or {}
+            return BuildResult(settings.out, int(summary.get("n_proteins", 0)), summary or None)
+        check_joinable(existing, settings.out, inputs.plm, inputs.ids)
     if settings.pfam:
         from .pfam import read_hmms
 
         read_hmms(settings.pfam)  # fail before the pass on a bad HMM file
-    plan, timings, encode_stats = _stream_phase(settings, inputs, t0, on_checkpoint)
+    try:
+        plan, timings, encode_stats = _stream_phase(settings, inputs, fp, t0, on_checkpoint)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise AtlasError(f"{settings.state_dir}: writing the build state failed ({exc.strerror}); free space "
+                         "(or raise the limit) and rerun with --resume to continue from the last checkpoint") from None
     n_proteins = plan.proteins(plan.mine)
     if not settings.writes_atlas:
         return BuildResult(settings.state_dir, n_proteins, None)
+    faults.point("build:streamed")
     tw = time.perf_counter()
     summary = write_atlas([settings.state_dir], settings.out, timings=timings, encode_stats=encode_stats)
     summary["timings"]["finalize+write_atlas"] = round(time.perf_counter() - tw, 2)
+    faults.point("build:published")
     shutil.rmtree(settings.state_dir, ignore_errors=True)
     return BuildResult(settings.out, n_proteins, summary)
 
 
-def _stream_phase(settings: BuildSettings, inputs: SAEInputs, t0: float,
+def _stream_phase(settings: BuildSettings, inputs: SAEInputs, fp: dict, t0: float,
                   on_checkpoint) -> tuple[ChunkPlan, dict, dict]:
     """Load the models, scan the corpus, open the build state and stream.  A function of its own:
     the write phase reloads the checkpointed state, so the models and the in-memory aggregates
@@ -149,7 +167,7 @@ def _stream_phase(settings: BuildSettings, inputs: SAEInputs, t0: float,
     models = load_models(settings, inputs)
     n_usable, problems = scan_corpus(settings, models.plm.max_residues)
     plan = ChunkPlan(tuple(chunk_sizes(n_usable, settings.chunk_size)), settings.shard)
-    job = open_job(settings, inputs, models, plan, problems, t0)
+    job = open_job(settings, inputs, models, plan, problems, fp, t0)
     timings = StreamPass(settings, models, job, on_checkpoint).run()
     return plan, timings, models.encode_stats(job.ids)
 
@@ -169,19 +187,20 @@ def load_models(settings: BuildSettings, inputs: SAEInputs) -> Models:
 
 
 def open_job(settings: BuildSettings, inputs: SAEInputs, models: Models, plan: ChunkPlan,
-             problems: list[Problem], t0: float) -> BuildJob:
-    """The build state: resumed when ``--resume`` finds one of the same inputs, settings and
-    shard, else started afresh; its manifest written."""
-    fp = fingerprint(settings, list(inputs.dirs), inputs.plm)
+             problems: list[Problem], fp: dict, t0: float) -> BuildJob:
+    """The build state: resumed when ``--resume`` finds a checkpoint of the same inputs, settings
+    and shard, else started afresh (``--resume`` says why); its manifest written."""
     state = BuildState(settings.state_dir)
     old = state.read() if state.root.exists() else None
-    if settings.resume and resumable(old, fp, settings.shard):
+    ckpt = state.checkpoint_of(old) if settings.resume and resumable(old, fp, settings.shard) else None
+    if ckpt is not None:
         done = list(old["chunks_done"])
-        aggs = [SAEAggregate.load(Path(old["checkpoint"]) / f"{i}.npz") for i in inputs.ids]
+        aggs = [SAEAggregate.load(ckpt / f"{i}.npz") for i in inputs.ids]
+        state.clean(ckpt, aggs)
         log.info("resuming from %s: %d of %d chunks done", state.root, len(done), len(plan.mine))
     else:
-        if settings.resume and old:
-            log.warning("%s belongs to other inputs or settings; starting over", state.root)
+        if settings.resume:
+            log.warning("--resume: %s; starting from the first chunk", _why_not_resumable(state, old, fp, settings))
         shutil.rmtree(state.root, ignore_errors=True)
         done, aggs = [], [SAEAggregate(s.cfg["d_sae"], settings.aggregate_settings(models.plm.context_free_positions))
                        for s in models.saes]
@@ -193,10 +212,21 @@ def open_job(settings: BuildSettings, inputs: SAEInputs, models: Models, plan: C
         "saes": [{"sae_id": i, "dir": str(d), "cfg": c, "encode": "bf16-screen" if e is not None else "dense"}
                  for i, d, c, e in zip(inputs.ids, inputs.dirs, inputs.cfgs, models.encoders)],
         "corpus_problems": [problem_record(p) for p in problems], "started": t0,
-        "checkpoint": old.get("checkpoint") if done else None,
+        "checkpoint": str(ckpt) if ckpt is not None else None,
     }
     state.write(manifest)
+    faults.point("build:state-opened")
     return BuildJob(state, manifest, plan, list(inputs.ids), aggs, done)
+
+
+def _why_not_resumable(state: BuildState, old: dict | None, fp: dict, settings: BuildSettings) -> str:
+    if not state.root.exists():
+        return f"no build state at {state.root}"
+    if old is None:
+        return f"{state.root} holds no readable state.json (interrupted before its first write)"
+    if not resumable(old, fp, settings.shard):
+        return f"{state.root} belongs to other inputs, settings or shard, or an older plmscope"
+    return f"{state.root} has no checkpoint yet (interrupted before the first one)"
 
 
 def _store_sae_weights(state: BuildState, ids, saes) -> None:
@@ -206,5 +236,7 @@ def _store_sae_weights(state: BuildState, ids, saes) -> None:
     for i, s in zip(ids, saes):
         path = state.sae_dir(i) / "sae_weights.safetensors"
         path.parent.mkdir(exist_ok=True)
-        if not path.exists():
-            path.write_bytes(sae_weights_bytes(s))
+        if not path.exists():  # written whole or not at all: a resumed build trusts one that is there
+            tmp = atomic.temp_path(path)
+            tmp.write_bytes(sae_weights_bytes(s))
+            tmp.replace(path)

@@ -4,7 +4,10 @@
 the current checkpoint), ``chunk-<c>.json.gz`` per chunk (``chunks.write_chunk``),
 ``sae-<id>/`` with the SAE's weights and its spill parts, and ``ckpt-<n>/`` holding each SAE's
 aggregate after ``n`` chunks.  A checkpoint is written to a fresh directory and the manifest then
-points at it in one atomic rename, so an interruption leaves the previous checkpoint intact.
+points at it in one atomic rename, so an interruption leaves the previous checkpoint intact.  Every
+file in the state is written under a temporary name and renamed, so a process killed at any
+moment leaves whole files or temporary ones, which a resumed build removes (``BuildState.clean``)
+together with the checkpoint directories, chunk files and spill parts its checkpoint does not count.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import faults
 from ..errors import AtlasError
 from ..provenance import sha256_file
 from .aggregate import SAEAggregate
@@ -44,7 +48,37 @@ class BuildState:
     def write(self, manifest: dict) -> None:
         tmp = self.root / "state.json.tmp"
         tmp.write_text(json.dumps(manifest, indent=1, default=str))
+        faults.point("state:before-rename")
         tmp.replace(self.manifest_path)
+
+    def checkpoint_of(self, manifest: dict) -> Path | None:
+        """The checkpoint directory ``manifest`` points at; None when it has none (or it is gone).
+        A state moved to another machine finds its checkpoint by name under ``root``."""
+        name = manifest.get("checkpoint")
+        if not name:
+            return None
+        for ck in (Path(name), self.root / Path(name).name):
+            if ck.is_dir():
+                return ck
+        return None
+
+    def clean(self, ckpt: Path, aggs: list[SAEAggregate]) -> None:
+        """Remove what a killed build left that the checkpoint ``ckpt`` (with aggregates ``aggs``)
+        does not count: temporary files, other checkpoint directories, spill parts and chunk files
+        of chunks done after it (they are redone, under the same names)."""
+        keep = {(Path(p).parent.name, Path(p).name) for agg in aggs for p in agg.spills}
+        done = set(json.loads(self.manifest_path.read_text()).get("chunks_done", []))
+        for p in self.root.glob("ckpt-*"):
+            if p.name != ckpt.name:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob("sae-*/spill-*"):
+            if (p.parent.name, p.name) not in keep:
+                p.unlink(missing_ok=True)
+        for p in self.root.glob("chunk-*"):
+            if not p.name.endswith(".json.gz") or int(p.name[6:12]) not in done:
+                p.unlink(missing_ok=True)
+        for p in [*self.root.rglob("*.tmp"), *self.root.rglob("*.tmp-*"), *self.root.rglob("*.tmp.npz")]:
+            p.unlink(missing_ok=True)
 
     def ckpt_dir(self, n: int) -> Path:
         return self.root / f"ckpt-{n:06d}"
@@ -92,10 +126,12 @@ class BuildJob:
         ck.mkdir()
         for i, agg in zip(self.ids, self.aggs):
             agg.save(ck / f"{i}.npz")
+        faults.point("checkpoint:saved")
         previous = self.manifest.get("checkpoint")
         self.manifest["chunks_done"] = list(self.done)
         self.manifest["checkpoint"] = str(ck)
         self.state.write(self.manifest)
+        faults.point("checkpoint:switched")
         if previous and Path(previous) != ck:
             shutil.rmtree(previous, ignore_errors=True)
 
@@ -103,6 +139,17 @@ class BuildJob:
     def checkpointed(self) -> bool:
         """Whether every chunk done is in the last checkpoint."""
         return self.manifest["chunks_done"] == self.done
+
+
+def built_from(meta: dict, fingerprint: dict, sae_ids) -> bool:
+    """Whether the atlas with ``atlas_meta`` ``meta`` is (or holds, as the SAEs it added last)
+    the build of ``fingerprint`` with SAEs ``sae_ids``: a build killed after publishing."""
+    fp = json.loads(json.dumps(fingerprint, default=str))
+    inputs = meta.get("inputs") or {}
+    if "previous" in inputs and "added" in inputs:
+        inputs = inputs["added"]
+    settings = {k: v for k, v in (meta.get("build_settings") or {}).items() if k != "shards"}
+    return inputs == fp["inputs"] and settings == fp["settings"] and set(sae_ids) <= set(meta.get("_sae_ids", []))
 
 
 def resumable(old: dict | None, fingerprint: dict, shard: tuple[int, int]) -> bool:
@@ -132,7 +179,7 @@ def fingerprint(s: BuildSettings, sae_dirs: list[Path], plm_spec: str) -> dict:
 def load_states(roots: list[Path]) -> tuple[list[dict], dict[str, SAEAggregate]]:
     """The manifests of the states in ``roots`` and, per SAE id, their aggregates merged.  The
     states must be of the same inputs and settings, finished, and cover every chunk once."""
-    manifests = [_read_manifest(r) for r in roots]
+    manifests = [read_manifest(r) for r in roots]
     _check_shards(roots, manifests)
     aggs: dict[str, SAEAggregate] = {}
     for r, m in zip(roots, manifests):
@@ -148,7 +195,7 @@ def load_states(roots: list[Path]) -> tuple[list[dict], dict[str, SAEAggregate]]
     return manifests, aggs
 
 
-def _read_manifest(root: Path) -> dict:
+def read_manifest(root: Path) -> dict:
     try:
         manifest = json.loads((root / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -16,8 +16,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import duckdb
 import numpy as np
 
+from .. import faults
 from ..errors import AtlasError
 from .aggregate import SAEAggregate
 from .buildstate import BuildState, load_states
@@ -41,15 +43,34 @@ def write_atlas(roots: list[Path], out: Path, *, timings: dict | None = None,
     ``timings``: seconds per stage of the streaming pass; ``encode_stats``: per SAE id, the TopK
     screen's counters of this run (``TopKScreen.stats``)."""
     from ..store.reader import read_existing_meta
-    from ..store.writer import AtlasWriter
 
     manifests, aggs = load_states(roots)
     m0 = manifests[0]
     existing = read_existing_meta(out) if out.exists() else None
     if existing is not None:
         check_joinable(existing, out, m0["plm"], aggs)
+    try:
+        return _write(roots, out, manifests, aggs, existing, timings, encode_stats)
+    except OSError as exc:  # disk full (ENOSPC), a file size limit (EFBIG), a read-only directory ...
+        raise AtlasError(f"{out}: writing the atlas failed ({exc.strerror or exc}); {_kept(out, existing)}") from None
+    except (duckdb.IOException, duckdb.FatalException) as exc:  # DuckDB's own writes failing the same way
+        raise AtlasError(f"{out}: writing the atlas failed ({str(exc).splitlines()[0]}); "
+                         f"{_kept(out, existing)}") from None
+
+
+def _kept(out: Path, existing: dict | None) -> str:
+    old = f"the previous {out} is unchanged" if existing is not None else f"no {out} was written"
+    return (f"{old} and the build state is kept: free space (or raise the limit) and rerun "
+            "(`plmscope build ... --resume`, or the same `plmscope merge`)")
+
+
+def _write(roots, out, manifests, aggs, existing, timings, encode_stats) -> dict:
+    from ..store.writer import AtlasWriter
+
+    m0 = manifests[0]
     with AtlasWriter(out, add_to_existing=existing is not None) as w:
         stats, chunk_problems = _write_chunks(w, _chunk_files(roots, manifests), existing is not None)
+        faults.point("write:chunks")
         saes = {s["sae_id"]: _write_sae(w, roots, manifests, s, aggs[s["sae_id"]]) for s in m0["saes"]}
         for sid, stats_now in (encode_stats or {}).items():
             if stats_now and sid in saes:
@@ -140,8 +161,6 @@ def _write_sae(w, roots: list[Path], manifests: list[dict], entry: dict, agg: SA
 
 
 def _write_meta(w, manifests: list[dict], stats: dict, summary: dict, existing: dict | None) -> None:
-    import duckdb
-
     m0 = manifests[0]
     inputs = dict(m0["fingerprint"]["inputs"])
     atlas_id_src = {"fingerprint": m0["fingerprint"], "previous": existing.get("atlas_id") if existing else None}

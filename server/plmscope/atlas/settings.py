@@ -39,7 +39,7 @@ class BuildSettings:
     max_length: int | None = None
     limit: int | None = None
     chunk_size: int = 512
-    checkpoint_every: float = 300.0
+    checkpoint_every: float = 60.0  # a kill loses at most this + one chunk (docs/atlas.md)
     shard: tuple[int, int] = (0, 1)  # or "i/n"
 
     def __post_init__(self) -> None:

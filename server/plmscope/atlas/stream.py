@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import faults
 from ..plm.base import ProteinLM
 from .buildstate import BuildJob
 from .chunks import annotate_pfam, iter_chunks, label_spans, read_families, write_chunk
@@ -59,6 +60,7 @@ class StreamPass:
         with Pipeline(in_flight=self.s.pipeline) as pipeline, self._progress_bar(todo) as bar:
             for c, chunk in iter_chunks(self.s, self.models.plm.max_residues, set(todo)):
                 self._write_chunk(c, chunk)
+                faults.point("chunk:written")
                 self.stage.start_chunk(c, label_spans(chunk))
                 self._forward(chunk, layers, pipeline, bar)
                 self._end_chunk(c, pipeline, last=c == todo[-1])
@@ -117,11 +119,13 @@ class StreamPass:
         tw = time.perf_counter()
         self.stage.end_chunk()
         self.job.done.append(c)
+        self.timings["spill"] += time.perf_counter() - tw
         every = self.s.checkpoint_every
         if every <= 0 or time.time() - self.last_ckpt >= every or last:
+            tw = time.perf_counter()
             self.job.checkpoint()
             self.last_ckpt = time.time()
-        self.timings["spill+checkpoint"] += time.perf_counter() - tw
+            self.timings["checkpoint"] += time.perf_counter() - tw
         release_free_heap()
         if self.on_checkpoint is not None and self.job.checkpointed:
             self.on_checkpoint(len(self.job.done))

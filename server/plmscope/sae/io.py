@@ -15,9 +15,7 @@ A directory holds:
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save, save_file
 
+from .. import atomic
 from ..errors import SAEError
 from .model import SparseAutoencoder
 
@@ -72,15 +71,9 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path, sparsity: torch.Tens
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; an SAE is meant to be shared/served
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.remove_stale(path)
+    with atomic.writing(path) as tmp:
+        write(str(tmp))
 
 
 def update_cfg(directory: str | Path, key: str, value: Any) -> dict[str, Any]:

@@ -24,9 +24,9 @@ residues, so each ends exactly as if it had been trained alone (tests check it).
 The pLM's context-free positions (``ProteinLM.context_free_positions``: UniRep's residue 1) never
 enter the buffer.
 
-Checkpoints (``OUT/checkpoint/state.pt``, written to a temporary directory and renamed) hold every
-SAE and its optimiser, the shuffle buffer, the generator state, the stream position and the
-layer-mean sums, so ``--resume``
+Checkpoints (``OUT/checkpoint/state.pt``, written under a temporary name and renamed: a kill at any
+moment leaves the previous one or the new one) hold every SAE and its optimiser, the shuffle buffer,
+the generator state, the stream position and the layer-mean sums, so ``--resume``
 continues exactly where the checkpoint was taken: on CPU a resumed run ends bit-identical to an
 uninterrupted one (the pLM batch being consumed is recomputed with the same composition).
 """
@@ -36,9 +36,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, fields
@@ -48,6 +45,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from .. import atomic, faults
 from ..errors import SAEError
 from ..plm.base import ProteinLM, load_plm, resolve_device
 from ..provenance import sha256_file
@@ -192,27 +190,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---- checkpoints -------------------------------------------------------------------------------
 def save_checkpoint(out: Path, state: dict[str, Any]) -> None:
-    """Write DIR/checkpoint atomically: a temporary directory renamed into place."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write DIR/checkpoint/state.pt atomically (``atomic.writing``): a kill at any moment leaves
+    the previous checkpoint or the new one."""
     final = out / CHECKPOINT_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out))
-    try:
-        torch.save(state, tmp / CHECKPOINT_FILE)
-        old = None
-        if final.exists():
-            old = out / f".checkpoint.old.{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final.mkdir(parents=True, exist_ok=True)
+    path = final / CHECKPOINT_FILE
+    atomic.remove_stale(path)
+    with atomic.writing(path) as tmp:
+        torch.save(state, tmp)
+        faults.point("train:checkpoint-written")
 
 
 def load_checkpoint(out: Path) -> dict[str, Any]:
     path = out / CHECKPOINT_DIR / CHECKPOINT_FILE
+    if not path.is_file():
+        # an older plmscope swapped whole checkpoint directories; one killed between its two
+        # renames left the previous checkpoint only under this name
+        older = sorted(out.glob(f".{CHECKPOINT_DIR}.old.*/{CHECKPOINT_FILE}"))
+        path = older[-1] if older else path
     if not path.is_file():
         raise SAEError(f"{out}: --resume given but there is no checkpoint ({path} is missing)")
     try:

@@ -1,8 +1,10 @@
 """All SQL that writes an atlas.
 
 Publishing is atomic: everything is written to ``OUT.tmp-<pid>`` and moved over ``OUT`` with
-``os.replace`` only after the last row is in and the connection is closed, so a crash (or Ctrl-C)
-leaves any previous atlas untouched.  Adding to an existing atlas copies it to the temp file first.
+``atomic.publish`` (plain file mode, fsync, ``os.replace``, fsync of the directory) only after the
+last row is in and the connection is closed, so a crash (or Ctrl-C, or SIGKILL) leaves any previous
+atlas untouched; the temporary files of a killed writer are removed by the next one
+(``atomic.remove_stale``).  Adding to an existing atlas copies it to the temp file first.
 
 Bulk inserts go through DuckDB's replacement scan of a dict of numpy arrays (``con.register``):
 one ``INSERT ... SELECT`` per table chunk, columnar, no per-row Python round trips.
@@ -11,7 +13,6 @@ one ``INSERT ... SELECT`` per table chunk, columnar, no per-row Python round tri
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from .. import atomic, faults
 from . import schema
 # Reads of the atlas being added to are the reader's; build and merge find this one here.
 
@@ -45,14 +47,15 @@ class AtlasWriter:
 
     def __init__(self, out: str | Path, *, add_to_existing: bool = False) -> None:
         self.out = Path(out)
-        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{os.getpid()}")
+        self.tmp = atomic.temp_path(self.out)
         self.add_to_existing = add_to_existing and self.out.exists()
         self.con: duckdb.DuckDBPyConnection | None = None
         self._extra_memory = 0  # bytes above WRITER_MEMORY_LIMIT, for SAE weight blobs
 
     def __enter__(self) -> "AtlasWriter":
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.unlink(missing_ok=True)
+        atomic.remove_stale(self.out)
+        atomic.remove(self.tmp)
         if self.add_to_existing:
             shutil.copyfile(self.out, self.tmp)
         # DuckDB's buffer pool otherwise grows with the atlas (default limit: 80 % of RAM), which
@@ -66,7 +69,11 @@ class AtlasWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.publish()
+            try:
+                self.publish()
+            except BaseException:  # e.g. the disk filled up during the final CHECKPOINT
+                self.discard()
+                raise
         else:
             self.discard()
 
@@ -75,14 +82,17 @@ class AtlasWriter:
         self.con.execute("CHECKPOINT")  # flush the WAL into the file before it is renamed
         self.con.close()
         self.con = None
-        os.replace(self.tmp, self.out)
+        faults.point("write:closed")
+        atomic.publish(self.tmp, self.out)
 
     def discard(self) -> None:
         if self.con is not None:
-            self.con.close()
+            try:
+                self.con.close()
+            except duckdb.Error:  # a connection invalidated by a failed write: the file goes anyway
+                pass
             self.con = None
-        self.tmp.unlink(missing_ok=True)
-        Path(str(self.tmp) + ".wal").unlink(missing_ok=True)
+        atomic.remove(self.tmp)
 
     # ------------------------------------------------------------------ generic bulk insert
     def insert(self, table: str, columns: dict[str, Any]) -> int:
