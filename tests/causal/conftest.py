@@ -37,3 +37,6 @@ def unirep_pair(tmp_path_factory):
 def pair(request):
     torch.set_grad_enabled(False)
     return request.getfixturevalue("esm_pair" if request.param == "esm2" else "unirep_pair")
+
+
+from tests.analysis.conftest import mini_atlas  # noqa: E402,F401  (the analysis tests' real UniRep-64 atlas)

@@ -35,7 +35,7 @@ from ..store.reader import check_atlas, read_sae_weights, read_saes
 from ..store.schema import ANALYSIS_TABLES
 from ..store.writer import set_meta
 from ..vocab import AMINO_ACIDS
-from . import concepts, describe, family, patterns, probes, secondary
+from . import concepts, describe, family, output_effects, patterns, probes, secondary
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,13 @@ class AnalyzeSettings:
     seed: int = 0  # of every split and probe
     device: str = "auto"  # of the pLM + SAE recomputation
     token_budget: int = 8192  # residues per pLM batch
+    output_effect_examples: int = 3  # top examples per latent ablated for its output effect; 0 skips
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AnalyzeSettings:
         return cls(atlas=Path(args.atlas), saes=tuple(args.sae or ()), max_proteins=args.max_proteins,
-                   seed=args.seed, device=args.device, token_budget=args.token_budget)
+                   seed=args.seed, device=args.device, token_budget=args.token_budget,
+                   output_effect_examples=args.output_effect_examples)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every split and probe (default {d.seed})")
     p.add_argument("--device", default=d.device, help="device for the pLM + SAE recomputation: auto, cpu, cuda")
     p.add_argument("--token-budget", type=int, default=d.token_budget, help=f"residues per pLM batch (default {d.token_budget})")
+    p.add_argument("--output-effect-examples", type=int, default=d.output_effect_examples,
+                   help=f"top examples per latent on which it is ablated to measure its output effect "
+                        f"(default {d.output_effect_examples}; 0 skips)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +106,7 @@ def analyze_file(tmp: str, display: str, settings: AnalyzeSettings) -> list[dict
     """Analyse the atlas copy ``tmp`` (``display``: the atlas it copies, for messages)."""
     con = writes.open_for_writing(tmp, display)
     try:
+        writes.ensure_analysis_tables(con)
         check_atlas(con, display, required=reads.ANALYZE_INPUT_TABLES + ANALYSIS_TABLES)
         sae_rows = read_saes(con)
         unknown = set(settings.saes) - {s["sae_id"] for s in sae_rows}
@@ -239,15 +245,17 @@ def analyze_sae(con, sae: dict, corpus: Corpus, plms: dict, settings: AnalyzeSet
     cres, concept_summary = concept_associations(con, inputs, corpus, plms, settings, progress)
     with progress.step("probes", "probes", total=2 * len(probes.POOLINGS), unit="fit") as bar:
         probe_summary, fits = fit_probes(con, inputs, corpus, seed, bar)
+    effects, effect_summary = output_effects.compute(con, inputs, plms, settings, progress)
     res = SaeResults(family=fres, patterns=pattern, concepts=cres, probes=fits)
     with progress.step("descriptions", "write", total=inputs.d, unit="latent") as bar:
         columns = latent_analysis_columns(con, inputs, corpus, res, bar)
     with progress.step("write", "write"):
         write_results(con, inputs, res, columns)
+        output_effects.write(con, inputs.sae_id, effects)
     summary = {"sae_id": inputs.sae_id, "plm": sae["plm"], "layer": sae["layer"], "d_sae": inputs.d, "seed": seed,
                "homology": corpus.clustering.summary(),
                "family": family.summarize(fres, inputs.live), "patterns": pattern_counts(pattern),
-               "concepts": concept_summary, "probes": probe_summary,
+               "concepts": concept_summary, "probes": probe_summary, "output_effects": effect_summary,
                "timing_s": {k: round(v, 2) for k, v in progress.times.items()}}
     writes.write_summary(con, inputs.sae_id, summary)
     return summary

@@ -133,6 +133,19 @@ class Neighbour(BaseModel):
     description: Optional[str] = None
 
 
+class AAEffect(BaseModel):
+    aa: str
+    effect: float = Field(description="mean log p_clean(aa) - log p_ablated(aa), nats")
+
+
+class OutputEffect(BaseModel):
+    effect: list[float] = Field(description="20 values in ACDEFGHIKLMNPQRSTVWY order; > 0: the latent promotes the amino acid")
+    n_examples: int
+    n_positions: int = Field(description="read-out positions averaged over")
+    promotes: list[AAEffect]
+    suppresses: list[AAEffect]
+
+
 class LatentDetail(BaseModel):
     atlas_id: str
     sae_id: str
@@ -148,6 +161,8 @@ class LatentDetail(BaseModel):
     neighbours: list[Neighbour]
     analysis: Optional[dict[str, Any]] = Field(None, description="latent_analysis row, when analysed")
     concepts: list[dict[str, Any]] = Field(default_factory=list, description="latent_concepts rows")
+    output_effect: Optional[OutputEffect] = Field(
+        None, description="what ablating the latent on its top examples does to the model's output (plmscope analyze)")
 
 
 class ResidueMap(BaseModel):
