@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         64, ge=1, description="requests waiting for the model beyond which new ones get 503 + Retry-After"
     )
     scan_max_window: int = Field(
-        8, ge=1, description="most residues a live mutation scan mutates (19 variants each); larger scans: `plmscope scan`"
+        4, ge=1, description="most residues a live mutation scan mutates (19 variants each; scripts/bench_causal.py: 8 residues of a 300-residue protein take 9-15 s on one CPU core); larger scans: `plmscope scan`"
     )
     cache_size: int = Field(256, ge=0, description="inference results kept in the LRU cache (by sequence hash)")
     max_upload_bytes: int = Field(
