@@ -64,16 +64,18 @@ def test_scan_json_and_page(client, live):
     assert j["n_variants"] == 57 and j["positions"] == [4, 5, 6] and j["score_name"] == "masked_marginal_log_ratio"
     grid = np.array(j["grids"][0]["delta"])
     assert grid.shape == (20, 3) and np.abs(grid).max() > 0
+    cut = client.get("/scan.json", params={"seq": SEQ, "latents": str(latents[0]), "start": 2, "end": 30}).json()
+    assert cut["positions"] == [2, 3, 4, 5] and "plmscope scan" in cut["note"]
     html = client.get("/scan", params={"seq": SEQ, "latents": str(latents[0]), "start": 4, "end": 6}).text
     assert f'id="scan-{latents[0]}"' in html and 'id="scan-score"' in html
 
 
 @pytest.mark.parametrize("path, params, status, fragment", [
     ("/perturb.json", {"seq": SEQ, "latents": "99999"}, 404, "no latent 99999"),
-    ("/perturb.json", {"seq": SEQ}, 422, "at least one latent"),
+    ("/perturb.json", {"seq": SEQ, "latents": ","}, 422, "name 1 to"),
     ("/perturb.json", {"seq": SEQ, "latents": "1", "mode": "steer", "value": 9}, 422, "outside 0..5"),
-    ("/perturb.json", {"seq": SEQ, "latents": "1", "start": 50}, 422, "beyond the sequence"),
-    ("/scan.json", {"seq": SEQ, "latents": "1", "start": 1, "end": 30}, 422, "plmscope scan"),
+    ("/perturb.json", {"seq": SEQ, "latents": "1", "start": 50}, 404, "select no residue"),
+    ("/scan.json", {"seq": SEQ, "latents": "1", "start": 9, "end": 3}, 404, "select no residue"),
 ])
 def test_bad_requests_say_what(client, path, params, status, fragment):
     r = client.get(path, params=params)

@@ -372,3 +372,4 @@ class ScanResponse(BaseModel):
     grids: list[ScanGrid]
     score_name: Optional[str] = Field(None, description="masked_marginal_log_ratio (ESM-2) or delta_log_likelihood (UniRep)")
     score: Optional[list[list[float]]] = Field(None, description="20 x scanned residues: the model's variant score")
+    note: Optional[str] = Field(None, description="set when the window asked for was cut to the server's limit")

@@ -24,7 +24,24 @@ from ...vocab import AMINO_ACIDS
 from .. import api_models as M
 from ..deps import Engine, LiveEngine, Reader, latent_or_404, sae_or_404, unavailable_message
 from ..inference import InferenceService, SequenceTooLong, parse_sequence_input
-from ..inputs import SEQUENCE_HELP, LatentListText, parse_latent_list, sequence_type
+import re
+
+from pydantic import AfterValidator, Field
+
+from ..inputs import MAX_LATENTS, SEQUENCE_HELP, LatentListText, parse_latent_list, sequence_type
+
+# The JSON routes need at least one latent: the same list as LatentListText, not empty.
+SOME_LATENTS_PATTERN = rf"^[ ,]*[0-9]+(?:[ ,]+[0-9]+){{0,{MAX_LATENTS - 1}}}[ ,]*$"
+
+
+def _some_latents(text: str) -> str:
+    if re.fullmatch(SOME_LATENTS_PATTERN, text) is None:
+        raise ValueError(f"name 1 to {MAX_LATENTS} latents, comma-separated, e.g. 12,345")
+    return text
+
+
+SomeLatents = Annotated[str, Field(max_length=400, json_schema_extra={"pattern": SOME_LATENTS_PATTERN}),
+                        AfterValidator(_some_latents)]
 from .common import json_doc, page_doc, pick_format
 from .infer import client_key
 
@@ -46,6 +63,13 @@ async def _prepare(request: Request, engine: InferenceService, reader: AtlasRead
     return seq, s
 
 
+def _check_range(start: Optional[int], end: Optional[int], length: int) -> None:
+    """404 for a residue range that selects no residue: the schema cannot know the sequence's length."""
+    first, last = start or 1, min(end or length, length)
+    if first > last:
+        raise HTTPException(404, f"residues {first}..{end or length} select no residue of this {length}-residue sequence")
+
+
 async def perturb(request: Request, engine: InferenceService, reader: AtlasReader, text: str, sae: Optional[str],
                   latents: list[int], mode: str, value: float, start: Optional[int], end: Optional[int],
                   masked: bool) -> M.PerturbResponse:
@@ -53,6 +77,7 @@ async def perturb(request: Request, engine: InferenceService, reader: AtlasReade
     if masked and len(seq) > MASKED_MAX_RESIDUES:
         raise InputError(f"masked marginals run two passes per residue; live, at most {MASKED_MAX_RESIDUES} residues "
                          f"(this sequence has {len(seq)})")
+    _check_range(start, end, len(seq))
     briefs = await run_in_threadpool(reader.latent_briefs, s["sae_id"], latents)
     corpus_max = {lat: float(briefs[lat]["max_act"]) for lat in latents if briefs.get(lat, {}).get("max_act")}
     iv = Intervention(tuple(Edit(lat, mode, value if mode != "ablate" else 0.0) for lat in latents), start, end, corpus_max)
@@ -76,13 +101,14 @@ async def perturb(request: Request, engine: InferenceService, reader: AtlasReade
 async def scan_view(request: Request, engine: InferenceService, reader: AtlasReader, settings: Settings, text: str,
                     sae: Optional[str], latents: list[int], start: Optional[int], end: Optional[int]) -> M.ScanResponse:
     seq, s = await _prepare(request, engine, reader, text, sae, latents)
+    _check_range(start, end, len(seq))
     first = start or 1
     last = min(end or first + settings.scan_max_window - 1, len(seq))
-    if first > len(seq):
-        raise InputError(f"scan start {first} is beyond the sequence's {len(seq)} residues")
+    note = None
     if last - first + 1 > settings.scan_max_window:
-        raise InputError(f"a live scan mutates at most {settings.scan_max_window} residues (asked {first}..{last}); "
-                         f"scan whole proteins offline with `plmscope scan`")
+        note = (f"a live scan mutates at most {settings.scan_max_window} residues: residues {first}.."
+                f"{first + settings.scan_max_window - 1} of the {first}..{last} asked; scan whole proteins with `plmscope scan`")
+        last = first + settings.scan_max_window - 1
     engine.check_rate(client_key(request))
     model = engine.models[s["sae_id"]]
     res = await engine.run_job(scan, model.plm, model.sae, seq, latents, ScanSettings(start=first, end=last))
@@ -96,7 +122,7 @@ async def scan_view(request: Request, engine: InferenceService, reader: AtlasRea
     return M.ScanResponse(
         atlas_id=reader.atlas_id, sae_id=s["sae_id"], sequence=seq, length=len(seq), start=first, end=last,
         positions=positions, amino_acids=AMINO_ACIDS, n_variants=res.n_variants, grids=grids, score_name=res.score_name,
-        score=None if score is None else [[round(float(v), 5) for v in row] for row in score],
+        score=None if score is None else [[round(float(v), 5) for v in row] for row in score], note=note,
     )
 
 
@@ -111,6 +137,7 @@ def make_router(settings: Settings) -> APIRouter:
     seq_help = f"{SEQUENCE_HELP}; at most {settings.max_residues} residues"
     SAEQuery = Annotated[Optional[str], Query(description="SAE (default: the atlas's first)")]
     Latents = Annotated[Optional[LatentListText], Query(description="latents to act on, comma-separated")]
+    RequiredLatents = Annotated[SomeLatents, Query(description="latents to act on, comma-separated (at least one)")]
     Mode = Annotated[Literal["ablate", "clamp", "steer"], Query(description="ablate (set to 0), clamp (set to value) or "
                                                                "steer (set to value x the latent's corpus maximum)")]
     Value = Annotated[float, Query(ge=0, le=1000, description="clamp: activation; steer: multiple of the corpus maximum (0-5)")]
@@ -119,7 +146,7 @@ def make_router(settings: Settings) -> APIRouter:
     Masked = Annotated[bool, Query(description="ESM-2: masked marginals (two passes per residue) instead of wild-type")]
 
     async def perturb_json(request: Request, reader: Reader, engine: LiveEngine,
-                           seq: Annotated[Sequence, Query(description=seq_help)], latents: Latents = None,
+                           seq: Annotated[Sequence, Query(description=seq_help)], latents: RequiredLatents,
                            sae: SAEQuery = None, mode: Mode = "ablate", value: Value = 0.0, start: Start = None,
                            end: End = None, masked: Masked = False):
         m = await perturb(request, engine, reader, seq, sae, parse_latent_list(latents), mode, value, start, end, masked)
@@ -154,7 +181,7 @@ def make_router(settings: Settings) -> APIRouter:
                                        status_code=status)
 
     async def scan_json(request: Request, reader: Reader, engine: LiveEngine,
-                        seq: Annotated[Sequence, Query(description=seq_help)], latents: Latents = None,
+                        seq: Annotated[Sequence, Query(description=seq_help)], latents: RequiredLatents,
                         sae: SAEQuery = None, start: Start = None, end: End = None):
         m = await scan_view(request, engine, reader, settings, seq, sae, parse_latent_list(latents), start, end)
         return JSONResponse(m.model_dump(mode="json"))
