@@ -29,7 +29,7 @@ from .intervene import Edit, Intervention, make_splice
 @dataclass(frozen=True)
 class OutputEffectSettings:
     examples: int = 3  # top examples per latent
-    max_residues: int = 400  # longest window of an example
+    max_residues: int = 256  # longest window of an example
     token_budget: int = 8192
 
 
