@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("plmscope.atlas.build", "precompute an atlas (DuckDB) from a corpus and SAEs"),
     "merge": ("plmscope.atlas.merge", "merge shard states of an atlas build into one atlas"),
     "analyze": ("plmscope.analysis.run", "family specificity, patterns, concepts, probes, descriptions"),
+    "scan": ("plmscope.causal.scan_command", "in-silico saturation mutagenesis of SAE latents (CSV/Parquet)"),
     "serve": ("plmscope.web.serve", "serve an atlas in the browser with live inference"),
     "view": ("plmscope.web.view", "write a standalone HTML 3D view of a latent on a structure"),
     "demo": ("plmscope.demo", "build the offline UniRep demo atlas and serve it"),

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     infer_queue_size: int = Field(
         64, ge=1, description="requests waiting for the model beyond which new ones get 503 + Retry-After"
     )
+    scan_max_window: int = Field(
+        4, ge=1, description="most residues a live mutation scan mutates (19 variants each; scripts/bench_causal.py: 8 residues of a 300-residue protein take 9-15 s on one CPU core); larger scans: `plmscope scan`"
+    )
     cache_size: int = Field(256, ge=0, description="inference results kept in the LRU cache (by sequence hash)")
     max_upload_bytes: int = Field(
         5 * 1024 * 1024, ge=1024, description="largest PDB/mmCIF upload accepted on /infer, in bytes"

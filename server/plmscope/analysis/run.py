@@ -35,7 +35,7 @@ from ..store.reader import check_atlas, read_sae_weights, read_saes
 from ..store.schema import ANALYSIS_TABLES
 from ..store.writer import set_meta
 from ..vocab import AMINO_ACIDS
-from . import concepts, describe, family, findings, patterns, probes, secondary
+from . import concepts, describe, family, findings, output_effects, patterns, probes, secondary
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,14 @@ class AnalyzeSettings:
     device: str = "auto"  # of the pLM + SAE recomputation
     token_budget: int = 8192  # residues per pLM batch
     sweep: Path | None = None  # SAE settings sweep JSON for the dictionary-size finding; None or missing: not recorded
+    output_effect_examples: int = 1  # top examples per latent ablated for its output effect; 0 skips (demo: 3 took 308 s of 379)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AnalyzeSettings:
         return cls(atlas=Path(args.atlas), saes=tuple(args.sae or ()), max_proteins=args.max_proteins,
                    seed=args.seed, device=args.device, token_budget=args.token_budget,
-                   sweep=Path(args.sweep) if args.sweep else None)
+                   sweep=Path(args.sweep) if args.sweep else None,
+                   output_effect_examples=args.output_effect_examples)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", help="JSON list of SAE-settings sweep rows (layer, d_sae, k, explained_variance, "
                    "splice_delta_nats, dead_fraction, associated_concepts) for the dictionary-size finding; "
                    "a path with no file there records 'no sweep'")
+    p.add_argument("--output-effect-examples", type=int, default=d.output_effect_examples,
+                   help=f"top examples per latent on which it is ablated to measure its output effect "
+                        f"(default {d.output_effect_examples}; 0 skips)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,8 +108,8 @@ def analyze_file(tmp: str, display: str, settings: AnalyzeSettings) -> list[dict
     """Analyse the atlas copy ``tmp`` (``display``: the atlas it copies, for messages)."""
     con = writes.open_for_writing(tmp, display)
     try:
+        writes.ensure_analysis_tables(con)
         check_atlas(con, display, required=reads.ANALYZE_INPUT_TABLES + ANALYSIS_TABLES)
-        writes.ensure_later_tables(con)
         sae_rows = read_saes(con)
         unknown = set(settings.saes) - {s["sae_id"] for s in sae_rows}
         if unknown:
@@ -272,17 +277,19 @@ def analyze_sae(con, sae: dict, corpus: Corpus, plms: "ActivationCache", setting
         sources = concept_inventory(corpus, settings, cres, inputs.live)
     with progress.step("probes", "probes", total=2 * len(probes.POOLINGS), unit="fit") as bar:
         probe_summary, fits = fit_probes(con, inputs, corpus, seed, bar)
+    effects, effect_summary = output_effects.compute(con, inputs, plms.plms, settings, progress)
     res = SaeResults(family=fres, patterns=pattern, concepts=cres, probes=fits)
     with progress.step("descriptions", "write", total=inputs.d, unit="latent") as bar:
         columns = latent_analysis_columns(con, inputs, corpus, res, bar)
     with progress.step("write", "write"):
         write_results(con, inputs, res, columns)
         writes.write_concept_sources(con, inputs.sae_id, sources)
+        output_effects.write(con, inputs.sae_id, effects)
     summary = {"sae_id": inputs.sae_id, "plm": sae["plm"], "layer": sae["layer"], "d_sae": inputs.d, "seed": seed,
                "homology": corpus.clustering.summary(),
                "family": family.summarize(fres, inputs.live), "patterns": pattern_counts(pattern),
                "concepts": {**concept_summary, "secondary_structure": corpus.secondary_note},
-               "probes": probe_summary,
+               "probes": probe_summary, "output_effects": effect_summary,
                "timing_s": {k: round(v, 2) for k, v in progress.times.items()}}
     writes.write_summary(con, inputs.sae_id, summary)
     return summary
@@ -326,6 +333,7 @@ class ActivationCache:
         self.saes = saes
         self.acts: dict[str, sparse.csr_matrix] = {}
         self.context_free: dict[str, int] = {}
+        self.plms: dict[str, object] = {}  # loaded pLMs by name, shared with the other steps
 
     def get(self, con, sae_id: str, corpus: Corpus, chosen: np.ndarray, settings: AnalyzeSettings,
             progress: Progress) -> tuple[sparse.csr_matrix, int]:
@@ -334,10 +342,12 @@ class ActivationCache:
         if sae_id not in self.acts:
             plm_name = next(s["plm"] for s in self.saes if s["sae_id"] == sae_id)
             group = [s for s in self.saes if s["plm"] == plm_name]
-            with progress.step("concepts: load pLM", "concepts"):
-                from ..plm import load_plm
+            plm = self.plms.get(plm_name)
+            if plm is None:
+                with progress.step("concepts: load pLM", "concepts"):
+                    from ..plm import load_plm
 
-                plm = load_plm(plm_name, device=settings.device)
+                    plm = self.plms[plm_name] = load_plm(plm_name, device=settings.device)
             ids = [str(corpus.accessions[i]) for i in chosen]
             seqs = [corpus.sequences[i][: corpus.lengths[i]] for i in chosen]
             weights = [read_sae_weights(con, s["sae_id"], settings.atlas) for s in group]

@@ -56,6 +56,20 @@ class LossResult:
         return self.total / max(self.n_tokens, 1)
 
 
+@dataclass
+class SpliceOutput:
+    """One sequence's result of ``ProteinLM.splice_forward``.
+
+    ``logprobs`` (n, n_classes): log-softmax of the model's own head; row ``i-1`` is the model's
+    prediction for residue ``i`` (ESM-2: at residue ``i``'s token; UniRep: from the state before
+    residue ``i``), classes as ``target_class``.  ``layer`` (n, d): the layer's residue rows as the
+    remaining layers received them (after the splice), or None when not asked for.
+    """
+
+    logprobs: torch.Tensor
+    layer: torch.Tensor | None = None
+
+
 class ProteinLM(ABC):
     """A pLM that can produce per-residue representations at a chosen layer."""
 
@@ -100,6 +114,26 @@ class ProteinLM(ABC):
     def target_class(self, residue: str) -> int:
         """The output class ``lm_loss`` scores the residue letter ``residue`` as (letters the model
         does not tell apart share a class)."""
+
+    def splice_forward(
+        self,
+        seqs: Sequence[str],
+        layer: int,
+        splice: Splice | None = None,
+        *,
+        masked: Sequence[Sequence[int]] | None = None,
+        return_layer: bool = False,
+    ) -> list[SpliceOutput]:
+        """One batch through every layer and the head, with ``splice`` replacing layer ``layer``'s
+        residue rows (all sequences' rows concatenated in input order, as ``lm_loss``'s splice).
+        ``masked``: per sequence, 0-based residues to replace by the mask token (ESM-2 only)."""
+        raise ModelError(f"{self.name}: this model cannot run a spliced forward pass")
+
+    def check_length(self, seqs: Sequence[str]) -> None:
+        """ModelError naming the first sequence longer than the model accepts (no silent truncation)."""
+        for i, s in enumerate(seqs):
+            if self.max_residues is not None and len(s) > self.max_residues:
+                raise ModelError(f"{self.name}: sequence {i + 1} has {len(s)} residues; the model accepts at most {self.max_residues}")
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer <= self.num_layers:

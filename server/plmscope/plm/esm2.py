@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import LossResult, ProteinLM, Splice, resolve_device, splice_residue_rows, token_batches
+from .base import LossResult, ProteinLM, Splice, SpliceOutput, resolve_device, splice_residue_rows, token_batches
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +396,35 @@ class ESM2(ProteinLM):
             for b, i in enumerate(idx):
                 per_seq[i], per_count[i] = ce[b].sum().item(), len(masks[i])
         return LossResult(total, count, per_seq, per_count)
+
+    @torch.no_grad()
+    def splice_forward(self, seqs: Sequence[str], layer: int, splice: Splice | None = None, *,
+                       masked: Sequence[Sequence[int]] | None = None, return_layer: bool = False) -> list[SpliceOutput]:
+        """See ``ProteinLM.splice_forward``; the same layer path as ``lm_loss``, one batch, no masking
+        unless ``masked`` names residues."""
+        self.check_layer(layer)
+        self.check_length(seqs)
+        if not seqs:
+            return []
+        tokens = self._tokens(seqs)
+        lengths = [len(s) for s in seqs]
+        for b, pos in enumerate(masked or []):
+            if len(pos):
+                idx = torch.as_tensor(list(pos), dtype=torch.long)
+                if int(idx.min()) < 0 or int(idx.max()) >= lengths[b]:
+                    raise ModelError(f"{self.name}: masked residues of sequence {b + 1} must lie in 0..{lengths[b] - 1}")
+                tokens[b, idx.to(self.device) + 1] = self.alphabet.mask_idx
+        with self._autocast():
+            x, padding_mask = self._embed(tokens)
+            x = self._layers(x, padding_mask, 0, layer)
+            if splice is not None:
+                x = splice_residue_rows(x, lengths, splice)
+            rep = x.float() if return_layer else None
+            x = self._layers(x, padding_mask, layer, self.num_layers)
+            logits = self.model.lm_head(x)
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        return [SpliceOutput(lp[b, 1 : n + 1].cpu(), rep[b, 1 : n + 1].cpu() if rep is not None else None)
+                for b, n in enumerate(lengths)]
 
     def scored_residues(self, seqs: Sequence[str], *, seed: int = 0, mask_prob: float = 0.15) -> list[str]:
         """The masked residues of ``lm_loss`` with the same ``seed`` and ``mask_prob``."""

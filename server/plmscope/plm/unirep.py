@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import LossResult, ProteinLM, Splice, resolve_device, splice_residue_rows, token_batches
+from .base import LossResult, ProteinLM, Splice, SpliceOutput, resolve_device, splice_residue_rows, token_batches
 
 SIZES = {"unirep-64": 64, "unirep-256": 256, "unirep-1900": 1900}
 START = 24
@@ -231,6 +231,31 @@ class UniRep(ProteinLM):
             for b, (i, s) in enumerate(batch):
                 per_seq[int(i)], per_count[int(i)] = ce[b].sum().item(), len(s)
         return LossResult(total, count, per_seq, per_count)
+
+    @torch.no_grad()
+    def splice_forward(self, seqs: Sequence[str], layer: int, splice: Splice | None = None, *,
+                       masked: Sequence[Sequence[int]] | None = None, return_layer: bool = False) -> list[SpliceOutput]:
+        """See ``ProteinLM.splice_forward``: next-amino-acid log-probabilities, row ``i-1`` from the
+        state before residue ``i`` (so a splice at residue ``i`` first shows at residue ``i+1``)."""
+        self.check_layer(layer)
+        if masked is not None and any(len(m) for m in masked):
+            raise ModelError(f"{self.name}: UniRep reads left to right and has no mask token; masked marginals are ESM-2 only")
+        if not seqs:
+            return []
+        lengths = [len(s) for s in seqs]
+        tokens, valid = self._encode(seqs)
+        x = self.embedding[tokens]
+        rep = None
+        for i in range(self.num_layers + 1):
+            if i > 0:
+                x = self.layers[i - 1](x, valid)
+            if i == layer:
+                if splice is not None:
+                    x = splice_residue_rows(x, lengths, splice)
+                rep = x if return_layer else None
+        lp = torch.log_softmax(x @ self.dense_w + self.dense_b, dim=-1)
+        return [SpliceOutput(lp[b, :n].cpu(), rep[b, 1 : n + 1].float().cpu() if rep is not None else None)
+                for b, n in enumerate(lengths)]
 
     def scored_residues(self, seqs: Sequence[str], *, seed: int = 0, mask_prob: float = 0.15) -> list[str]:
         return list(seqs)  # every residue is predicted from the state before it

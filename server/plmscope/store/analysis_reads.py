@@ -374,6 +374,39 @@ def top_examples(con, sae_id: str, per_latent: int) -> list[tuple[int, bytes]]:
     return [(int(lat), bytes(blob)) for lat, blob in rows]
 
 
+def top_example_proteins(con, sae_id: str, per_latent: int) -> list[tuple[int, str, str, bytes]]:
+    """(latent, accession, sequence, uint8 activations) of each latent's strongest ``per_latent`` examples."""
+    rows = con.execute(
+        "SELECT e.latent, e.accession, p.sequence, e.activations FROM latent_examples e "
+        "JOIN proteins p ON p.accession = e.accession "
+        "WHERE e.sae_id = ? AND e.kind = 'top' AND e.rank < ? ORDER BY e.latent, e.rank",
+        [sae_id, per_latent],
+    ).fetchall()
+    return [(int(lat), acc, seq, bytes(blob)) for lat, acc, seq, blob in rows]
+
+
+def associated_pairs(con, sae_id: str) -> list[tuple[int, str, float]]:
+    """(latent, concept, test F1) of every associated latent-concept pair."""
+    rows = con.execute("SELECT latent, concept, test_f1 FROM latent_concepts WHERE sae_id = ? AND associated "
+                       "ORDER BY test_f1 DESC", [sae_id]).fetchall()
+    return [(int(a), str(b), float(c)) for a, b, c in rows]
+
+
+def latent_densities(con, sae_id: str) -> dict[int, float]:
+    """Each latent's share of corpus residues it is active on (``latents.frac_residues``)."""
+    return {int(a): float(b) for a, b in con.execute(
+        "SELECT latent, frac_residues FROM latents WHERE sae_id = ?", [sae_id]).fetchall()}
+
+
+def latent_output_effect(con, sae_id: str, latent: int) -> dict | None:
+    """The latent's output-effect row (``effect``: 20 values in AMINO_ACIDS order), or None."""
+    row = con.execute("SELECT effect, n_examples, n_positions FROM latent_output_effects WHERE sae_id = ? AND latent = ?",
+                      [sae_id, latent]).fetchone()
+    if row is None:
+        return None
+    return {"effect": [float(v) for v in row[0]], "n_examples": int(row[1]), "n_positions": int(row[2])}
+
+
 def structures_for_secondary(con) -> list[dict]:
     """Best structure per protein (highest coverage, then identity) with its residue map."""
     rows = query_rows(

@@ -22,12 +22,21 @@ def open_for_writing(path: str | Path, display: str | Path):
     return connect(path, read_only=False, display=display)
 
 
-def ensure_later_tables(con) -> None:
-    """Create the analysis tables added since the atlas was built (``LATER_ANALYSIS_TABLES``)."""
+def ensure_analysis_tables(con) -> None:
+    """Create the analysis tables an atlas built before they existed lacks (they start empty)."""
     have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    for table in LATER_ANALYSIS_TABLES:
+    for table in ANALYSIS_TABLES + LATER_ANALYSIS_TABLES:
         if table not in have:
             con.execute(TABLES[table])
+
+
+def write_output_effects(con, sae_id: str, latents, effect, n_examples, n_positions) -> None:
+    """``causal.output_effect.OutputEffects`` rows: one per latent, its 20 effects as a list."""
+    con.executemany(
+        "INSERT INTO latent_output_effects VALUES (?, ?, ?, ?, ?)",
+        [[sae_id, int(lat), [float(v) for v in eff], int(ne), int(npos)]
+         for lat, eff, ne, npos in zip(latents, effect, n_examples, n_positions)],
+    )
 
 
 def clear_analysis(con, sae_id: str) -> None:

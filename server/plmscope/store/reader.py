@@ -412,6 +412,7 @@ class AtlasReader:
 
         concepts = [asdict(c) for c in latent_concepts(self._cur(), sae_id, latent)]
         return {
+            "output_effect": self._output_effect(sae_id, latent),
             "sae_id": sae_id,
             "latent": latent,
             "d_sae": sae["d_sae"],
@@ -426,6 +427,20 @@ class AtlasReader:
             "analysis": analysis,
             "concepts": concepts,
         }
+
+    def _output_effect(self, sae_id: str, latent: int) -> dict | None:
+        """Its output effect (``causal.output_effect``) with the amino acids it promotes and
+        suppresses, or None (not analysed, or an atlas from before the table existed)."""
+        if "latent_output_effects" not in self._tables:
+            return None
+        from ..causal.output_effect import promoted
+        from .analysis_reads import latent_output_effect
+
+        row = latent_output_effect(self._cur(), sae_id, latent)
+        if row is None:
+            return None
+        row["promotes"], row["suppresses"] = promoted(row["effect"])
+        return row
 
     # ---- proteins ----
     def protein(self, accession: str) -> dict | None:

@@ -224,6 +224,15 @@ TABLES: dict[str, str] = {
             description VARCHAR NOT NULL,      -- automatic, every claim with its number
             PRIMARY KEY (sae_id, latent)
         )""",
+    "latent_output_effects": """
+        CREATE TABLE latent_output_effects (
+            sae_id VARCHAR NOT NULL,           -- causal/output_effect.py: ablating the latent on its top
+            latent INTEGER NOT NULL,           -- examples, mean log p_clean(a) - log p_ablated(a) where it reads out
+            effect DOUBLE[] NOT NULL,          -- 20 values, vocab.AMINO_ACIDS order; > 0: the latent promotes a
+            n_examples INTEGER NOT NULL,
+            n_positions INTEGER NOT NULL,      -- read-out positions averaged over
+            PRIMARY KEY (sae_id, latent)
+        )""",
     "latent_concepts": """
         CREATE TABLE latent_concepts (
             sae_id VARCHAR NOT NULL,           -- the reported pairs: each latent's best by validation F1, and
@@ -337,7 +346,7 @@ TABLES: dict[str, str] = {
 
 # Written by `plmscope analyze`, per SAE; empty in a freshly built atlas.
 ANALYSIS_TABLES = ("latent_analysis", "latent_concepts", "probe_results", "probe_comparisons", "probe_latents",
-                   "analysis_summary")
+                   "analysis_summary", "latent_output_effects")
 # Added after schema 2 was published: analyze creates them in an atlas that lacks them, and the
 # page shows what they hold when they are there.
 LATER_ANALYSIS_TABLES = ("concept_sources", "findings", "finding_values")

@@ -133,6 +133,19 @@ class Neighbour(BaseModel):
     description: Optional[str] = None
 
 
+class AAEffect(BaseModel):
+    aa: str
+    effect: float = Field(description="mean log p_clean(aa) - log p_ablated(aa), nats")
+
+
+class OutputEffect(BaseModel):
+    effect: list[float] = Field(description="20 values in ACDEFGHIKLMNPQRSTVWY order; > 0: the latent promotes the amino acid")
+    n_examples: int
+    n_positions: int = Field(description="read-out positions averaged over")
+    promotes: list[AAEffect]
+    suppresses: list[AAEffect]
+
+
 class LatentDetail(BaseModel):
     atlas_id: str
     sae_id: str
@@ -148,6 +161,8 @@ class LatentDetail(BaseModel):
     neighbours: list[Neighbour]
     analysis: Optional[dict[str, Any]] = Field(None, description="latent_analysis row, when analysed")
     concepts: list[dict[str, Any]] = Field(default_factory=list, description="latent_concepts rows")
+    output_effect: Optional[OutputEffect] = Field(
+        None, description="what ablating the latent on its top examples does to the model's output (plmscope analyze)")
 
 
 class ResidueMap(BaseModel):
@@ -349,3 +364,60 @@ class AnalysisDoc(BaseModel):
     atlas_id: str
     findings: list[FindingModel]
     saes: list[dict[str, Any]]
+
+
+class PerturbEdit(BaseModel):
+    latent: int
+    mode: str = Field(description="ablate | clamp | steer")
+    value: float = Field(description="clamp: the activation; steer: multiple of the corpus maximum; ablate: 0")
+    target: float = Field(description="the activation the latent is set to on the edited residues")
+    corpus_max: Optional[float] = Field(None, description="the latent's maximum over the atlas corpus")
+
+
+class ChangedResidue(BaseModel):
+    position: int
+    residue: str
+    clean_top: str
+    steered_top: str
+
+
+class PerturbResponse(BaseModel):
+    atlas_id: str
+    sae_id: str
+    sequence: str
+    length: int
+    start: int = Field(description="first edited residue (1-based)")
+    end: int = Field(description="last edited residue (inclusive)")
+    edits: list[PerturbEdit]
+    marginals: str = Field(description="wild-type, masked (ESM-2) or next-amino-acid (UniRep)")
+    total_delta_loss: float = Field(description="change of the summed loss over the residues, nats (> 0: worse)")
+    mean_delta_loss: float
+    delta_logprob: list[float] = Field(description="per residue, change of log p(the residue there)")
+    amino_acids: str = Field(description="row order of delta_aa")
+    delta_aa: list[list[float]] = Field(description="20 rows (amino_acids) x residues: change of log p(a)")
+    clean_top: str = Field(description="most likely amino acid per residue without the intervention")
+    steered_sequence: str = Field(description="most likely amino acid per residue with it")
+    changed_residues: list[ChangedResidue]
+
+
+class ScanGrid(BaseModel):
+    latent: int
+    wild_type: list[float] = Field(description="the latent's wild-type activation at each scanned residue")
+    delta: list[list[float]] = Field(description="20 rows (amino_acids) x scanned residues: activation at the "
+                                     "mutated residue minus the wild type's (0 on the wild type's own cell)")
+
+
+class ScanResponse(BaseModel):
+    atlas_id: str
+    sae_id: str
+    sequence: str
+    length: int
+    start: int
+    end: int
+    positions: list[int]
+    amino_acids: str
+    n_variants: int
+    grids: list[ScanGrid]
+    score_name: Optional[str] = Field(None, description="masked_marginal_log_ratio (ESM-2) or delta_log_likelihood (UniRep)")
+    score: Optional[list[list[float]]] = Field(None, description="20 x scanned residues: the model's variant score")
+    note: Optional[str] = Field(None, description="set when the window asked for was cut to the server's limit")

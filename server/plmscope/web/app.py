@@ -76,12 +76,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     web_errors.install(app)
     app.mount("/static", StaticFiles(directory=settings.frontend_dir / "static"), name="static")
 
-    from .routes import analysis, api, health, infer, pages
+    from .routes import analysis, api, health, infer, pages, perturb
     from .routes.common import COMMON_ERRORS, errors
 
     app.include_router(health.router)
     app.include_router(api.make_router(settings))
     app.include_router(infer.make_router(settings))
+    app.include_router(perturb.make_router(settings))
     app.include_router(analysis.router, responses=errors(*COMMON_ERRORS))
     app.include_router(pages.router)
     _register_error_body(app)

@@ -243,6 +243,19 @@ class InferenceService:
                 self._cache.popitem(last=False)
         return result, False
 
+    async def run_job(self, fn, *args):
+        """``fn(*args)`` on the model's worker thread (so it never runs beside a batch), behind the
+        same queue limit as inference: QueueFull (503 + Retry-After) when that many are waiting.
+        The caller checks the client's rate first, as for inference."""
+        if self._pending >= self.settings.infer_queue_size:
+            waves = math.ceil(self._pending / self.settings.infer_batch_size)
+            raise QueueFull(max(1, math.ceil(waves * self._batch_seconds)))
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._pending -= 1
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         wait = self.settings.infer_max_wait_ms / 1000.0
