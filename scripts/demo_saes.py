@@ -35,7 +35,7 @@ from plmscope.sae.train import run_name
 
 EVAL_DIR = demo.DATA / "eval"
 SWEEP_LAYER = 3
-SWEEP = [(SWEEP_LAYER, 1024, 16), (SWEEP_LAYER, 1024, 64)]  # beside (3, 1024, 32): k at one size
+SWEEP = [(SWEEP_LAYER, 1024, 16), (SWEEP_LAYER, 1024, 64), (SWEEP_LAYER, 512, 32), (SWEEP_LAYER, 2048, 32)]  # beside (3, 1024, 32)
 MAX_COST_PCT = 10.0  # of the model's gain over amino-acid frequencies (see choose)
 
 

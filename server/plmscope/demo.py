@@ -45,7 +45,7 @@ SAE_TRAIN_ARGS = [
     "--model", DEMO_MODEL, "--layer", *map(str, DEMO_LAYERS), "--arch", "topk",
     "--latents", str(DEMO_LATENTS), "--k", str(DEMO_K), "--seed", "0", "--token-budget", "65536",
 ]
-SAE_CORPUS = 3000  # the demo selection the SAEs' train / selection / report sets are cut from
+SAE_CORPUS = 8000  # the demo selection the SAEs' train / selection / report sets are cut from
 
 
 def committed_sae_dirs() -> list[Path]:

@@ -182,16 +182,17 @@ def test_analyze_shows_progress_of_each_step_of_each_sae_on_stderr(two_sae_atlas
     captured = capsys.readouterr()
     lines = [line for chunk in captured.err.split("\n") for line in chunk.split("\r") if line.startswith("SAE ")]
     for sae in ("SAE 1/2", "SAE 2/2"):
-        steps = [s for s in STEPS if sae == "SAE 1/2" or s != "concepts: load pLM"]  # one load for both
+        # one load and one forward serve both SAEs (their layers from one pass)
+        steps = [s for s in STEPS if sae == "SAE 1/2" or s not in ("concepts: load pLM", "concepts: pLM forward")]
         first = []
         for step in steps:
             at = [i for i, line in enumerate(lines) if line.startswith(f"{sae} · {step}")]
             assert at, (sae, step, lines)
             first.append(at[0])
         assert first == sorted(first)  # in the order they run
-        forward = [line for line in lines if line.startswith(f"{sae} · concepts: pLM forward")]
-        assert "40/40" in forward[-1] and "prot" in forward[-1]  # proteins counted
-    assert not any(line.startswith("SAE 2/2 · concepts: load pLM") for line in lines)
+    forward = [line for line in lines if line.startswith("SAE 1/2 · concepts: pLM forward (layers 1, 2 SAEs)")]
+    assert "40/40" in forward[-1] and "prot" in forward[-1]  # proteins counted
+    assert not any(line.startswith(("SAE 2/2 · concepts: load pLM", "SAE 2/2 · concepts: pLM forward")) for line in lines)
     assert "SAE 1/2" not in captured.out
 
 
