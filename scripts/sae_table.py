@@ -4,9 +4,10 @@
     python scripts/sae_table.py --write    # replace the block between the markers in README.md
     python scripts/sae_table.py --check    # exit 1 if README.md's block differs (tests/test_readme.py)
 
-Reads data/demo/eval/layer{L}.selection.json (every layer, the numbers the layer was chosen on),
-data/demo/eval/layer{L}.report.json (the chosen layer, the numbers quoted) and
-data/demo/sae_sets.json (set sizes and cluster counts), all written by scripts/demo_layers.py.
+Reads data/demo/eval/<SAE>.selection.json (every SAE trained: the four demo SAEs and the sweep, the
+numbers the settings were chosen on), data/demo/eval/<SAE>.report.json (the four demo SAEs, the
+numbers quoted) and data/demo/sae_sets.json (set sizes and cluster counts), all written by
+scripts/demo_saes.py.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ def _ci(number: dict, fmt: str) -> str:
     return f"{fmt.format(number['value'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
-def _row(layer: int, r: dict, bold: bool) -> str:
+def _row(r: dict, bold: bool) -> str:
     lm, head = r["lm_loss"], r["headline"]
     zero = r["zero_ablation"]["loss_recovered_vs_zero_ablation_pct"]["value"]
     cells = [
-        str(layer), r["corpus"]["set"], f"{r['explained_variance']:.3f}",
+        str(r["layer"]), f"{r['d_sae']:,}", str(r["k"]), r["corpus"]["set"], f"{r['explained_variance']:.3f}",
+        f"{r['dead_fraction']:.3f}",
         f"{lm['clean']:.3f} → {lm['spliced']:.3f} → {lm['mean_ablated']:.3f}",
         _ci(head["loss_recovered_vs_mean_ablation_pct"], "{:.1f}"),
         _ci(head["splice_delta_nats"], "{:.4f}"),
@@ -46,52 +48,63 @@ def _row(layer: int, r: dict, bold: bool) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _key(r: dict) -> tuple:
+    return r["layer"], r["d_sae"], r["k"]
+
+
 def block() -> str:
-    selection = {int(m.group(1)): json.loads(p.read_text()) for p in sorted(EVAL_DIR.glob("layer*.selection.json"))
-                 if (m := re.match(r"layer(\d+)\.selection\.json", p.name))}
-    reports = {int(m.group(1)): json.loads(p.read_text()) for p in sorted(EVAL_DIR.glob("layer*.report.json"))
-               if (m := re.match(r"layer(\d+)\.report\.json", p.name))}
-    if len(reports) != 1:
-        raise SystemExit(f"expected one report-set eval in {EVAL_DIR}, found {len(reports)}")
-    (chosen, report), = reports.items()
+    selection = [json.loads(p.read_text()) for p in sorted(EVAL_DIR.glob("*.selection.json"))]
+    reports = [json.loads(p.read_text()) for p in sorted(EVAL_DIR.glob("*.report.json"))]
+    if not reports or not selection:
+        raise SystemExit(f"no selection- or report-set evals in {EVAL_DIR}: run scripts/demo_saes.py")
     sets = json.loads(SETS.read_text())
     counts, clustering = sets["counts"], sets["clustering"]
-    any_eval = report
-    plm, objective = any_eval["plm"], any_eval["objective"]["name"]
-    lm = report["lm_loss"]
-    head = report["headline"]
-    sel_sizes = {r["corpus"]["n_proteins"] for r in selection.values()}
+    plm, objective = reports[0]["plm"], reports[0]["objective"]["name"]
+    sweep_layers = {r["layer"] for r in selection if sum(_key(s)[0] == r["layer"] for s in selection) > 1}
+    reported = {_key(r) for r in reports}
+    sel_sizes = {r["corpus"]["n_proteins"] for r in selection}
+    summary = []
+    for r in sorted(reports, key=_key):
+        lm, head = r["lm_loss"], r["headline"]
+        summary.append(
+            f"  * layer {r['layer']}: {_ci(head['loss_recovered_vs_mean_ablation_pct'], '{:.1f}')} % of the loss that "
+            f"mean-ablation costs ({lm['clean']:.3f} → {lm['mean_ablated']:.3f} nats) recovered; the splice costs "
+            f"{_ci(head['splice_delta_nats'], '{:.4f}')} nats per residue, "
+            f"{_ci(head['splice_cost_pct_of_model_gain'], '{:.1f}')} % of the {lm['model_gain_over_unigram']:.3f} nats "
+            f"by which {plm} beats amino-acid frequencies ({lm['unigram']:.3f} nats).")
     lines = [
         BEGIN,
-        f"  The demo corpus's {clustering['n_proteins']:,} SAE proteins fall into {clustering['n_clusters']:,} MMseqs2 "
+        f"  The demo's SAE corpus of {clustering['n_proteins']:,} proteins falls into {clustering['n_clusters']:,} MMseqs2 "
         f"clusters ({clustering['min_seq_id'] * 100:.0f} % identity, {clustering['coverage'] * 100:.0f} % coverage of both; "
         f"`data/demo/sae_sets.json`), dealt whole to three sets: **train** {counts['train']['proteins']:,} proteins "
         f"({counts['train']['clusters']:,} clusters), **selection** {counts['selection']['proteins']:,} "
         f"({counts['selection']['clusters']:,}), **report** {counts['report']['proteins']:,} "
-        f"({counts['report']['clusters']:,}). An SAE with the same settings was trained on *train* at each layer; "
-        f"the layer was chosen on *selection* (the highest % of loss recovered against mean-ablation) and only "
-        f"the chosen SAE was measured on *report*. Loss: {plm}'s {objective} loss in nats per residue; "
-        f"brackets: 95 % bootstrap intervals over proteins.",
+        f"({counts['report']['clusters']:,}). One {plm} pass over *train* trained an SAE at every layer and a sweep of "
+        f"dictionary size and k at layer {', '.join(map(str, sorted(sweep_layers)))}; the size and k were chosen on "
+        f"*selection* (`scripts/demo_saes.py`'s rule: the smallest k, then the fewest latents, whose splice costs at "
+        f"most 10 % of what the model predicts beyond amino-acid frequencies) and only the four demo SAEs were "
+        f"measured on *report* (bold). Loss: {plm}'s {objective} loss in nats per residue (residue 1, context-free, "
+        f"is neither spliced nor ablated); brackets: 95 % bootstrap intervals over proteins.",
         "",
-        "  | layer | set | explained variance | loss clean → SAE → mean-ablated | "
+        "  | layer | latents | k | set | explained variance | dead fraction | loss clean → SAE → mean-ablated | "
         "% recovered vs mean-ablation | splice Δ (nats) | Δ as % of model's gain over amino-acid frequencies | "
         "zero-ablated (% recovered vs zero) |",
-        "  |---|---|---|---|---|---|---|---|",
-        *["  " + _row(layer, selection[layer], False) for layer in sorted(selection)],
-        "  " + _row(chosen, report, True),
+        "  |---|---|---|---|---|---|---|---|---|---|---|",
+        *["  " + _row(r, False) for r in sorted(selection, key=_key)],
+        *["  " + _row(r, True) for r in sorted(reports, key=_key)],
         "",
-        f"  On the {report['corpus']['n_proteins']} report proteins, the layer-{chosen} SAE recovers "
-        f"{_ci(head['loss_recovered_vs_mean_ablation_pct'], '{:.1f}')} % of the loss that replacing the layer "
-        f"by its training mean costs ({lm['clean']:.3f} → {lm['mean_ablated']:.3f} nats). The splice costs "
-        f"{_ci(head['splice_delta_nats'], '{:.4f}')} nats per residue: "
-        f"{_ci(head['splice_cost_pct_of_model_gain'], '{:.1f}')} % of the {lm['model_gain_over_unigram']:.3f} nats "
-        f"by which {plm} beats predicting each residue from the training set's amino-acid frequencies "
-        f"({lm['unigram']:.3f} nats). Zero-ablation is listed for comparison only: zeros lie far outside the "
-        f"layer's distribution, so a share recovered against it overstates the SAE.",
+        f"  On the {reports[0]['corpus']['n_proteins']} report proteins:",
+        "",
+        *summary,
+        "",
+        "  Zero-ablation is listed for comparison only: zeros lie far outside the layer's distribution, so a share "
+        "recovered against it overstates the SAE.",
         END,
     ]
     if len(sel_sizes) != 1:
         raise SystemExit(f"the selection-set evals were run on different corpora: {sorted(sel_sizes)} proteins")
+    if not reported <= {_key(r) for r in selection}:
+        raise SystemExit("a reported SAE has no selection-set eval")
     return "\n".join(lines)
 
 

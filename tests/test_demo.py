@@ -17,54 +17,64 @@ from plmscope import demo
 from plmscope.cli import main
 from tests.web.test_browser import SHOTS, _ready, non_background_fraction, serving
 
-COMMITTED = demo.COMMITTED_SAE
+COMMITTED = demo.committed_sae_dirs()
 
 
 def _flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
-def test_committed_sae_matches_what_the_demo_command_makes(tmp_path):
-    cfg = json.loads((COMMITTED / "cfg.json").read_text())
-    meta = cfg["plmscope"]
-    assert (meta["plm"], meta["layer"]) == (demo.DEMO_MODEL, demo.DEMO_LAYER)
-    assert (cfg["architecture"], cfg["d_sae"], cfg["k"]) == (
-        _flag(demo.SAE_TRAIN_ARGS, "--arch"), int(_flag(demo.SAE_TRAIN_ARGS, "--latents")), int(_flag(demo.SAE_TRAIN_ARGS, "--k"))
-    )
-    assert meta["training"]["seed"] == int(_flag(demo.SAE_TRAIN_ARGS, "--seed"))
-    # the training proteins are exactly the "train" set the command derives from the committed data
+def test_committed_saes_match_what_the_demo_command_makes(tmp_path):
+    """One SAE per UniRep-256 layer, trained together in one pass on the "train" set with the
+    demo's settings; each with its report-set metrics."""
     fastas = demo.write_sae_fastas(tmp_path)
     sets = json.loads(demo.SETS_FILE.read_text())
-    assert meta["corpus"]["sha256"] == hashlib.sha256(fastas["train"].read_bytes()).hexdigest()
-    assert meta["corpus"]["n_proteins"] == sets["counts"]["train"]["proteins"]
-    # the baselines eval-sae needs are stored, the mean over the whole training set
-    assert meta["baselines"]["layer_mean_whole_corpus"] is True and len(meta["baselines"]["layer_mean"]) == cfg["d_in"]
-    # the stored eval metrics were measured on the report proteins, neither train nor selection
-    metrics = meta["metrics"]
-    assert metrics["corpus"]["set"] == "report"
-    assert metrics["corpus"]["sha256"] == hashlib.sha256(fastas["report"].read_bytes()).hexdigest()
-    assert json.loads((COMMITTED / "eval.json").read_text()) == metrics
-    assert metrics["objective"]["name"] == "next-amino-acid" and metrics["baselines"]["mean_ablation"]["available"]
-    assert 0 < metrics["headline"]["loss_recovered_vs_mean_ablation_pct"]["value"] < 100
-    assert not (COMMITTED / "checkpoint").exists()
+    train_sha = hashlib.sha256(fastas["train"].read_bytes()).hexdigest()
+    report_sha = hashlib.sha256(fastas["report"].read_bytes()).hexdigest()
+    assert [json.loads((d / "cfg.json").read_text())["plmscope"]["layer"] for d in COMMITTED] == list(demo.DEMO_LAYERS)
+    for d in COMMITTED:
+        cfg = json.loads((d / "cfg.json").read_text())
+        meta = cfg["plmscope"]
+        assert meta["plm"] == demo.DEMO_MODEL
+        assert (cfg["architecture"], cfg["d_sae"], cfg["k"]) == (
+            _flag(demo.SAE_TRAIN_ARGS, "--arch"), demo.DEMO_LATENTS, demo.DEMO_K)
+        assert meta["training"]["seed"] == int(_flag(demo.SAE_TRAIN_ARGS, "--seed"))
+        assert meta["training"]["trained_with_layers"] == list(demo.DEMO_LAYERS)  # one pLM pass
+        assert meta["training"]["context_free_positions"] == 1  # UniRep's residue 1 never trained on
+        # the training proteins are exactly the "train" set the command derives from the committed data
+        assert meta["corpus"]["sha256"] == train_sha
+        assert meta["corpus"]["n_proteins"] == sets["counts"]["train"]["proteins"]
+        # the baselines eval-sae needs are stored, the mean over the whole training set
+        assert meta["baselines"]["layer_mean_whole_corpus"] is True and len(meta["baselines"]["layer_mean"]) == cfg["d_in"]
+        # the stored eval metrics were measured on the report proteins, neither train nor selection
+        metrics = meta["metrics"]
+        assert (metrics["corpus"]["set"], metrics["corpus"]["sha256"]) == ("report", report_sha)
+        assert json.loads((d / "eval.json").read_text()) == metrics
+        assert metrics["objective"]["name"] == "next-amino-acid" and metrics["baselines"]["mean_ablation"]["available"]
+        assert 0 < metrics["headline"]["loss_recovered_vs_mean_ablation_pct"]["value"] < 100
+        assert not (d / "checkpoint").exists()
 
 
-def test_demo_layer_was_chosen_on_the_selection_set_and_reported_on_the_report_set(tmp_path):
-    """data/demo/eval holds every layer's selection-set numbers and the chosen layer's report-set
-    numbers (the README's table); the chosen layer is the demo's, by scripts/demo_layers.py's rule."""
-    layers = _script("demo_layers")
+def test_demo_settings_were_chosen_on_the_selection_set_and_reported_on_the_report_set(tmp_path):
+    """data/demo/eval holds every trained SAE's selection-set numbers and the four demo SAEs' report-set
+    numbers (the README's table); the demo's size and k are what scripts/demo_saes.py's rule picks."""
+    saes = _script("demo_saes")
     fastas = demo.write_sae_fastas(tmp_path)
     sha = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in fastas.items()}
-    selection = {layer: json.loads((layers.EVAL_DIR / f"layer{layer}.selection.json").read_text())
-                 for layer in layers.LAYERS}
-    for layer, result in selection.items():
-        assert (result["layer"], result["corpus"]["set"], result["corpus"]["sha256"]) == (layer, "selection", sha["selection"])
-    assert layers.choose(selection) == demo.DEMO_LAYER
-    reports = sorted(layers.EVAL_DIR.glob("layer*.report.json"))
-    assert [p.name for p in reports] == [f"layer{demo.DEMO_LAYER}.report.json"]  # only the chosen layer
-    report = json.loads(reports[0].read_text())
-    assert report == json.loads((COMMITTED / "eval.json").read_text())
-    assert (report["corpus"]["set"], report["corpus"]["sha256"]) == ("report", sha["report"])
+    names = saes.demo_names() + saes.sweep_names()[1:]
+    selection = {n: json.loads((saes.EVAL_DIR / f"{n}.selection.json").read_text()) for n in names}
+    for result in selection.values():
+        assert (result["corpus"]["set"], result["corpus"]["sha256"]) == ("selection", sha["selection"])
+    assert saes.choose(selection) == (demo.DEMO_LATENTS, demo.DEMO_K)
+    reports = sorted(p.name for p in saes.EVAL_DIR.glob("*.report.json"))
+    assert reports == sorted(f"{n}.report.json" for n in saes.demo_names())  # the demo's SAEs only
+    for n, d in zip(saes.demo_names(), COMMITTED):
+        report = json.loads((saes.EVAL_DIR / f"{n}.report.json").read_text())
+        assert report == json.loads((d / "eval.json").read_text())
+        assert (report["corpus"]["set"], report["corpus"]["sha256"]) == ("report", sha["report"])
+    sweep = json.loads(demo.SWEEP_FILE.read_text())
+    assert {(r["layer"], r["d_sae"], r["k"]) for r in sweep["rows"]} == {
+        (selection[n]["layer"], selection[n]["d_sae"], selection[n]["k"]) for n in saes.sweep_names()}
 
 
 def _script(name: str):
@@ -120,10 +130,11 @@ def test_demo_atlas_holds_structures_and_analysis(demo_atlas):
     try:
         assert con.execute("SELECT count(*) FROM proteins").fetchone()[0] == 260
         assert con.execute("SELECT count(DISTINCT accession) FROM structures").fetchone()[0] >= 90
-        sae_id, plm, layer = con.execute("SELECT sae_id, plm, layer FROM saes").fetchone()
-        assert (plm, layer) == (demo.DEMO_MODEL, demo.DEMO_LAYER)
+        rows = con.execute("SELECT plm, layer, context_free FROM saes ORDER BY layer").fetchall()
+        assert rows == [(demo.DEMO_MODEL, layer, 1) for layer in demo.DEMO_LAYERS]
         n_desc = con.execute("SELECT count(*) FROM latent_analysis WHERE description LIKE 'auto: %'").fetchone()[0]
-        assert n_desc == con.execute("SELECT d_sae FROM saes").fetchone()[0]
+        assert n_desc == con.execute("SELECT sum(d_sae) FROM saes").fetchone()[0]
+        assert con.execute("SELECT count(*) FROM findings").fetchone()[0] > 0
     finally:
         con.close()
 
