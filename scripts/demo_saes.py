@@ -87,7 +87,7 @@ def sweep_table(grid: Path, workdir: Path, selection: dict[str, dict]) -> list[d
         tmp.unlink(missing_ok=True)
         _run(["build", "--corpus", str(corpus), *[x for n in sweep_names() for x in ("--sae", str(grid / n))],
               "--out", str(tmp), "--families", str(demo.DATA / "pfam_families.tsv")])
-        _run(["analyze", "--atlas", str(tmp)])
+        _run(["analyze", "--atlas", str(tmp), "--output-effect-examples", "0"])  # concepts are what the sweep needs
         tmp.replace(atlas)
     con = duckdb.connect(str(atlas), read_only=True)
     summaries = {r[0]: json.loads(r[1]) for r in con.execute("SELECT sae_id, summary FROM analysis_summary").fetchall()}
@@ -104,8 +104,9 @@ def sweep_table(grid: Path, workdir: Path, selection: dict[str, dict]) -> list[d
                      "splice_cost_pct_of_model_gain": r["headline"]["splice_cost_pct_of_model_gain"]["value"],
                      "loss_recovered_vs_mean_ablation_pct": r["headline"]["loss_recovered_vs_mean_ablation_pct"]["value"],
                      "dead_fraction": r["dead_fraction"],
-                     "associated_concepts": concepts.get("n_concepts_associated"),
-                     "associated_latents": concepts.get("n_latents_associated"),
+                     "associated_concepts": concepts.get("n_associated_concepts"),
+                     "associated_pairs": concepts.get("n_associated_pairs"),
+                     "associated_latents": concepts.get("n_associated_latents"),
                      "concepts_set": "InterPLM's rule, validation and test splits of the demo corpus (analyze)"})
     return rows
 
