@@ -36,6 +36,7 @@ from plmscope.sae.train import run_name
 EVAL_DIR = demo.DATA / "eval"
 SWEEP_LAYER = 3
 SWEEP = [(SWEEP_LAYER, 1024, 16), (SWEEP_LAYER, 1024, 64), (SWEEP_LAYER, 512, 32), (SWEEP_LAYER, 2048, 32)]  # beside (3, 1024, 32)
+EVAL_SPEED = ["--token-budget", "65536", "--loss-token-budget", "65536"]  # UniRep's step is cheaper in wide batches
 MAX_COST_PCT = 10.0  # of the model's gain over amino-acid frequencies (see choose)
 
 
@@ -72,7 +73,7 @@ def _run(argv: list[str]) -> None:
 
 def _evaluate(sae: Path, fasta: Path, name: str, out: Path) -> dict:
     if not out.is_file():
-        _run(["eval-sae", "--sae", str(sae), "--fasta", str(fasta), "--set", name])
+        _run(["eval-sae", "--sae", str(sae), "--fasta", str(fasta), "--set", name, *EVAL_SPEED])
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(sae / "eval.json", out)
     return json.loads(out.read_text())

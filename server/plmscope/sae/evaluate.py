@@ -76,11 +76,12 @@ class EvalSettings:
     seed: int = 0  # of the ESM-2 masking
     token_budget: int = 8192
     set_name: str | None = None  # which set the corpus is (e.g. "selection", "report"); recorded only
+    loss_token_budget: int | None = None  # tokens per batch of the loss passes; None: the model's default
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sae", Path(self.sae))
         object.__setattr__(self, "fasta", Path(self.fasta))
-        for name in ("max_proteins", "token_budget"):
+        for name in ("max_proteins", "token_budget", "loss_token_budget"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -88,7 +89,8 @@ class EvalSettings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EvalSettings":
         return cls(sae=args.sae, fasta=args.fasta, max_proteins=args.max_proteins, device=args.device,
-                   seed=args.seed, token_budget=args.token_budget, set_name=args.set)
+                   seed=args.seed, token_budget=args.token_budget, set_name=args.set,
+                   loss_token_budget=args.loss_token_budget)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,6 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=0, help="seed of the ESM-2 masking")
     p.add_argument("--token-budget", type=int, default=8192, help="padded tokens per pLM forward batch")
+    p.add_argument("--loss-token-budget", type=int, default=None,
+                   help="padded tokens per batch of the loss passes (default: the model's; UniRep runs faster wider)")
     p.add_argument("--set", default=None, help="name of the set the corpus is, recorded with the numbers "
                    "(e.g. selection while choosing a layer, report for the numbers quoted)")
 
@@ -148,7 +152,7 @@ def evaluate(s: EvalSettings) -> dict[str, Any]:
         "corpus": {"set": s.set_name, "path": str(s.fasta.resolve()), "sha256": sha256_file(s.fasta),
                    "n_proteins": len(items), "n_residues": rec.n},
         **rec.metrics(),
-        **lm_loss_metrics(plm, sae, layer, [seq for _, seq in items], s.seed, cfg),
+        **lm_loss_metrics(plm, sae, layer, [seq for _, seq in items], s.seed, cfg, token_budget=s.loss_token_budget),
     }
 
 
@@ -275,7 +279,7 @@ def _derived(clean, spliced, mean_abl, zero, unigram) -> dict[str, Any]:
 
 
 def lm_loss_metrics(plm, sae, layer: int, seqs: list[str], seed: int, cfg: dict[str, Any] | None = None,
-                    n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+                    n_resamples: int = BOOTSTRAP_RESAMPLES, token_budget: int | None = None) -> dict[str, Any]:
     """The pLM's loss with layer ``layer`` clean, spliced, mean- and zero-ablated, the unigram
     baseline, and the headline numbers with bootstrap intervals (module docstring)."""
     cfg = cfg if cfg is not None else sae.cfg
@@ -288,11 +292,12 @@ def lm_loss_metrics(plm, sae, layer: int, seqs: list[str], seed: int, cfg: dict[
     def splice_mean(h: torch.Tensor) -> torch.Tensor:
         return mean.to(h.device, h.dtype).expand_as(h).clone()
 
-    runs = {"clean": plm.lm_loss(seqs, layer, None, seed=seed),
-            "spliced": plm.lm_loss(seqs, layer, splice_sae, seed=seed),
-            "zero_ablated": plm.lm_loss(seqs, layer, torch.zeros_like, seed=seed)}
+    kw = {"token_budget": token_budget} if token_budget else {}  # batching changes no loss, only the speed
+    runs = {"clean": plm.lm_loss(seqs, layer, None, seed=seed, **kw),
+            "spliced": plm.lm_loss(seqs, layer, splice_sae, seed=seed, **kw),
+            "zero_ablated": plm.lm_loss(seqs, layer, torch.zeros_like, seed=seed, **kw)}
     if mean is not None:
-        runs["mean_ablated"] = plm.lm_loss(seqs, layer, splice_mean, seed=seed)
+        runs["mean_ablated"] = plm.lm_loss(seqs, layer, splice_mean, seed=seed, **kw)
     tokens = np.array(runs["clean"].tokens_per_sequence, dtype=float)
     per_protein = {name: np.array(r.per_sequence, dtype=float) for name, r in runs.items()}
     if log_p is not None:
