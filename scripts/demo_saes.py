@@ -71,12 +71,15 @@ def _run(argv: list[str]) -> None:
     print(f"  took {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def _evaluate(sae: Path, fasta: Path, name: str, out: Path) -> dict:
-    if not out.is_file():
-        _run(["eval-sae", "--sae", str(sae), "--fasta", str(fasta), "--set", name, *EVAL_SPEED])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sae / "eval.json", out)
-    return json.loads(out.read_text())
+def _evaluate(saes: list[Path], fasta: Path, name: str, outs: list[Path]) -> list[dict]:
+    """eval-sae on ``fasta`` for the SAEs whose result file is missing (one run: shared passes once)."""
+    todo = [(s, o) for s, o in zip(saes, outs) if not o.is_file()]
+    if todo:
+        _run(["eval-sae", "--sae", *[str(s) for s, _ in todo], "--fasta", str(fasta), "--set", name, *EVAL_SPEED])
+        for s, o in todo:
+            o.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(s / "eval.json", o)
+    return [json.loads(o.read_text()) for o in outs]
 
 
 def sweep_table(grid: Path, workdir: Path, selection: dict[str, dict]) -> list[dict]:
@@ -127,15 +130,15 @@ def main() -> int:
               "--resume" if (grid / "checkpoint").exists() else "--checkpoint-every=500"])
     if args.train_only:
         return 0
-    selection = {n: _evaluate(grid / n, fastas["selection"], "selection", EVAL_DIR / f"{n}.selection.json")
-                 for n in names}
+    selection = dict(zip(names, _evaluate([grid / n for n in names], fastas["selection"], "selection",
+                                          [EVAL_DIR / f"{n}.selection.json" for n in names])))
     latents, k = choose(selection)
     print(f"chosen on the selection set at layer {SWEEP_LAYER}: {latents} latents, k = {k}", flush=True)
     if (latents, k) != (demo.DEMO_LATENTS, demo.DEMO_K):
         raise SystemExit(f"the rule chose {latents} latents, k = {k}, but plmscope.demo trains "
                          f"{demo.DEMO_LATENTS}, k = {demo.DEMO_K}: change DEMO_LATENTS / DEMO_K and run again")
-    for n in demo_names():
-        _evaluate(grid / n, fastas["report"], "report", EVAL_DIR / f"{n}.report.json")
+    _evaluate([grid / n for n in demo_names()], fastas["report"], "report",
+              [EVAL_DIR / f"{n}.report.json" for n in demo_names()])
     sweep = demo.SWEEP_FILE
     if not sweep.is_file():
         rows = sweep_table(grid, args.workdir, selection)

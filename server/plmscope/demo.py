@@ -231,9 +231,8 @@ def run(args: argparse.Namespace) -> int:
         if not all(d.joinpath("cfg.json").exists() for d in sae_dirs) or args.retrain_sae:
             _step("train-sae", ["train-sae", *SAE_TRAIN_ARGS, "--fasta", str(fastas["train"]), "--out", str(root)])
             # the settings were chosen on "selection"; the numbers stored with each SAE come from "report"
-            for d in sae_dirs:
-                _step("eval-sae", ["eval-sae", "--sae", str(d), "--fasta", str(fastas["report"]), "--set", "report",
-                                   "--token-budget", "65536", "--loss-token-budget", "65536"])
+            _step("eval-sae", ["eval-sae", "--sae", *map(str, sae_dirs), "--fasta", str(fastas["report"]),
+                               "--set", "report", "--token-budget", "65536", "--loss-token-budget", "65536"])
     atlas = work / "atlas.duckdb"
     stamp = work / "atlas.stamp.json"
     # the schema version too: an atlas of an older plmscope is rebuilt, not served into its version error

@@ -259,3 +259,16 @@ def test_sae_without_stored_baselines_says_so(trained_sae, heldout_fasta, tmp_pa
     assert info["available"] is False and "layer_mean" in info["reason"] and "normalization.mean" in info["reason"]
     assert result["baselines"]["unigram"]["available"] is False
     assert math.isfinite(result["zero_ablation"]["loss_recovered_vs_zero_ablation_pct"]["value"])
+
+
+def test_several_saes_in_one_run_equal_each_evaluated_alone(trained_sae, heldout_fasta, tmp_path, capsys):
+    """eval-sae --sae A B shares the clean and ablation passes: every number is what each run alone gives."""
+    trained = load_sae(trained_sae)
+    other = SparseAutoencoder.from_config(trained.cfg, generator=torch.Generator().manual_seed(5))
+    norm = trained.cfg["plmscope"]["normalization"]
+    other.set_normalization(torch.tensor(norm["mean"]), norm["scale"])
+    save_sae(other, tmp_path / "other")  # trained's cfg: the same baselines (layer mean), so the ablations are shared
+    alone = [_eval(capsys, d, heldout_fasta) for d in (trained_sae, tmp_path / "other")]
+    assert main(["eval-sae", "--sae", str(trained_sae), str(tmp_path / "other"), "--fasta", str(heldout_fasta)]) == 0
+    together = json.loads(capsys.readouterr().out)
+    assert together == alone and alone[0]["lm_loss"]["spliced"] != alone[1]["lm_loss"]["spliced"]

@@ -94,7 +94,8 @@ class EvalSettings:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAE directory (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--sae", required=True, nargs="+", help="SAE directory (cfg.json + sae_weights.safetensors); "
+                   "several: each evaluated, the passes they share run once, a JSON list printed")
     p.add_argument("--fasta", required=True, help="evaluation corpus: FASTA, TSV/CSV or UniProt .dat")
     p.add_argument("--max-proteins", type=int, default=None, help="use only the first N records")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -107,14 +108,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = EvalSettings.from_args(args)
-    result = _json_safe(evaluate(settings))
-    text = json.dumps(result, indent=1)
-    (settings.sae / EVAL_FILENAME).write_text(text + "\n")
-    update_cfg(settings.sae, "metrics", result)
-    print(text)
-    log.info("%s", summary(result))
+    """One SAE: its eval JSON on stdout.  Several (``--sae A B ...``): a JSON list, the pLM loaded once
+    and the passes SAEs share (clean; zero- and mean-ablation of a layer) run once."""
+    dirs = args.sae if isinstance(args.sae, list) else [args.sae]
+    shared = SharedPasses()
+    results = []
+    for d in dirs:
+        settings = EvalSettings.from_args(argparse.Namespace(**{**vars(args), "sae": d}))
+        result = _json_safe(evaluate(settings, shared))
+        text = json.dumps(result, indent=1)
+        (settings.sae / EVAL_FILENAME).write_text(text + "\n")
+        update_cfg(settings.sae, "metrics", result)
+        results.append(result)
+        log.info("%s", summary(result))
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
     return 0
+
+
+class SharedPasses:
+    """What evaluating several SAEs on one corpus can share: the pLM, and the loss passes that do not
+    depend on the SAE (clean; a layer zeroed or set to a given mean)."""
+
+    def __init__(self) -> None:
+        self.plms: dict[str, Any] = {}
+        self.losses: dict[tuple, Any] = {}
+
+    def plm(self, name: str, device: str):
+        if name not in self.plms:
+            self.plms[name] = load_plm(name, device=device)
+        return self.plms[name]
+
+    def loss(self, key: tuple, compute):
+        if key not in self.losses:
+            self.losses[key] = compute()
+        return self.losses[key]
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -136,11 +163,12 @@ def summary(r: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def evaluate(s: EvalSettings) -> dict[str, Any]:
+def evaluate(s: EvalSettings, shared: SharedPasses | None = None) -> dict[str, Any]:
     """The SAE's metrics on the corpus ``s.fasta`` (see the module docstring)."""
+    shared = shared or SharedPasses()
     cfg = read_cfg(s.sae)
     corpus = read_proteins(s.fasta, strict=True, limit=s.max_proteins)
-    plm = load_plm(cfg["plmscope"]["plm"], device=s.device)
+    plm = shared.plm(cfg["plmscope"]["plm"], s.device)
     layer = int(cfg["plmscope"]["layer"])
     plm.check_layer(layer)
     sae = load_sae(s.sae, plm=plm.name, layer=layer, d_in=plm.d_model(layer), device=plm.device)
@@ -152,7 +180,8 @@ def evaluate(s: EvalSettings) -> dict[str, Any]:
         "corpus": {"set": s.set_name, "path": str(s.fasta.resolve()), "sha256": sha256_file(s.fasta),
                    "n_proteins": len(items), "n_residues": rec.n},
         **rec.metrics(),
-        **lm_loss_metrics(plm, sae, layer, [seq for _, seq in items], s.seed, cfg, token_budget=s.loss_token_budget),
+        **lm_loss_metrics(plm, sae, layer, [seq for _, seq in items], s.seed, cfg, token_budget=s.loss_token_budget,
+                          shared=shared, corpus_key=(sha256_file(s.fasta), s.max_proteins)),
     }
 
 
@@ -279,7 +308,8 @@ def _derived(clean, spliced, mean_abl, zero, unigram) -> dict[str, Any]:
 
 
 def lm_loss_metrics(plm, sae, layer: int, seqs: list[str], seed: int, cfg: dict[str, Any] | None = None,
-                    n_resamples: int = BOOTSTRAP_RESAMPLES, token_budget: int | None = None) -> dict[str, Any]:
+                    n_resamples: int = BOOTSTRAP_RESAMPLES, token_budget: int | None = None,
+                    shared: SharedPasses | None = None, corpus_key: tuple = ()) -> dict[str, Any]:
     """The pLM's loss with layer ``layer`` clean, spliced, mean- and zero-ablated, the unigram
     baseline, and the headline numbers with bootstrap intervals (module docstring)."""
     cfg = cfg if cfg is not None else sae.cfg
@@ -293,11 +323,17 @@ def lm_loss_metrics(plm, sae, layer: int, seqs: list[str], seed: int, cfg: dict[
         return mean.to(h.device, h.dtype).expand_as(h).clone()
 
     kw = {"token_budget": token_budget} if token_budget else {}  # batching changes no loss, only the speed
-    runs = {"clean": plm.lm_loss(seqs, layer, None, seed=seed, **kw),
+    shared = shared or SharedPasses()
+    key = (plm.name, seed, corpus_key or tuple(seqs))
+
+    def loss(splice):
+        return lambda: plm.lm_loss(seqs, layer, splice, seed=seed, **kw)
+
+    runs = {"clean": shared.loss(key + ("clean",), loss(None)),
             "spliced": plm.lm_loss(seqs, layer, splice_sae, seed=seed, **kw),
-            "zero_ablated": plm.lm_loss(seqs, layer, torch.zeros_like, seed=seed, **kw)}
+            "zero_ablated": shared.loss(key + ("zero", layer), loss(torch.zeros_like))}
     if mean is not None:
-        runs["mean_ablated"] = plm.lm_loss(seqs, layer, splice_mean, seed=seed, **kw)
+        runs["mean_ablated"] = shared.loss(key + ("mean", layer, mean.numpy().tobytes()), loss(splice_mean))
     tokens = np.array(runs["clean"].tokens_per_sequence, dtype=float)
     per_protein = {name: np.array(r.per_sequence, dtype=float) for name, r in runs.items()}
     if log_p is not None:
