@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pandas as pd
+import duckdb
 
 from plmscope.cli import main
 
@@ -19,10 +19,12 @@ def test_scan_command_writes_csv_and_parquet(tmp_path, esm_pair, tiny_inputs):
         rc = main(["scan", "--sae", str(sae_dir), "--fasta", str(fasta), "--latents", "3,7", "--start", "2",
                    "--end", "4", "--device", "cpu", "--out", str(out)])
         assert rc == 0
-        t = pd.read_csv(out) if out.suffix == ".csv" else pd.read_parquet(out)
+        reader = "read_csv" if out.suffix == ".csv" else "read_parquet"
+        t = duckdb.sql(f"SELECT record, latent, score FROM {reader}('{out}')").fetchall()
         assert len(t) == 2 * 3 * 19 * 2  # proteins x residues x substitutions x latents
-        assert set(t.record) == {"A", "B"} and set(t.latent) == {3, 7}
-        assert t.score.notna().all()
+        assert {r[0] for r in t} == {"A", "B"} and {r[1] for r in t} == {3, 7}
+        assert all(r[2] is not None for r in t)
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # published atomically
 
 
 def test_scan_command_bad_output(tmp_path, tiny_inputs, capsys):

@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_scan(s: ScanCommandSettings) -> int:
-    import pandas as pd
     from tqdm import tqdm
 
     from ..plm.base import load_plm
@@ -93,16 +92,31 @@ def run_scan(s: ScanCommandSettings) -> int:
         else:
             proteins.append(p)
     total = sum(sum(1 for i in settings.window(len(p.sequence)) for a in AMINO_ACIDS if a != p.sequence[i]) for p in proteins)
-    frames = []
+    rows: list[dict] = []
     with tqdm(total=total, unit="variant", desc=f"scan {plm.name} L{sae.layer}") as bar:
         for p in proteins:
             res = scan(plm, sae, p.sequence, s.latents, settings, progress=bar.update)
-            frames.append(pd.DataFrame(list(res.rows(p.accession)), columns=COLUMNS))
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    table.attrs = {}
-    s.out.parent.mkdir(parents=True, exist_ok=True)
-    if s.out.suffix.lower() == ".parquet":
-        table.to_parquet(s.out, index=False)
-    else:
-        table.to_csv(s.out, index=False)
-    return len(table)
+            rows += list(res.rows(p.accession))
+    write_table(rows, s.out)
+    return len(rows)
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    """``rows`` (COLUMNS) as CSV or Parquet (by ``out``'s suffix), written by DuckDB and published
+    atomically: an interrupted scan leaves no half-written table."""
+    import duckdb
+    import numpy as np
+
+    from .. import atomic
+
+    text = ("record", "wild_type", "mutant")
+    columns = {name: np.array([r[name] for r in rows], dtype=object if name in text else float if name == "score" else None)
+               for name in COLUMNS}
+    if not rows:  # typed empty columns
+        columns = {name: np.array([], dtype=str if name in text else float) for name in COLUMNS}
+    fmt = "parquet" if out.suffix.lower() == ".parquet" else "csv, header true"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.writing(out) as tmp, duckdb.connect() as con:
+        con.register("scan_rows", columns)
+        target = str(tmp).replace("'", "''")
+        con.execute(f"COPY (SELECT {', '.join(COLUMNS)} FROM scan_rows) TO '{target}' (FORMAT {fmt})")
