@@ -91,7 +91,8 @@ def sweep_table(grid: Path, workdir: Path, selection: dict[str, dict]) -> list[d
         tmp.unlink(missing_ok=True)
         _run(["build", "--corpus", str(corpus), *[x for n in sweep_names() for x in ("--sae", str(grid / n))],
               "--out", str(tmp), "--families", str(demo.DATA / "pfam_families.tsv")])
-        _run(["analyze", "--atlas", str(tmp), "--output-effect-examples", "0"])  # concepts are what the sweep needs
+        # concepts are what the sweep needs; every annotated protein, as the demo's analyze
+        _run(["analyze", "--atlas", str(tmp), "--output-effect-examples", "0", "--max-proteins", "3000"])
         tmp.replace(atlas)
     con = duckdb.connect(str(atlas), read_only=True)
     summaries = {r[0]: json.loads(r[1]) for r in con.execute("SELECT sae_id, summary FROM analysis_summary").fetchall()}

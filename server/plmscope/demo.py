@@ -249,7 +249,10 @@ def run(args: argparse.Namespace) -> int:
             ],
         )
         if not args.no_analyze:
-            _step("analyze", ["analyze", "--atlas", str(atlas), "--sweep", str(SWEEP_FILE)])
+            # every annotated protein of the corpus goes into the concept association: with analyze's
+            # default 1,000 the demo's concepts have too few regions per split to be tested
+            _step("analyze", ["analyze", "--atlas", str(atlas), "--sweep", str(SWEEP_FILE),
+                              "--max-proteins", str(args.proteins)])
         stamp.write_text(json.dumps(key))
     log.info("demo: atlas ready at %s after %.1f s", atlas, time.perf_counter() - t0)
     if args.no_serve:
