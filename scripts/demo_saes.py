@@ -5,7 +5,8 @@
 1. writes the SAE corpus's train / selection / report FASTAs (data/demo/sae_sets.json: whole
    MMseqs2 clusters per set);
 2. trains, in one UniRep-256 pass over "train", an SAE at each layer with the demo's settings
-   (plmscope.demo.SAE_TRAIN_ARGS) and the sweep at layer SWEEP_LAYER (SWEEP: other k and sizes);
+   (plmscope.demo.SAE_TRAIN_ARGS) and the sweep at layer SWEEP_LAYER (SWEEP: k and dictionary size);
+   each SAE is bit-identical to one trained alone, so SAEs may also be trained in separate passes;
 3. runs eval-sae on "selection" for every SAE: data/demo/eval/<name>.selection.json;
 4. chooses the dictionary size and k by ``choose`` on the sweep layer's selection numbers only;
 5. runs eval-sae on "report" for the four demo SAEs: data/demo/eval/<name>.report.json;
@@ -35,7 +36,9 @@ from plmscope.sae.train import run_name
 
 EVAL_DIR = demo.DATA / "eval"
 SWEEP_LAYER = 3
-SWEEP = [(SWEEP_LAYER, 1024, 16), (SWEEP_LAYER, 1024, 64), (SWEEP_LAYER, 512, 32), (SWEEP_LAYER, 2048, 32)]  # beside (3, 1024, 32)
+# the settings compared at SWEEP_LAYER: k at 1,024 latents, and dictionary size at k = 32
+SWEEP = [(SWEEP_LAYER, 1024, 16), (SWEEP_LAYER, 1024, 32), (SWEEP_LAYER, 1024, 64), (SWEEP_LAYER, 512, 32),
+         (SWEEP_LAYER, 2048, 32)]
 EVAL_SPEED = ["--token-budget", "65536", "--loss-token-budget", "65536"]  # UniRep's step is cheaper in wide batches
 MAX_COST_PCT = 10.0  # of the model's gain over amino-acid frequencies (see choose)
 
@@ -45,7 +48,12 @@ def demo_names() -> list[str]:
 
 
 def sweep_names() -> list[str]:
-    return [run_name("topk", SWEEP_LAYER, demo.DEMO_LATENTS, demo.DEMO_K)] + [run_name("topk", *s) for s in SWEEP]
+    return [run_name("topk", *s) for s in SWEEP]
+
+
+def all_names() -> list[str]:
+    """Every SAE trained: the demo's four and the sweep (the demo's layer-3 SAE is one of the sweep's)."""
+    return demo_names() + [n for n in sweep_names() if n not in demo_names()]
 
 
 def choose(selection: dict[str, dict]) -> tuple[int, int]:
@@ -124,9 +132,10 @@ def main() -> int:
     args = ap.parse_args()
     fastas = demo.write_sae_fastas(args.workdir)
     grid = args.workdir / "grid"
-    names = demo_names() + sweep_names()[1:]
+    names = all_names()
     if not all((grid / n / "cfg.json").is_file() for n in names):
-        also = [x for s in SWEEP for x in ("--also", ":".join(map(str, s)))]
+        demo_set = {(layer, demo.DEMO_LATENTS, demo.DEMO_K) for layer in demo.DEMO_LAYERS}
+        also = [x for s in SWEEP if s not in demo_set for x in ("--also", ":".join(map(str, s)))]
         _run(["train-sae", *demo.SAE_TRAIN_ARGS, *also, "--fasta", str(fastas["train"]), "--out", str(grid),
               "--resume" if (grid / "checkpoint").exists() else "--checkpoint-every=500"])
     if args.train_only:

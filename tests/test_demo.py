@@ -61,7 +61,7 @@ def test_demo_settings_were_chosen_on_the_selection_set_and_reported_on_the_repo
     saes = _script("demo_saes")
     fastas = demo.write_sae_fastas(tmp_path)
     sha = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in fastas.items()}
-    names = saes.demo_names() + saes.sweep_names()[1:]
+    names = saes.all_names()
     selection = {n: json.loads((saes.EVAL_DIR / f"{n}.selection.json").read_text()) for n in names}
     for result in selection.values():
         assert (result["corpus"]["set"], result["corpus"]["sha256"]) == ("selection", sha["selection"])

@@ -36,7 +36,7 @@ COMMITTED_SAES = DATA / "sae"  # one directory per layer: L{layer}-topk{latents}
 DEMO_MODEL = "unirep-256"
 DEMO_LAYERS = (1, 2, 3, 4)  # every layer of UniRep-256: the paper's comparisons are across layers
 DEMO_SEED = 20140101
-DEMO_LATENTS, DEMO_K = 1024, 32  # chosen on the selection set (scripts/demo_saes.py, README "The demo atlas")
+DEMO_LATENTS, DEMO_K = 512, 32  # chosen on the selection set (scripts/demo_saes.py, README "The demo atlas")
 
 # The committed SAEs are reproduced exactly by these train-sae settings on the committed corpus
 # (one pLM pass trains all four; each SAE is bit-identical to one trained alone).  The token budget

@@ -35,8 +35,9 @@ def unirep_pair(tmp_path_factory):
 
 @pytest.fixture(params=["esm2", "unirep"])
 def pair(request):
-    torch.set_grad_enabled(False)
-    return request.getfixturevalue("esm_pair" if request.param == "esm2" else "unirep_pair")
+    # no autograd in these tests; restored afterwards, so that later tests (train-sae) are unaffected
+    with torch.no_grad():
+        yield request.getfixturevalue("esm_pair" if request.param == "esm2" else "unirep_pair")
 
 
 from tests.analysis.conftest import mini_atlas  # noqa: E402,F401  (the analysis tests' real UniRep-64 atlas)
