@@ -39,12 +39,13 @@ def check_joinable(existing: dict, out: Path, plm: str, sae_ids) -> None:
 
 def write_atlas(roots: list[Path], out: Path, *, timings: dict | None = None,
                 encode_stats: dict | None = None, summary_extra: dict | None = None,
-                meta_extra: dict | None = None) -> dict:
+                meta_extra: dict | None = None, started: float | None = None) -> dict:
     """Merge the states in ``roots`` and publish the atlas ``out`` atomically; returns the summary.
     ``timings``: seconds per stage of the streaming pass; ``encode_stats``: per SAE id, the TopK
     screen's counters of this run (``TopKScreen.stats``); ``summary_extra``: added to the summary
     (``build --ray``: per-shard timings); ``meta_extra``: more ``atlas_meta`` keys (``build
-    --ray``: the cluster and its settings)."""
+    --ray``: the cluster and its settings); ``started``: when the build began (default: when its
+    first state was opened)."""
     from ..store.reader import read_existing_meta
 
     manifests, aggs = load_states(roots)
@@ -53,7 +54,7 @@ def write_atlas(roots: list[Path], out: Path, *, timings: dict | None = None,
     if existing is not None:
         check_joinable(existing, out, m0["plm"], aggs)
     try:
-        return _write(roots, out, manifests, aggs, existing, timings, encode_stats, summary_extra, meta_extra)
+        return _write(roots, out, manifests, aggs, existing, timings, encode_stats, summary_extra, meta_extra, started)
     except OSError as exc:  # disk full (ENOSPC), a file size limit (EFBIG), a read-only directory ...
         raise AtlasError(f"{out}: writing the atlas failed ({exc.strerror or exc}); {_kept(out, existing)}") from None
     except (duckdb.IOException, duckdb.FatalException) as exc:  # DuckDB's own writes failing the same way
@@ -67,7 +68,8 @@ def _kept(out: Path, existing: dict | None) -> str:
             "(`plmscope build ... --resume`, or the same `plmscope merge`)")
 
 
-def _write(roots, out, manifests, aggs, existing, timings, encode_stats, summary_extra=None, meta_extra=None) -> dict:
+def _write(roots, out, manifests, aggs, existing, timings, encode_stats, summary_extra=None, meta_extra=None,
+           started=None) -> dict:
     from ..store.writer import AtlasWriter
 
     m0 = manifests[0]
@@ -80,7 +82,7 @@ def _write(roots, out, manifests, aggs, existing, timings, encode_stats, summary
                 saes[sid]["encode_stats"] = dict(stats_now)
         summary = {"out": str(out), **{k: stats[k] for k in CORPUS_STATS[:4]}, "saes": saes,
                    "skipped": summarize_problems(m0["corpus_problems"] + chunk_problems),
-                   "build_time_s": round(time.time() - min(float(m["started"]) for m in manifests), 2),
+                   "build_time_s": round(time.time() - (started or min(float(m["started"]) for m in manifests)), 2),
                    "timings": {k: round(v, 2) for k, v in (timings or {}).items()}, **(summary_extra or {})}
         _write_meta(w, manifests, stats, summary, existing)
         for k, v in (meta_extra or {}).items():

@@ -138,7 +138,8 @@ def build_on_ray(settings: BuildSettings, rs: RaySettings) -> dict:
                 acc[k] = acc.get(k, 0) + v
     timings["ray_shards_wall"] = time.time() - t0
     summary = write_atlas([shard_dir(root, i, n) for i in range(n)], settings.out, timings=timings,
-                          encode_stats=encode_stats, summary_extra={"shards": shards}, meta_extra={"ray": meta})
+                          encode_stats=encode_stats, summary_extra={"shards": shards}, meta_extra={"ray": meta},
+                          started=t0)
     summary["timings"]["finalize+write_atlas"] = round(time.perf_counter() - tw, 2)
     faults.point("build:published")
     shutil.rmtree(root, ignore_errors=True)
@@ -266,8 +267,8 @@ class _Progress:
 
 
 class _Bar:
-    """One tqdm bar over all shards: proteins (with rate and ETA once every shard has said its
-    total) and residues per second."""
+    """One tqdm bar over all shards: proteins (rate, ETA; the total estimated until every shard
+    has said its own) and residues per second."""
 
     def __init__(self, ray, progress, n: int) -> None:
         from tqdm import tqdm
@@ -281,8 +282,8 @@ class _Bar:
 
     def refresh(self) -> None:
         done, total, residues, reporting = self.ray.get(self.progress.totals.remote())
-        if reporting == self.n and self.bar.total != total:
-            self.bar.total = total
+        if reporting:  # shards not started yet: as large as the mean of those that have said
+            self.bar.total = total if reporting == self.n else round(total * self.n / reporting)
         self.bar.update(done - self.bar.n)
         # a retried shard starts its residue count again: the rate dips, it never goes negative
         rate = residues / max(time.time() - self.t0, 1e-9)
