@@ -10,6 +10,21 @@ a TopK SAE with 4096 latents (random init), demo proteins (``data/demo/proteins.
         # peak RSS with a tiny random ESM-2 (2 layers, 64 dims) so 20k proteins finish in minutes;
         # the SAE is still 4096 latents (same aggregation state), only its d_in follows the pLM
 
+    python scripts/bench_build.py --ray --proteins 600    # Ray: 1 and 2 workers against one process
+
+    python scripts/bench_build.py --merge-shards 16 --proteins 1000 --plm tiny  # merge of many shards
+
+``--merge-shards N``: the corpus built as N shard states (``--shard i/N --state-out``, chunks of
+proteins/N, one after the other in this process), then ``plmscope merge`` of the N states timed;
+printed: seconds per shard, state MiB per shard, merge seconds and the atlas's MiB.
+
+``--ray``: the same build, each in a fresh process (``OMP_NUM_THREADS=1``, 4 chunks), as one process and as
+``build --ray`` on a local cluster with 1 and with 2 workers (one shard per worker, 1 CPU each),
+``--repeats`` times in turn; ``ratio_ray<w>`` = the single-process time over the Ray build's
+(mean of the runs), so 1-worker overhead = 1 / ratio_ray1 - 1 (goal <= 10 %) and ratio_ray2 is the
+2-worker speed-up.  The Ray times include starting the local cluster and the workers' model
+loads, as a user's ``build --ray`` pays them.
+
 Throughput: the same proteins in the same run: bare extraction (``plm.iter_representations``
 alone), then ``--repeats`` times the full build (forward + SAE encode + aggregation + spill +
 checkpoint + writing the atlas) followed by bare extraction again; an untimed warm-up forward
@@ -60,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", help="keep inputs and atlas here (default: a temp dir)")
     p.add_argument("--isolated", action="store_true",
                    help="each bare extraction and build in a fresh process (no warm-up), as a CLI build runs")
+    p.add_argument("--ray", action="store_true", help="compare build --ray (1 and 2 workers) with one process")
+    p.add_argument("--merge-shards", type=int, help="time plmscope merge of this many shard states")
     p.add_argument("--child-build", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-bare", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -211,6 +228,10 @@ def run(args) -> dict:
     from plmscope.cli import build_parser
 
     build_parser("build")  # import the build module now, so the timed build does not pay for imports
+    if args.ray:
+        return ray_bench(inp, work, args)
+    if args.merge_shards:
+        return merge_bench(inp, work, args)
     if args.isolated:
         args.workdir = str(work)
         first = _isolated("bare", args)
@@ -274,6 +295,86 @@ def run(args) -> dict:
     print(json.dumps(report, indent=1))
     if tmp:
         tmp.cleanup()
+    return report
+
+
+def _mib(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2)
+
+
+def merge_bench(inp: dict, work: Path, args) -> dict:
+    """N shard states of the corpus, then ``plmscope merge`` of them, timed."""
+    import shutil
+
+    from plmscope.cli import main
+
+    n = args.merge_shards
+    args.chunk_size = -(-args.proteins // n)  # one chunk per shard
+    root = work / f"merge-bench-{n}"
+    shutil.rmtree(root, ignore_errors=True)
+    states, t_shards = [], []
+    for i in range(n):
+        st = root / f"shard{i}"
+        argv = [a for a in build_argv(inp, root / "unused.duckdb", args)]
+        t = time.perf_counter()
+        assert main([*argv, "--shard", f"{i}/{n}", "--state-out", str(st)]) == 0
+        t_shards.append(time.perf_counter() - t)
+        states.append(st)
+    out = root / "merged.duckdb"
+    t = time.perf_counter()
+    assert main(["merge", *sum((["--state", str(s)] for s in states), []), "--out", str(out)]) == 0
+    t_merge = time.perf_counter() - t
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _machine import matmul_gflops
+
+    sizes = [_mib(s) for s in states]
+    report = {"plm": args.plm, "proteins": args.proteins, "latents": args.latents, "k": args.k, "shards": n,
+              "shard_build_s_mean": round(sum(t_shards) / n, 2), "state_mib_per_shard_mean": round(sum(sizes) / n, 2),
+              "state_mib_total": round(sum(sizes), 1), "merge_s": round(t_merge, 2),
+              "atlas_mib": round(out.stat().st_size / 2**20, 1), "machine": matmul_gflops()}
+    print(json.dumps(report, indent=1))
+    return report
+
+
+def ray_bench(inp: dict, work: Path, args) -> dict:
+    """One process vs ``build --ray`` with 1 and 2 workers, each build a fresh CLI process."""
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    args.chunk_size = -(-args.proteins // 4)  # 4 chunks: 2 workers get 2 each (the same for every build)
+    kinds = {"single": [], "ray1": ["--ray", "--ray-workers", "1"], "ray2": ["--ray", "--ray-workers", "2"]}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    shards: dict[str, list] = {}
+    for _ in range(args.repeats):
+        for kind, extra in kinds.items():
+            out = work / f"ray-bench-{kind}.duckdb"
+            out.unlink(missing_ok=True)
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "plmscope.cli", *build_argv(inp, out, args), *extra],
+                                  env=env, capture_output=True, text=True)
+            times[kind].append(time.perf_counter() - t)
+            if proc.returncode != 0:
+                raise SystemExit(f"{kind} build failed: {proc.stderr[-2000:]}")
+            print(f"{kind}: {times[kind][-1]:.1f} s", file=sys.stderr, flush=True)
+            if kind != "single":
+                import duckdb
+
+                con = duckdb.connect(str(out), read_only=True)
+                summary = json.loads(con.execute("SELECT value FROM atlas_meta WHERE key = 'summary'").fetchone()[0])
+                con.close()
+                shards[kind] = [s["seconds"] for s in summary["shards"]]
+    mean = {k: sum(v) / len(v) for k, v in times.items()}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _machine import matmul_gflops
+
+    report = {"plm": args.plm, "proteins": args.proteins, "latents": args.latents, "repeats": args.repeats,
+              "seconds": {k: [round(x, 1) for x in v] for k, v in times.items()},
+              "shard_seconds_last": shards,
+              "ratio_ray1": round(mean["single"] / mean["ray1"], 3),
+              "ratio_ray2": round(mean["single"] / mean["ray2"], 3),
+              "ray1_overhead": round(mean["ray1"] / mean["single"] - 1, 3),
+              "cpus": os.cpu_count(), "machine": matmul_gflops()}
+    print(json.dumps(report, indent=1))
     return report
 
 

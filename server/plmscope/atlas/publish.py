@@ -38,10 +38,14 @@ def check_joinable(existing: dict, out: Path, plm: str, sae_ids) -> None:
 
 
 def write_atlas(roots: list[Path], out: Path, *, timings: dict | None = None,
-                encode_stats: dict | None = None) -> dict:
+                encode_stats: dict | None = None, summary_extra: dict | None = None,
+                meta_extra: dict | None = None, started: float | None = None) -> dict:
     """Merge the states in ``roots`` and publish the atlas ``out`` atomically; returns the summary.
     ``timings``: seconds per stage of the streaming pass; ``encode_stats``: per SAE id, the TopK
-    screen's counters of this run (``TopKScreen.stats``)."""
+    screen's counters of this run (``TopKScreen.stats``); ``summary_extra``: added to the summary
+    (``build --ray``: per-shard timings); ``meta_extra``: more ``atlas_meta`` keys (``build
+    --ray``: the cluster and its settings); ``started``: when the build began (default: when its
+    first state was opened)."""
     from ..store.reader import read_existing_meta
 
     manifests, aggs = load_states(roots)
@@ -50,7 +54,7 @@ def write_atlas(roots: list[Path], out: Path, *, timings: dict | None = None,
     if existing is not None:
         check_joinable(existing, out, m0["plm"], aggs)
     try:
-        return _write(roots, out, manifests, aggs, existing, timings, encode_stats)
+        return _write(roots, out, manifests, aggs, existing, timings, encode_stats, summary_extra, meta_extra, started)
     except OSError as exc:  # disk full (ENOSPC), a file size limit (EFBIG), a read-only directory ...
         raise AtlasError(f"{out}: writing the atlas failed ({exc.strerror or exc}); {_kept(out, existing)}") from None
     except (duckdb.IOException, duckdb.FatalException) as exc:  # DuckDB's own writes failing the same way
@@ -64,7 +68,8 @@ def _kept(out: Path, existing: dict | None) -> str:
             "(`plmscope build ... --resume`, or the same `plmscope merge`)")
 
 
-def _write(roots, out, manifests, aggs, existing, timings, encode_stats) -> dict:
+def _write(roots, out, manifests, aggs, existing, timings, encode_stats, summary_extra=None, meta_extra=None,
+           started=None) -> dict:
     from ..store.writer import AtlasWriter
 
     m0 = manifests[0]
@@ -77,9 +82,11 @@ def _write(roots, out, manifests, aggs, existing, timings, encode_stats) -> dict
                 saes[sid]["encode_stats"] = dict(stats_now)
         summary = {"out": str(out), **{k: stats[k] for k in CORPUS_STATS[:4]}, "saes": saes,
                    "skipped": summarize_problems(m0["corpus_problems"] + chunk_problems),
-                   "build_time_s": round(time.time() - min(float(m["started"]) for m in manifests), 2),
-                   "timings": {k: round(v, 2) for k, v in (timings or {}).items()}}
+                   "build_time_s": round(time.time() - (started or min(float(m["started"]) for m in manifests)), 2),
+                   "timings": {k: round(v, 2) for k, v in (timings or {}).items()}, **(summary_extra or {})}
         _write_meta(w, manifests, stats, summary, existing)
+        for k, v in (meta_extra or {}).items():
+            w.set_meta(k, v)
     return summary
 
 
@@ -241,6 +248,10 @@ def print_summary(s: dict) -> None:
         lines.append(f"  SAE {sid}: {d['n_dead']} dead of {d['d_sae']} latents (encode: {enc})")
     if s.get("timings"):
         lines.append("  time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["timings"].items()))
+    for sh in s.get("shards") or []:  # build --ray
+        how = "skipped (done before --resume)" if sh.get("skipped") else (
+            f"{sh['seconds']:.1f} s on {sh['host']}" + (", resumed after a failed attempt" if sh.get("resumed") else ""))
+        lines.append(f"  shard {sh['shard']}: {sh['proteins']} proteins, {how}")
     if s["skipped"]:
         lines.append("  skipped / changed:")
         for reason, d in s["skipped"].items():

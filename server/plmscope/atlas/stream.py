@@ -42,11 +42,14 @@ class StreamPass:
     """One streaming pass of ``job``'s chunks still to do; ``run`` returns seconds per stage.
 
     ``on_checkpoint(n)`` is called after each chunk whose checkpoint is written, with the number
-    of chunks done."""
+    of chunks done; ``on_progress(proteins_done, proteins_total, residues)`` after each batch (and
+    once at the start), in place of the progress bar."""
 
     def __init__(self, settings: BuildSettings, models: Models, job: BuildJob,
-                 on_checkpoint: Callable[[int], None] | None = None) -> None:
+                 on_checkpoint: Callable[[int], None] | None = None,
+                 on_progress: Callable[[int, int, int], None] | None = None) -> None:
         self.s, self.models, self.job, self.on_checkpoint = settings, models, job, on_checkpoint
+        self.on_progress = on_progress
         self.families = read_families(settings.families) if settings.families else {}
         self.stage = SAEStage(models.saes, models.encoders, job.aggs, job.ids, job.state.root, models.plm.device,
                               slots=settings.pipeline + 1)
@@ -75,8 +78,12 @@ class StreamPass:
 
         plan = self.job.plan
         total = plan.proteins(plan.mine)
-        return tqdm(total=total, initial=total - plan.proteins(todo), unit="prot", desc="build",
-                    dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=total, initial=total - plan.proteins(todo), unit="prot", desc="build",
+                   dynamic_ncols=True, mininterval=1.0, disable=self.on_progress is not None)
+        self.n_prot, self.n_total = total - plan.proteins(todo), total  # a disabled bar counts nothing
+        if self.on_progress is not None:
+            self.on_progress(self.n_prot, total, 0)
+        return bar
 
     def _write_chunk(self, c: int, chunk: list) -> None:
         pfam_families = annotate_pfam(chunk, self.s.pfam) if self.s.pfam else {}
@@ -109,6 +116,9 @@ class StreamPass:
             self.n_res += n_res
             bar.update(n_prot)
             bar.set_postfix(residues=self.n_res, refresh=False)
+            self.n_prot += n_prot
+            if self.on_progress is not None:
+                self.on_progress(self.n_prot, self.n_total, self.n_res)
             tf = time.perf_counter()
 
     def _end_chunk(self, c: int, pipeline: Pipeline, *, last: bool) -> None:
