@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where live inference runs: auto = CUDA when available, else CPU"
     )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="pLM precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU needs native bf16 (avx512_bf16/amx)"
+    )
     max_residues: int = Field(1022, ge=1, description="longest sequence accepted for live inference")
     max_request_bytes: int = Field(
         256 * 1024, ge=1024, description="largest request body accepted (JSON or form), in bytes"

@@ -135,7 +135,7 @@ class LoadedModel:
     max_residues: int | None
 
 
-def load_models(reader, device: str) -> dict[str, LoadedModel]:
+def load_models(reader, device: str, dtype: str = "auto") -> dict[str, LoadedModel]:
     """Every SAE embedded in the atlas and its pLM (each pLM loaded once); raises ModelError/SAEError."""
     import torch
 
@@ -148,7 +148,7 @@ def load_models(reader, device: str) -> dict[str, LoadedModel]:
         cfg, weights = reader.sae_weights(s["sae_id"])
         sae = sae_from_bytes(cfg, weights)
         if s["plm"] not in plms:
-            plms[s["plm"]] = load_plm(s["plm"], device)
+            plms[s["plm"]] = load_plm(s["plm"], device, dtype)
         plm = plms[s["plm"]]
         sae = sae.to(plm.device).eval()
         torch.set_grad_enabled(False)
