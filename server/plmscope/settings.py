@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     infer_max_wait_ms: float = Field(
         10.0, ge=0, description="how long the first request of a batch waits for others to join it"
     )
+    infer_threads: int = Field(
+        0, ge=0, description="torch threads of the live-inference worker; 0 = the CPUs this server may use (CPU affinity, cgroup quota)"
+    )
+    infer_nice: int = Field(
+        10, ge=0, le=19,
+        description="how much lower the inference threads' CPU priority is than the page-serving threads' (Linux nice "
+                    "increment): on shared cores page requests preempt a running forward instead of queueing behind it",
+    )
     infer_queue_size: int = Field(
         64, ge=1, description="requests waiting for the model beyond which new ones get 503 + Retry-After"
     )

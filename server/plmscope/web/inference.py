@@ -4,6 +4,11 @@
 * Requests go through one bounded queue.  A single worker task takes the first waiting request,
   waits up to ``infer_max_wait_ms`` for others (up to ``infer_batch_size``), and runs them as one
   pLM batch in a worker thread, so the event loop keeps serving pages while the model computes.
+* That worker thread is set up once (``_init_worker``): its own torch thread count
+  (``infer_threads``, default the CPUs the server may use) and a lower CPU priority
+  (``infer_nice``).  OpenMP starts its pool from that thread, so the pool inherits the priority:
+  a forward still uses every core when the server is otherwise idle, but page requests (event
+  loop, DuckDB reads in the thread pool) preempt it on shared cores instead of waiting for it.
 * A full queue raises ``QueueFull`` (the route answers 503 + Retry-After) instead of letting
   latency grow without bound.
 * Results are cached by (SAE, sha256 of the sequence) in a bounded LRU.  Cached results are sparse
@@ -166,14 +171,34 @@ class InferenceService:
         self._queue: asyncio.Queue[_Job] | None = None
         self._pending = 0  # waiting + running jobs: what the queue limit counts
         self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plmscope-infer")
+        self.worker_threads: int | None = None  # torch threads of the worker, read back once it starts
+        self.worker_nice: int | None = None  # the worker's nice value, read back likewise
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plmscope-infer",
+                                            initializer=self._init_worker)
         self._hits: dict[str, collections.deque] = {}
         self._batch_seconds = 0.1  # running estimate of one batch's duration, for Retry-After
         self.batches_run = 0
 
+    def _init_worker(self) -> None:
+        import os
+        import threading
+
+        from ..threads import set_torch_threads, usable_cpus
+
+        if self.settings.infer_nice and hasattr(os, "setpriority"):
+            tid = threading.get_native_id()  # Linux: a thread id sets that thread's priority alone
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.settings.infer_nice)
+                self.worker_nice = os.getpriority(os.PRIO_PROCESS, tid)
+            except OSError as e:  # a platform or sandbox without per-thread priorities: run at normal priority
+                log.warning("could not lower the inference thread's priority: %s", e)
+        self.worker_threads = set_torch_threads(self.settings.infer_threads or usable_cpus())
+
     # lifecycle (called from the lifespan, inside the server's event loop)
     async def start(self) -> None:
         self._queue = asyncio.Queue()
+        # Start the worker thread now (not on the first request), so its setup is not timed there.
+        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
         self._worker = asyncio.create_task(self._run(), name="plmscope-infer-batcher")
 
     async def stop(self) -> None:
