@@ -76,3 +76,9 @@ def test_set_torch_threads_reads_back():
         assert threads.set_torch_threads(0) == 1  # never below one
     finally:
         torch.set_num_threads(before)
+
+
+def test_default_threads_prefers_the_environment():
+    assert threads.default_threads({"OMP_NUM_THREADS": "3"}) == 3
+    assert threads.default_threads({}) == threads.usable_cpus()
+    assert threads.default_threads({"OMP_NUM_THREADS": "x"}) == threads.usable_cpus()

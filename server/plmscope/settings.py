@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         10.0, ge=0, description="how long the first request of a batch waits for others to join it"
     )
     infer_threads: int = Field(
-        0, ge=0, description="torch threads of the live-inference worker; 0 = the CPUs this server may use (CPU affinity, cgroup quota)"
+        0, ge=0, description="torch threads of the live-inference worker; 0 = OMP_NUM_THREADS, which `plmscope serve` sets to the CPUs it may use (CPU affinity, cgroup quota) unless given"
     )
     infer_nice: int = Field(
         10, ge=0, le=19,

@@ -57,6 +57,14 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> int:
     return max(n, 1)
 
 
+def default_threads(environ=os.environ) -> int:
+    """``OMP_NUM_THREADS`` where set (by the user, or by ``prepare_environment``), else ``usable_cpus()``."""
+    try:
+        return max(int(environ.get("OMP_NUM_THREADS", "")), 1)
+    except ValueError:
+        return usable_cpus()
+
+
 def prepare_environment(environ=os.environ) -> int:
     """Thread defaults for torch/OpenMP/MKL, before torch is imported; returns the thread count."""
     n = usable_cpus()
@@ -64,10 +72,7 @@ def prepare_environment(environ=os.environ) -> int:
     environ.setdefault("MKL_NUM_THREADS", environ["OMP_NUM_THREADS"])
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     environ.setdefault("KMP_BLOCKTIME", "0")
-    try:
-        return max(int(environ["OMP_NUM_THREADS"]), 1)
-    except ValueError:
-        return n
+    return default_threads(environ)
 
 
 def set_torch_threads(n: int) -> int:

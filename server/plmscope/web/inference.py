@@ -183,7 +183,7 @@ class InferenceService:
         import os
         import threading
 
-        from ..threads import set_torch_threads, usable_cpus
+        from ..threads import default_threads, set_torch_threads
 
         if self.settings.infer_nice and hasattr(os, "setpriority"):
             tid = threading.get_native_id()  # Linux: a thread id sets that thread's priority alone
@@ -192,7 +192,7 @@ class InferenceService:
                 self.worker_nice = os.getpriority(os.PRIO_PROCESS, tid)
             except OSError as e:  # a platform or sandbox without per-thread priorities: run at normal priority
                 log.warning("could not lower the inference thread's priority: %s", e)
-        self.worker_threads = set_torch_threads(self.settings.infer_threads or usable_cpus())
+        self.worker_threads = set_torch_threads(self.settings.infer_threads or default_threads())
 
     # lifecycle (called from the lifespan, inside the server's event loop)
     async def start(self) -> None:
