@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         8, ge=1, description="most sequences run through the pLM together (1 = one request at a time)"
     )
     infer_max_wait_ms: float = Field(
-        10.0, ge=0, description="how long the first request of a batch waits for others to join it"
+        10.0, ge=0, description="under load (the previous batch had several requests), how long a lone first request of a batch waits for others; on an idle server a request never waits"
     )
     infer_threads: int = Field(
         0, ge=0, description="torch threads of the live-inference worker; 0 = OMP_NUM_THREADS, which `plmscope serve` sets to the CPUs it may use (CPU affinity, cgroup quota) unless given"

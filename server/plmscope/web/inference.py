@@ -1,9 +1,12 @@
 """Live pLM + SAE inference for the web app.
 
 * Models are loaded once, in the app's lifespan (``load_models``), never at import time.
-* Requests go through one bounded queue.  A single worker task takes the first waiting request,
-  waits up to ``infer_max_wait_ms`` for others (up to ``infer_batch_size``), and runs them as one
-  pLM batch in a worker thread, so the event loop keeps serving pages while the model computes.
+* Requests go through one bounded queue.  A single worker task takes every waiting request (up to
+  ``infer_batch_size``) and runs them as one pLM batch in a worker thread, so the event loop keeps
+  serving pages while the model computes.  Under load, requests pile up while a batch computes
+  and the next batch takes them; only then (the previous batch had company) does a lone first
+  request wait up to ``infer_max_wait_ms`` for others.  A request on an idle server never waits:
+  that wait was most of ``/api/infer``'s overhead over a bare forward (``scripts/bench_server.py``).
 * That worker thread is set up once (``_init_worker``): its own torch thread count
   (``infer_threads``, default the CPUs the server may use) and a lower CPU priority
   (``infer_nice``).  OpenMP starts its pool from that thread, so the pool inherits the priority:
@@ -285,16 +288,21 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         wait = self.settings.infer_max_wait_ms / 1000.0
         size = self.settings.infer_batch_size
+        busy = False  # the last batch had more than one request: others are likely on their way
         while True:
             batch = [await self._queue.get()]
+            await asyncio.sleep(0)  # let requests that arrived together reach the queue
+            while len(batch) < size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             deadline = loop.time() + wait
-            while len(batch) < size:
+            while busy and len(batch) < size:
                 remaining = deadline - loop.time()
                 try:
                     job = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
                 batch.append(job)
+            busy = len(batch) > 1
             batch = [j for j in batch if not j.future.done()]  # clients that went away
             if not batch:
                 continue
