@@ -290,3 +290,18 @@ def test_dtype_errors_name_the_setting(ckpt, monkeypatch):
     with pytest.raises(ModelError, match="avx512_bf16 or amx_bf16"):
         ESM2.load(str(ckpt), "cpu", dtype="bf16")
     assert ESM2.load(str(ckpt), "cpu", dtype="fp32").autocast_dtype is None
+
+
+def test_cpu_forward_in_pieces_keeps_order_and_values(plm, reference, monkeypatch):
+    model, alphabet = reference
+    _, _, tokens = alphabet.get_batch_converter()([("", s) for s in SEQS])
+    with torch.no_grad():
+        ref = model(tokens, repr_layers=[2])["representations"][2]
+    calls = []
+    piece = plm._forward_piece
+    monkeypatch.setattr(plm, "_forward_piece", lambda seqs, layers: calls.append(len(seqs)) or piece(seqs, layers))
+    monkeypatch.setattr(esm2_mod, "CPU_BATCH_TOKENS", 60)  # SEQS pad to 5 x 45 tokens: several pieces
+    reps = plm.representations(SEQS, 2)
+    assert len(calls) > 1 and sum(calls) == len(SEQS)
+    for b, seq in enumerate(SEQS):
+        torch.testing.assert_close(reps[b], ref[b, 1 : len(seq) + 1], atol=1e-5, rtol=0)
