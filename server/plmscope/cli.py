@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from . import threads
 from .errors import PlmscopeError
 
 # name -> (module, one-line help).  Modules are imported lazily so that ``plmscope --help``
@@ -54,6 +55,8 @@ def _command_in(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before any command imports torch: OpenMP reads its thread count and wait policy once (threads.py).
+    threads.prepare_environment()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)

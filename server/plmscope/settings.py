@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where live inference runs: auto = CUDA when available, else CPU"
     )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="pLM precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on a CPU needs native bf16 (avx512_bf16/amx)"
+    )
     max_residues: int = Field(1022, ge=1, description="longest sequence accepted for live inference")
     max_request_bytes: int = Field(
         256 * 1024, ge=1024, description="largest request body accepted (JSON or form), in bytes"
@@ -41,7 +44,15 @@ class Settings(BaseSettings):
         8, ge=1, description="most sequences run through the pLM together (1 = one request at a time)"
     )
     infer_max_wait_ms: float = Field(
-        10.0, ge=0, description="how long the first request of a batch waits for others to join it"
+        10.0, ge=0, description="under load (the previous batch had several requests), how long a lone first request of a batch waits for others; on an idle server a request never waits"
+    )
+    infer_threads: int = Field(
+        0, ge=0, description="torch threads of the live-inference worker; 0 = OMP_NUM_THREADS, which `plmscope serve` sets to the CPUs it may use (CPU affinity, cgroup quota) unless given"
+    )
+    infer_nice: int = Field(
+        10, ge=0, le=19,
+        description="how much lower the inference threads' CPU priority is than the page-serving threads' (Linux nice "
+                    "increment): on shared cores page requests preempt a running forward instead of queueing behind it",
     )
     infer_queue_size: int = Field(
         64, ge=1, description="requests waiting for the model beyond which new ones get 503 + Retry-After"

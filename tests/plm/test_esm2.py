@@ -15,7 +15,7 @@ from esm.pretrained import load_model_and_alphabet_core
 
 from plmscope.errors import ModelError
 from plmscope.plm import esm2 as esm2_mod
-from plmscope.plm.base import load_plm
+from plmscope.plm.base import cpu_native_bf16, load_plm
 from plmscope.plm.esm2 import ESM2, mask_positions, regression_path, save_random_esm2
 from plmscope.vocab import AMINO_ACIDS, NONSTANDARD_AA
 
@@ -242,3 +242,66 @@ def test_bad_residue_and_layer(plm):
         plm.representations(["MKV", "MK1V"], 1)
     with pytest.raises(ModelError, match=r"layers 0\.\.3; layer 4"):
         plm.representations(["MKV"], 4)
+
+
+# ---- fast paths: fused attention, bf16 on CPUs with native bf16 (issue 17) ----
+def test_attention_takes_the_fused_kernel_and_equals_fair_esm(plm, reference):
+    """Only the fused (flash) SDPA kernel allowed: a shape or mask it cannot take would raise here
+    instead of silently falling back to the materialised (B, H, T, T) math path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, alphabet = reference
+    _, _, tokens = alphabet.get_batch_converter()([("", s) for s in SEQS])
+    with torch.no_grad():
+        ref = model(tokens, repr_layers=[N_LAYERS])["representations"][N_LAYERS]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        reps = plm.representations(SEQS, N_LAYERS)
+    for b, seq in enumerate(SEQS):
+        torch.testing.assert_close(reps[b], ref[b, 1 : len(seq) + 1], atol=1e-5, rtol=0)
+
+
+needs_bf16 = pytest.mark.skipif(not cpu_native_bf16(),
+                                reason="this CPU has no native bf16 (avx512_bf16/amx_bf16)")
+
+
+@needs_bf16
+@pytest.mark.parametrize("layer", range(N_LAYERS + 1))
+def test_bf16_cpu_path_within_stated_tolerance(ckpt, plm, layer):
+    fast = ESM2.load(str(ckpt), "cpu", dtype="bf16")
+    assert fast.autocast_dtype == torch.bfloat16 and plm.autocast_dtype is None
+    seqs = SEQS + ["MKTAYIAKQRQISFVKSHFSRQ" * 12]
+    ref, got = plm.representations(seqs, layer), fast.representations(seqs, layer)
+    for r, g in zip(ref, got):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        cos = F.cosine_similarity(r, g, dim=-1)
+        assert float(cos.min()) >= 0.999, f"layer {layer}: min per-residue cosine {float(cos.min()):.5f}"
+    if layer > 0:  # the bf16 path really runs in bf16: not bit-equal to float32
+        assert any(not torch.equal(r, g) for r, g in zip(ref, got))
+
+
+def test_dtype_errors_name_the_setting(ckpt, monkeypatch):
+    with pytest.raises(ModelError, match="--dtype 'fp8'"):
+        ESM2.load(str(ckpt), "cpu", dtype="fp8")
+    with pytest.raises(ModelError, match="fp16 runs on CUDA only"):
+        ESM2.load(str(ckpt), "cpu", dtype="fp16")
+    from plmscope.plm import base
+
+    monkeypatch.setattr(base, "cpu_native_bf16", lambda: False)  # a CPU without bf16 instructions
+    with pytest.raises(ModelError, match="avx512_bf16 or amx_bf16"):
+        ESM2.load(str(ckpt), "cpu", dtype="bf16")
+    assert ESM2.load(str(ckpt), "cpu", dtype="fp32").autocast_dtype is None
+
+
+def test_cpu_forward_in_pieces_keeps_order_and_values(plm, reference, monkeypatch):
+    model, alphabet = reference
+    _, _, tokens = alphabet.get_batch_converter()([("", s) for s in SEQS])
+    with torch.no_grad():
+        ref = model(tokens, repr_layers=[2])["representations"][2]
+    calls = []
+    piece = plm._forward_piece
+    monkeypatch.setattr(plm, "_forward_piece", lambda seqs, layers: calls.append(len(seqs)) or piece(seqs, layers))
+    monkeypatch.setattr(esm2_mod, "CPU_BATCH_TOKENS", 60)  # SEQS pad to 5 x 45 tokens: several pieces
+    reps = plm.representations(SEQS, 2)
+    assert len(calls) > 1 and sum(calls) == len(SEQS)
+    for b, seq in enumerate(SEQS):
+        torch.testing.assert_close(reps[b], ref[b, 1 : len(seq) + 1], atol=1e-5, rtol=0)

@@ -238,3 +238,27 @@ def test_unirep_residue_one_is_greyed_and_never_the_maximum(tmp_path):
         page = c.get(f"/proteins/{rows[0]['accession']}.json").json()
         assert page["heatmap"] is None or page["heatmap"]["context_free"] == 1
         assert 'data-cf="1"' in c.get("/infer", params={"seq": rows[0]["sequence"], "latents": "0,1"}).text
+
+
+def test_inference_worker_has_its_own_threads_and_lower_priority(tiny_atlas):
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with TestClient(_app(tiny_atlas, infer_threads=1, infer_nice=5)) as c:
+            service = c.app.state.infer
+            assert service.worker_threads == 1
+            assert service.worker_nice == os.getpriority(os.PRIO_PROCESS, 0) + 5  # the worker only, not the process
+            assert c.post("/api/infer", json={"sequence": SEQ[:40]}).status_code == 200
+            # what the worker thread itself reports while it runs
+            seen = asyncio.run(_on_worker(service, lambda: (torch.get_num_threads(),
+                                                           os.getpriority(os.PRIO_PROCESS, __import__("threading").get_native_id()))))
+            assert seen == (1, service.worker_nice)
+    finally:
+        torch.set_num_threads(before)
+
+
+async def _on_worker(service, fn):
+    return await service.run_job(fn)

