@@ -90,27 +90,46 @@ def _evaluate(saes: list[Path], fasta: Path, name: str, outs: list[Path]) -> lis
     return [json.loads(o.read_text()) for o in outs]
 
 
+def _atlas_groups(names: list[str]) -> list[list[str]]:
+    """The sweep SAEs in as few atlases as their ids allow (an atlas holds one SAE per id, and the
+    id names layer and size, not k)."""
+    from plmscope.sae.io import read_cfg, sae_id
+
+    groups: list[tuple[set, list[str]]] = []
+    for n in names:
+        sid = sae_id(read_cfg(n))
+        for ids, members in groups:
+            if sid not in ids:
+                ids.add(sid)
+                members.append(n)
+                break
+        else:
+            groups.append(({sid}, [n]))
+    return [members for _, members in groups]
+
+
 def sweep_table(grid: Path, workdir: Path, selection: dict[str, dict]) -> list[dict]:
     """One row per sweep SAE: selection-set numbers and the concepts analyze associates on the demo corpus."""
-    atlas = workdir / "sweep.duckdb"
-    if not atlas.is_file():
-        corpus = demo.write_corpus(workdir / "corpus.tsv", 3000)
-        tmp = workdir / "sweep.tmp.duckdb"
-        tmp.unlink(missing_ok=True)
-        _run(["build", "--corpus", str(corpus), *[x for n in sweep_names() for x in ("--sae", str(grid / n))],
-              "--out", str(tmp), "--families", str(demo.DATA / "pfam_families.tsv")])
-        # concepts are what the sweep needs; every annotated protein, as the demo's analyze
-        _run(["analyze", "--atlas", str(tmp), "--output-effect-examples", "0", "--max-proteins", "3000"])
-        tmp.replace(atlas)
-    con = duckdb.connect(str(atlas), read_only=True)
-    summaries = {r[0]: json.loads(r[1]) for r in con.execute("SELECT sae_id, summary FROM analysis_summary").fetchall()}
-    ids = {r[0]: (r[1], r[2], r[3]) for r in con.execute("SELECT sae_id, layer, d_sae, k FROM saes").fetchall()}
-    con.close()
+    corpus = demo.write_corpus(workdir / "corpus.tsv", 3000)
+    summaries = {}
+    for g, members in enumerate(_atlas_groups([grid / n for n in sweep_names()])):
+        atlas = workdir / f"sweep{g}.duckdb"
+        if not atlas.is_file():
+            tmp = workdir / f"sweep{g}.tmp.duckdb"
+            tmp.unlink(missing_ok=True)
+            _run(["build", "--corpus", str(corpus), *[x for d in members for x in ("--sae", str(d))],
+                  "--out", str(tmp), "--families", str(demo.DATA / "pfam_families.tsv"), "--token-budget", "65536"])
+            # concepts are what the sweep needs; every annotated protein, as the demo's analyze
+            _run(["analyze", "--atlas", str(tmp), "--output-effect-examples", "0", "--max-proteins", "3000"])
+            tmp.replace(atlas)
+        con = duckdb.connect(str(atlas), read_only=True)
+        rows = con.execute("SELECT s.layer, s.d_sae, s.k, a.summary FROM analysis_summary a JOIN saes s USING (sae_id)").fetchall()
+        con.close()
+        summaries.update({(layer, d, k): json.loads(s) for layer, d, k, s in rows})
     rows = []
     for name in sweep_names():
         r = selection[name]
-        sid = next(s for s, v in ids.items() if v == (r["layer"], r["d_sae"], r["k"]))
-        concepts = summaries[sid].get("concepts") or {}
+        concepts = summaries[(r["layer"], r["d_sae"], r["k"])].get("concepts") or {}
         rows.append({"layer": r["layer"], "d_sae": r["d_sae"], "k": r["k"], "set": "selection",
                      "explained_variance": r["explained_variance"],
                      "splice_delta_nats": r["headline"]["splice_delta_nats"]["value"],
