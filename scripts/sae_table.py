@@ -60,7 +60,9 @@ def block() -> str:
     sets = json.loads(SETS.read_text())
     counts, clustering = sets["counts"], sets["clustering"]
     plm, objective = reports[0]["plm"], reports[0]["objective"]["name"]
-    sweep_layers = {r["layer"] for r in selection if sum(_key(s)[0] == r["layer"] for s in selection) > 1}
+    per_layer = {layer: sum(r["layer"] == layer for r in selection) for layer in {r["layer"] for r in selection}}
+    sweep_layer = max(per_layer, key=lambda layer: (per_layer[layer], -layer))
+    chosen = {(r["d_sae"], r["k"]) for r in reports}
     reported = {_key(r) for r in reports}
     sel_sizes = {r["corpus"]["n_proteins"] for r in selection}
     summary = []
@@ -79,11 +81,12 @@ def block() -> str:
         f"`data/demo/sae_sets.json`), dealt whole to three sets: **train** {counts['train']['proteins']:,} proteins "
         f"({counts['train']['clusters']:,} clusters), **selection** {counts['selection']['proteins']:,} "
         f"({counts['selection']['clusters']:,}), **report** {counts['report']['proteins']:,} "
-        f"({counts['report']['clusters']:,}). One {plm} pass over *train* trained an SAE at every layer and a sweep of "
-        f"dictionary size and k at layer {', '.join(map(str, sorted(sweep_layers)))}; the size and k were chosen on "
-        f"*selection* (`scripts/demo_saes.py`'s rule: the smallest k, then the fewest latents, whose splice costs at "
-        f"most 10 % of what the model predicts beyond amino-acid frequencies) and only the four demo SAEs were "
-        f"measured on *report* (bold). Loss: {plm}'s {objective} loss in nats per residue (residue 1, context-free, "
+        f"({counts['report']['clusters']:,}). Every SAE below was trained on *train* (`scripts/demo_saes.py`: 1,024 "
+        f"latents with k = 32 at every layer and a sweep of k and dictionary size at layer {sweep_layer} in one "
+        f"{plm} pass); the size and k were chosen on *selection* at layer {sweep_layer} (the rule: the smallest k, "
+        f"then the fewest latents, whose splice costs at most 10 % of what the model predicts beyond amino-acid "
+        f"frequencies), that setting ({' / '.join(f'{d:,} latents, k = {k}' for d, k in sorted(chosen))}) was "
+        f"trained at every layer, and only those four demo SAEs were measured on *report* (bold). Loss: {plm}'s {objective} loss in nats per residue (residue 1, context-free, "
         f"is neither spliced nor ablated); brackets: 95 % bootstrap intervals over proteins.",
         "",
         "  | layer | latents | k | set | explained variance | dead fraction | loss clean → SAE → mean-ablated | "
