@@ -241,7 +241,8 @@ def secondary_structure(layers: list[LayerInputs]) -> Finding:
     elif tested:
         best = max((v for v in f.values if v.value is not None), key=lambda v: v.value, default=None)
         f.verdict = NOT_REPRODUCED
-        f.reason = "no associated latent" + (f"; best test F1 {best.value:.2f} ({best.series}, layer {best.layer})" if best else "")
+        f.reason = "no associated latent" + (f"; best test F1 {best.value:.2f} ({best.series}, layer {best.layer})" if best
+                                             else "; no latent reached the reporting floor of validation F1 on any element")
     else:
         f.reason = "no secondary-structure concept had >= 10 regions in each split"
     return f

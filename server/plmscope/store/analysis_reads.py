@@ -464,12 +464,14 @@ def annotation_base_rate(con, kind: str) -> tuple[int, int]:
 
 
 def concept_best(con, sae_id: str, prefix: str) -> list[dict]:
-    """Per concept starting with ``prefix``: the test F1 (and interval) of the reported latent with the
-    best validation F1, the number of associated latents, and whether the concept was tested."""
+    """Per concept starting with ``prefix`` (every one analyze scored, from ``concept_sources``): the
+    test F1 (and interval) of the reported latent with the best validation F1 (NULL when no latent
+    was reported: none reached the reporting floor on validation), the number of associated
+    latents, and whether the concept was tested."""
     return query_rows(
-        con, "SELECT c.concept, arg_max(c.test_f1, (c.val_f1, -c.latent)) AS test_f1, "
+        con, "SELECT s.concept, arg_max(c.test_f1, (c.val_f1, -c.latent)) AS test_f1, "
         "arg_max(c.test_f1_lo, (c.val_f1, -c.latent)) AS lo, arg_max(c.test_f1_hi, (c.val_f1, -c.latent)) AS hi, "
-        "count(*) FILTER (WHERE c.associated) AS n_associated, "
-        "coalesce(any_value(s.tested), any_value(c.n_val) >= 10 AND any_value(c.n_test) >= 10) AS tested "
-        "FROM latent_concepts c LEFT JOIN concept_sources s ON s.sae_id = c.sae_id AND s.concept = c.concept "
-        "WHERE c.sae_id = ? AND starts_with(c.concept, ?) GROUP BY c.concept ORDER BY c.concept", [sae_id, prefix])
+        "count(c.latent) FILTER (WHERE c.associated) AS n_associated, any_value(s.tested) AS tested "
+        "FROM concept_sources s LEFT JOIN latent_concepts c ON c.sae_id = s.sae_id AND c.concept = s.concept "
+        "WHERE s.sae_id = ? AND starts_with(s.concept, ?) AND s.scored GROUP BY s.concept ORDER BY s.concept",
+        [sae_id, prefix])
