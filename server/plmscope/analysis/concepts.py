@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -288,6 +288,22 @@ class ConceptResult:
     enough: np.ndarray  # bool per concept: >= min_per_split in each split
     n_test_clusters: int = 0
     n_boot: int = 0
+
+
+def combine(a: ConceptResult, b: ConceptResult) -> ConceptResult:
+    """``a``'s concepts then ``b``'s (the same latents, scored on different protein sets)."""
+    out = {}
+    for f in fields(ConceptResult):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "concepts":
+            out[f.name] = list(x) + list(y)
+        elif f.name == "scale":
+            out[f.name] = x
+        elif f.name in ("n_test_clusters", "n_boot"):
+            out[f.name] = max(x, y)
+        else:
+            out[f.name] = np.concatenate([x, y], axis=x.ndim - 1)
+    return ConceptResult(**out)
 
 
 def reported_pairs(val_f1: np.ndarray, associated: np.ndarray, *, per_latent: int = REPORTED_PER_LATENT,

@@ -384,8 +384,7 @@ def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: Activatio
         test_groups = np.unique(groups[~validation].astype(str))
         scale = concepts.normalising_max(inputs.pm, corpus.cluster_key, test_groups)
         n_norm = int((~np.isin(corpus.cluster_key.astype(str), test_groups)).sum())
-        cres = concepts.associate(acts, offsets, lengths, regions, validation, scale=scale, groups=groups,
-                                  seed=settings.seed)
+        cres, n_ss = _associate_by_universe(acts, offsets, lengths, regions, validation, scale, groups, settings.seed)
     return cres, {
         **concepts.summarize(cres, inputs.live),
         "n_proteins": len(chosen), "n_validation": int(validation.sum()), "n_test": int((~validation).sum()),
@@ -394,7 +393,32 @@ def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: Activatio
         "normalisation": f"each latent's maximum over the {n_norm} atlas proteins outside the test split's clusters",
         "n_normalisation_proteins": n_norm,
         "context_free_positions_left_out": cf,
+        "secondary_structure_universe": (f"secondary-structure concepts scored on the {n_ss} concept proteins with any "
+                                         f"secondary-structure annotation (a protein without a structure is not "
+                                         f"evidence against a helix); every other concept on all of them"),
     }
+
+
+SS_PREFIX = "secondary structure:"
+
+
+def _associate_by_universe(acts, offsets, lengths, regions, validation, scale, groups, seed):
+    """InterPLM's rule with each concept scored on the proteins whose annotation of it is complete:
+    secondary structure (from structures, or UniProt features made from them) only on proteins that
+    have any; every other concept on all proteins.  Returns (result, proteins in the first set)."""
+    main = [r for r in regions if not r[1].startswith(SS_PREFIX)]
+    ss = [r for r in regions if r[1].startswith(SS_PREFIX)]
+    res = concepts.associate(acts, offsets, lengths, main, validation, scale=scale, groups=groups, seed=seed)
+    prots = np.array(sorted({r[0] for r in ss}), dtype=np.int64)
+    if not len(prots) or validation[prots].all() or not validation[prots].any():
+        return res, int(len(prots))
+    rows = np.concatenate([np.arange(offsets[p], offsets[p] + lengths[p]) for p in prots])
+    sub_len = np.asarray(lengths)[prots]
+    sub_off = np.concatenate([[0], np.cumsum(sub_len)[:-1]])
+    local = {int(p): i for i, p in enumerate(prots)}
+    ss_res = concepts.associate(acts[rows], sub_off, sub_len, [(local[r[0]], *r[1:]) for r in ss], validation[prots],
+                                scale=scale, groups=np.asarray(groups, dtype=object)[prots], seed=seed)
+    return concepts.combine(res, ss_res), int(len(prots))
 
 
 def _residue_activations(saes: list[tuple[dict, bytes]], plm, seqs, ids, token_budget, bar: tqdm) -> list[sparse.csr_matrix]:
