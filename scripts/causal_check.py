@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--controls", type=int, default=3, help="density-matched control latents per associated latent")
     p.add_argument("--max-pairs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sae", default=None, help="SAE id (default: the atlas's SAE with the most associated pairs)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
@@ -47,7 +48,12 @@ def main() -> None:
     from plmscope.store.reader import connect, read_sae_weights, read_saes
 
     con = connect(args.atlas)
-    sae_row = read_saes(con)[0]
+    rows = read_saes(con)
+    if args.sae:
+        rows = [r for r in rows if r["sae_id"] == args.sae]
+        if not rows:
+            raise SystemExit(f"{args.atlas} has no SAE {args.sae!r}")
+    sae_row = max(rows, key=lambda r: len(reads.associated_pairs(con, r["sae_id"])))
     sid = sae_row["sae_id"]
     pairs = reads.associated_pairs(con, sid)[: args.max_pairs]
     density = reads.latent_densities(con, sid)
