@@ -8,7 +8,7 @@
   both with the model's variant score, on the same residue window; and the seconds a live scan of
   ``--window`` residues takes (what ``Settings.scan_max_window`` is set from).
 
-Models: the demo's UniRep-256 with its committed layer-1 SAE (data/demo/sae/L1-topk1024-k32), and a random-weight ESM-2 of
+Models: the demo's UniRep-256 with its committed layer-1 SAE (data/demo/sae/L1-topk512-k32), and a random-weight ESM-2 of
 ``--arch`` with a random TopK SAE at its middle layer (an architecture costs the same whatever its
 weights).  Proteins: real demo proteins of about ``--length`` residues.
 
@@ -94,7 +94,7 @@ def main() -> None:
     seq = protein(args.length)
     print(json.dumps({"machine": matmul_gflops(args.device)}))
     if not args.skip_unirep:
-        sae = load_sae(DEMO / "sae" / "L1-topk1024-k32").eval()
+        sae = load_sae(DEMO / "sae" / "L1-topk512-k32").eval()
         plm = UniRep.load(sae.plm, args.device)
         print(json.dumps(bench(sae.plm, plm, sae.to(plm.device), seq, args)))
     with tempfile.TemporaryDirectory() as tmp:

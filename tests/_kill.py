@@ -17,8 +17,13 @@ MAIN = "import sys; from plmscope.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def run_cli(argv: list[str], *, fault: str | None = None, preexec_fn=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    import torch
+
+    # the child computes with as many threads as this process: a result compared bit for bit with
+    # one computed here (train-sae resumed in-process) must not differ by BLAS reduction order
+    threads = str(torch.get_num_threads())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "server"), str(REPO)]),
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+               OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     env.pop("PLMSCOPE_FAULT", None)
     if fault:
         env["PLMSCOPE_FAULT"] = fault

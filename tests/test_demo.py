@@ -155,7 +155,7 @@ def test_demo_in_a_real_browser(demo_atlas, tmp_path):
         _ready(page)
         assert "unirep-256" in page.locator("h1").inner_text()
         # the SAE's quality numbers from eval-sae are shown, not left blank
-        metrics = json.loads((COMMITTED / "cfg.json").read_text())["plmscope"]["metrics"]
+        metrics = json.loads((COMMITTED[0] / "cfg.json").read_text())["plmscope"]["metrics"]  # layer 1, shown first
         quality = page.locator("#sae-quality").inner_text()
         recovered = metrics["headline"]["loss_recovered_vs_mean_ablation_pct"]["value"]
         assert f"{recovered:.1f}%" in quality and "vs mean-ablation" in quality.lower() and "32" in quality

@@ -11,7 +11,7 @@ from plmscope.web.templating import make_templates
 from tests._paths import REPO
 
 TEMPLATES = REPO / "frontend" / "templates"
-COMMITTED_CFG = REPO / "data" / "demo" / "sae" / "L1-topk1024-k32" / "cfg.json"
+COMMITTED_CFG = REPO / "data" / "demo" / "sae" / "L1-topk512-k32" / "cfg.json"
 
 
 def _render(metrics: dict) -> str:
