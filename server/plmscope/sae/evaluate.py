@@ -174,14 +174,15 @@ def evaluate(s: EvalSettings, shared: SharedPasses | None = None) -> dict[str, A
     sae = load_sae(s.sae, plm=plm.name, layer=layer, d_in=plm.d_model(layer), device=plm.device)
     items = [(p.accession, p.sequence) for p in corpus.proteins]
     rec = Reconstruction.measure(plm, sae, layer, items, s.token_budget)
+    fasta_sha = sha256_file(s.fasta)
     return {
         "sae": sae_id(cfg), "plm": plm.name, "layer": layer, "architecture": sae.architecture,
         "d_sae": sae.d_sae, "k": sae.k,
-        "corpus": {"set": s.set_name, "path": str(s.fasta.resolve()), "sha256": sha256_file(s.fasta),
+        "corpus": {"set": s.set_name, "path": str(s.fasta.resolve()), "sha256": fasta_sha,
                    "n_proteins": len(items), "n_residues": rec.n},
         **rec.metrics(),
         **lm_loss_metrics(plm, sae, layer, [seq for _, seq in items], s.seed, cfg, token_budget=s.loss_token_budget,
-                          shared=shared, corpus_key=(sha256_file(s.fasta), s.max_proteins)),
+                          shared=shared, corpus_key=(fasta_sha, s.max_proteins)),
     }
 
 
