@@ -246,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
                 "build", "--corpus", str(corpus), *[x for d in sae_dirs for x in ("--sae", str(d))], "--out", str(atlas),
                 "--structures", str(DATA / "structures"), "--manifest", str(DATA / "structures.tsv"),
                 "--families", str(DATA / "pfam_families.tsv"),
+                # the codes of every concept protein, which analyze reads (see below)
+                "--concept-proteins", str(args.proteins),
             ],
         )
         if not args.no_analyze:

@@ -1,5 +1,6 @@
 """Domain facts every part of plmscope shares, each defined once: the amino-acid alphabet, UniProt
-feature names and the concept keys derived from them, amino-acid enrichment, the uint8 encoding of
+feature names and the concept keys derived from them, the concept proteins and the precision of
+their stored residue codes, amino-acid enrichment, the uint8 encoding of
 activations and the colour scale of activations.
 
 The build, the reader, the analysis and the pages import these; the front end gets the colour
@@ -8,6 +9,7 @@ scale from the pages (``colour_scale()`` as JSON), so a value changed here chang
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -88,6 +90,35 @@ def concept_key(kind: str, type_: str, label: str) -> str | None:
     if t in NON_CONCEPT_FEATURES:
         return None
     return f"feature:{t}"
+
+
+# ---- concept proteins ----
+
+def concept_sample(accessions: Sequence[str], limit: int, seed: int = 0) -> np.ndarray:
+    """Indices (ascending) of the ``limit`` accessions with the smallest ``blake2b(seed:accession)``:
+    the proteins whose per-residue activations the concept association reads.  A hash order, not a
+    random draw from the list, so that the build (which keeps these proteins' residue codes for
+    analyze) and analyze pick the same proteins from candidate lists that differ at the margins
+    (a structure DSSP cannot read, Pfam hits found during the build)."""
+    if len(accessions) <= limit:
+        return np.arange(len(accessions))
+    keys = [hashlib.blake2b(f"{seed}:{a}".encode(), digest_size=8).digest() for a in accessions]
+    return np.sort(np.array(sorted(range(len(keys)), key=keys.__getitem__)[:limit], dtype=np.int64))
+
+
+# Residue codes (per-residue SAE activations kept for the concept step) are stored as float16 when
+# every value of the protein fits (SAE activations are O(1..100); 11 bits of mantissa keep a value
+# within 0.05 % of itself), else float32; analyze rounds what it recomputes the same way, so the
+# association does not depend on whether the build kept a protein's codes.
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def code_values(values: np.ndarray) -> np.ndarray:
+    """Residue-code values as stored: float16 when all fit, else float32."""
+    values = np.asarray(values, dtype=np.float32)
+    if not len(values) or float(np.abs(values).max()) <= FLOAT16_MAX:
+        return values.astype(np.float16)
+    return values
 
 
 # ---- amino-acid enrichment ----

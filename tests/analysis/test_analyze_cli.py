@@ -159,7 +159,8 @@ def test_settings_drive_analyze_as_the_cli_does(mini_atlas, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def two_sae_atlas(mini_atlas, tmp_path_factory):
-    """The mini atlas's corpus built with its SAE and a second one on the same pLM."""
+    """The mini atlas's corpus built with its SAE and a second one on the same pLM, keeping no residue
+    codes (``--concept-proteins 0``): analyze computes them, one forward for both SAEs."""
     import torch
 
     from plmscope.sae.io import save_sae
@@ -172,7 +173,10 @@ def two_sae_atlas(mini_atlas, tmp_path_factory):
     out = root / "two.duckdb"
     assert main(["build", "--corpus", str(mini_atlas.parent / "corpus.tsv"), "--sae", str(mini_atlas.parent / "sae"),
                  "--sae", str(root / "sae2"), "--out", str(out), "--families", str(DEMO / "pfam_families.tsv"),
-                 "--top-n", "5", "--checkpoint-every", "0", "--device", "cpu"]) == 0
+                 "--top-n", "5", "--checkpoint-every", "0", "--device", "cpu", "--concept-proteins", "0"]) == 0
+    con = duckdb.connect(str(out), read_only=True)
+    assert con.execute("SELECT count(*) FROM residue_codes").fetchall()[0][0] == 0
+    con.close()
     return out
 
 
@@ -190,7 +194,8 @@ def test_analyze_shows_progress_of_each_step_of_each_sae_on_stderr(two_sae_atlas
             assert at, (sae, step, lines)
             first.append(at[0])
         assert first == sorted(first)  # in the order they run
-    forward = [line for line in lines if line.startswith("SAE 1/2 · concepts: pLM forward (layers 1, 2 SAEs)")]
+    forward = [line for line in lines
+               if line.startswith("SAE 1/2 · concepts: pLM forward of the 40 proteins the build kept no codes of (layers 1, 2 SAEs)")]
     assert "40/40" in forward[-1] and "prot" in forward[-1]  # proteins counted
     assert not any(line.startswith(("SAE 2/2 · concepts: load pLM", "SAE 2/2 · concepts: pLM forward")) for line in lines)
     assert "SAE 1/2" not in captured.out

@@ -23,7 +23,7 @@ from tests.conftest import DEMO, demo_rows, make_sae
 
 TABLES = ["proteins", "annotations", "families", "structures", "structure_residues", "saes", "latents",
           "latent_examples", "latent_bins", "latent_families", "latent_annotation_types", "latent_neighbors",
-          "protein_latents", "protein_latent_stats", "protein_embeddings"]
+          "protein_latents", "protein_latent_stats", "protein_embeddings", "residue_codes"]
 VOLATILE = {"saes": ["built_at", "position"]}  # position: display order in the atlas it joined
 
 
@@ -194,6 +194,7 @@ def test_shards_merged_equal_one_pass(tiny_atlas, tmp_path, capsys):
     assert main(["merge", "--state", str(states[1]), "--state", str(states[0]), "--out", str(out)]) == 0
     for t in TABLES:
         assert table_rows(out, t) == table_rows(tiny_atlas.path, t), t
+    assert table_rows(out, "residue_codes")  # the concept proteins' codes, from both shards
     # a missing shard is refused, and one given twice
     assert main(["merge", "--state", str(states[0]), "--out", str(tmp_path / "x.duckdb")]) == 2
     assert not (tmp_path / "x.duckdb").exists()

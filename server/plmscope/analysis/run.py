@@ -34,7 +34,7 @@ from ..store import analysis_writes as writes
 from ..store.reader import check_atlas, read_sae_weights, read_saes
 from ..store.schema import ANALYSIS_TABLES
 from ..store.writer import set_meta
-from ..vocab import AMINO_ACIDS
+from ..vocab import AMINO_ACIDS, code_values, concept_sample
 from . import concepts, describe, family, findings, output_effects, patterns, probes, secondary
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class AnalyzeSettings:
 
     atlas: Path
     saes: tuple[str, ...] = ()  # SAE ids to analyse; empty: all
-    max_proteins: int = 1000  # annotated proteins whose activations are recomputed for concepts; 0 skips
+    max_proteins: int = 1000  # annotated proteins whose per-residue activations the concepts read; 0 skips
     seed: int = 0  # of every split and probe
     device: str = "auto"  # of the pLM + SAE recomputation
     token_budget: int = 8192  # residues per pLM batch
@@ -68,7 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atlas", required=True, help="atlas file (DuckDB) to analyse in place (published atomically)")
     p.add_argument("--sae", action="append", help="SAE id to analyse (repeatable; default: all)")
     p.add_argument("--max-proteins", type=int, default=d.max_proteins,
-                   help=f"annotated proteins whose per-residue activations are recomputed for concepts (default {d.max_proteins}; 0 skips concepts)")
+                   help=f"annotated proteins whose per-residue activations the concept association reads: the "
+                        f"codes the build kept (build --concept-proteins), recomputed for the others "
+                        f"(default {d.max_proteins}; 0 skips concepts)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of every split and probe (default {d.seed})")
     p.add_argument("--device", default=d.device, help="device for the pLM + SAE recomputation: auto, cpu, cuda")
     p.add_argument("--token-budget", type=int, default=d.token_budget, help=f"residues per pLM batch (default {d.token_budget})")
@@ -326,52 +328,69 @@ def pattern_counts(pattern: list[str]) -> dict[str, int]:
 
 
 class ActivationCache:
-    """Per-residue SAE activations of the concept proteins, for every SAE analysed, from one pLM
-    forward per pLM (the first SAE that needs them computes them for all SAEs of its pLM)."""
+    """Per-residue SAE activations of the concept proteins, for every SAE analysed: the codes the
+    build kept (``residue_codes``, ``plmscope build --concept-proteins``), and for the proteins it did
+    not keep, one pLM forward per pLM that serves every SAE of that pLM (the first SAE that needs
+    them computes them for all).  Recomputed values are rounded as the build stores them
+    (``vocab.code_values``), so the association does not depend on which proteins the build kept."""
 
     def __init__(self, saes: list[dict]):
         self.saes = saes
         self.acts: dict[str, sparse.csr_matrix] = {}
-        self.context_free: dict[str, int] = {}
+        self.origin: dict[str, dict[str, int]] = {}  # per SAE: proteins read from the build / recomputed
         self.plms: dict[str, object] = {}  # loaded pLMs by name, shared with the other steps
 
     def get(self, con, sae_id: str, corpus: Corpus, chosen: np.ndarray, settings: AnalyzeSettings,
-            progress: Progress) -> tuple[sparse.csr_matrix, int]:
+            progress: Progress) -> tuple[sparse.csr_matrix, int, dict[str, int]]:
         """(residues x latents activations of ``chosen`` proteins, context-free positions left out;
-        the number left out per protein)."""
+        the number left out per protein; proteins read from the build and recomputed)."""
+        sae = next(s for s in self.saes if s["sae_id"] == sae_id)
         if sae_id not in self.acts:
-            plm_name = next(s["plm"] for s in self.saes if s["sae_id"] == sae_id)
-            group = [s for s in self.saes if s["plm"] == plm_name]
-            plm = self.plms.get(plm_name)
-            if plm is None:
-                with progress.step("concepts: load pLM", "concepts"):
-                    from ..plm import load_plm
-
-                    plm = self.plms[plm_name] = load_plm(plm_name, device=settings.device)
+            group = [s for s in self.saes if s["plm"] == sae["plm"]]
             ids = [str(corpus.accessions[i]) for i in chosen]
-            seqs = [corpus.sequences[i][: corpus.lengths[i]] for i in chosen]
-            weights = [read_sae_weights(con, s["sae_id"], settings.atlas) for s in group]
-            layers = sorted({int(s["layer"]) for s in group})
-            what = f"concepts: pLM forward (layers {', '.join(map(str, layers))}, {len(group)} SAEs)"
-            with progress.step(what, "concepts", total=len(ids)) as bar:
-                acts = _residue_activations(weights, plm, seqs, ids, settings.token_budget, bar)
-            for s, a in zip(group, acts):
-                self.acts[s["sae_id"]] = a
-                self.context_free[s["sae_id"]] = plm.context_free_positions
-        return self.acts.pop(sae_id), self.context_free[sae_id]
+            with progress.step("concepts: read the build's residue codes", "concepts"):
+                stored = [reads.residue_codes(con, s["sae_id"], s["d_sae"], ids) for s in group]
+            missing = [i for i, a in zip(chosen, ids) if any(a not in st for st in stored)]
+            computed = [{} for _ in group]
+            if missing:
+                computed = self._compute(con, group, corpus, missing, settings, progress)
+            for s, st, comp in zip(group, stored, computed):
+                self.acts[s["sae_id"]] = sparse.vstack([st.get(a, comp.get(a)) for a in ids], format="csr")
+                n_read = sum(a in st for a in ids)
+                self.origin[s["sae_id"]] = {"from_build": n_read, "recomputed": len(ids) - n_read}
+        return self.acts.pop(sae_id), int(sae["context_free"]), self.origin[sae_id]
+
+    def _compute(self, con, group: list[dict], corpus: Corpus, rows: list[int], settings: AnalyzeSettings,
+                 progress: Progress) -> list[dict[str, sparse.csr_matrix]]:
+        plm_name = group[0]["plm"]
+        plm = self.plms.get(plm_name)
+        if plm is None:
+            with progress.step("concepts: load pLM", "concepts"):
+                from ..plm import load_plm
+
+                plm = self.plms[plm_name] = load_plm(plm_name, device=settings.device)
+        ids = [str(corpus.accessions[i]) for i in rows]
+        seqs = [corpus.sequences[i][: corpus.lengths[i]] for i in rows]
+        weights = [read_sae_weights(con, s["sae_id"], settings.atlas) for s in group]
+        layers = sorted({int(s["layer"]) for s in group})
+        what = (f"concepts: pLM forward of the {len(ids)} proteins the build kept no codes of "
+                f"(layers {', '.join(map(str, layers))}, {len(group)} SAEs)")
+        with progress.step(what, "concepts", total=len(ids)) as bar:
+            return _residue_activations(weights, plm, seqs, ids, settings.token_budget, bar)
 
 
 def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: ActivationCache, settings: AnalyzeSettings,
                          progress: Progress) -> tuple[concepts.ConceptResult | None, dict]:
-    """InterPLM's association rule on per-residue activations recomputed for up to ``max_proteins``
-    annotated proteins (``concepts`` module docstring).  The pLM's context-free positions are left
-    out of them, as from every other statistic: the proteins are scored from residue cf + 1 on."""
+    """InterPLM's association rule (``concepts`` module docstring) on the per-residue activations of
+    up to ``max_proteins`` annotated proteins (the build's residue codes, recomputed where it kept
+    none).  The pLM's context-free positions are left out of them, as from every other statistic:
+    the proteins are scored from residue cf + 1 on."""
     chosen = _pick_concept_proteins(corpus, settings.max_proteins, settings.seed) if settings.max_proteins > 0 else np.array([], int)
     if len(chosen) == 0:
         with progress.step("concepts: skipped", "concepts"):
             return None, {"skipped": "no annotated proteins (or --max-proteins 0)"}
     ids = [str(corpus.accessions[i]) for i in chosen]
-    acts, cf = plms.get(con, inputs.sae_id, corpus, chosen, settings, progress)
+    acts, cf, origin = plms.get(con, inputs.sae_id, corpus, chosen, settings, progress)
     with progress.step("concepts: associate", "concepts"):
         sub = {int(p): k for k, p in enumerate(chosen)}
         lengths = np.maximum(corpus.lengths[chosen] - cf, 0)
@@ -393,6 +412,7 @@ def concept_associations(con, inputs: SaeInputs, corpus: Corpus, plms: Activatio
         "normalisation": f"each latent's maximum over the {n_norm} atlas proteins outside the test split's clusters",
         "n_normalisation_proteins": n_norm,
         "context_free_positions_left_out": cf,
+        "codes_from_build": origin["from_build"], "codes_recomputed": origin["recomputed"],
         "secondary_structure_universe": (f"secondary-structure concepts scored on the {n_ss} concept proteins with any "
                                          f"secondary-structure annotation (a protein without a structure is not "
                                          f"evidence against a helix); every other concept on all of them"),
@@ -421,10 +441,10 @@ def _associate_by_universe(acts, offsets, lengths, regions, validation, scale, g
     return concepts.combine(res, ss_res), int(len(prots))
 
 
-def _residue_activations(saes: list[tuple[dict, bytes]], plm, seqs, ids, token_budget, bar: tqdm) -> list[sparse.csr_matrix]:
-    """Per SAE ((cfg, weights)), residues x latents raw SAE activations, proteins concatenated in
-    ``ids`` order without their context-free positions (the association normalises them, by a
-    maximum that leaves the test split out).  One forward serves every SAE's layer."""
+def _residue_activations(saes: list[tuple[dict, bytes]], plm, seqs, ids, token_budget, bar: tqdm) -> list[dict[str, sparse.csr_matrix]]:
+    """Per SAE ((cfg, weights)), each protein's residues x latents SAE activations without its
+    context-free positions, values rounded as the build stores them (``vocab.code_values``).
+    One forward serves every SAE's layer."""
     from ..sae.io import sae_from_bytes
 
     models = [sae_from_bytes(cfg, w).to(plm.device) for cfg, w in saes]
@@ -434,10 +454,11 @@ def _residue_activations(saes: list[tuple[dict, bytes]], plm, seqs, ids, token_b
     with torch.no_grad():
         for rid, _, reps in plm.iter_layer_representations(zip(ids, seqs), layers, token_budget=token_budget):
             for j, (sae, rep) in enumerate(zip(models, reps)):
-                z = sae.encode(rep[cf:].to(plm.device))
-                blocks[j][rid] = sparse.csr_matrix(z.float().cpu().numpy())
+                z = sparse.csr_matrix(sae.encode(rep[cf:].to(plm.device)).float().cpu().numpy())
+                z.data = code_values(z.data).astype(np.float32)
+                blocks[j][rid] = z
             bar.update(1)
-    return [sparse.vstack([b[i] for i in ids], format="csr") for b in blocks]
+    return blocks
 
 
 def concept_inventory(corpus: Corpus, settings: AnalyzeSettings, cres: concepts.ConceptResult | None,
@@ -485,11 +506,10 @@ def paper_findings(con, settings: AnalyzeSettings) -> list[findings.Finding]:
 
 
 def _pick_concept_proteins(corpus: Corpus, limit: int, seed: int) -> np.ndarray:
+    """Up to ``limit`` proteins with a concept region, in ``vocab.concept_sample``'s hash order
+    (the build keeps the residue codes of the same ones, seed 0)."""
     annotated = np.unique([r[0] for r in corpus.regions])
-    if len(annotated) <= limit:
-        return annotated
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(annotated, size=limit, replace=False))
+    return annotated[concept_sample([str(corpus.accessions[i]) for i in annotated], limit, seed)]
 
 
 SUMMARY_TOP_LATENTS = 3  # per class, in the summary JSON (the page lists TOP_LATENTS with the atlas's evidence)
@@ -676,7 +696,8 @@ def format_summary(s: dict) -> str:
         lines.append(f"  concepts (InterPLM's rule): {c['n_associated_pairs']} associated pairs, {c['n_associated_latents']} "
                      f"latents, {c['n_associated_concepts']} concepts; {c['n_pairs_passing_validation']} pairs passed "
                      f"validation; {c['n_concepts_tested']} of {c['n_concepts_scored']} concepts with >= {c['min_per_split']} "
-                     f"regions per split ({c['n_proteins']} proteins: {c['n_validation']} validation, {c['n_test']} test)")
+                     f"regions per split ({c['n_proteins']} proteins: {c['n_validation']} validation, {c['n_test']} test; "
+                     f"codes of {c['codes_from_build']} from the build, {c['codes_recomputed']} recomputed)")
     lines += format_probe_lines(pr)
     if s.get("findings"):
         lines.append("  paper's findings: " + ", ".join(f"{k} {v}" for k, v in s["findings"].items()))

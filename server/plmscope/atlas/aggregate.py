@@ -27,7 +27,8 @@ latents, values of the non-zero entries, e.g. from ``sparse_codes``) and folds t
   are dropped on the way in and ``n_residues`` / the background do not count them;
 * per protein (streamed to spill files, not kept in memory): every active (protein, latent) pair
   (max, sum, n_active), the top ``protein_top`` latents with vectors, and the mean raw pLM
-  representation and its per-dimension maximum over the residues;
+  representation and its per-dimension maximum over the residues; for the concept proteins the
+  build names (``keep_codes``), every residue's codes;
 * per spill part (not kept either): sparse (label, latent) counts of active residues inside Pfam
   families / annotation types, summed over the parts when the atlas is written.
 
@@ -145,12 +146,14 @@ class SAEAggregate:
     # ------------------------------------------------------------------ streaming
     def update(self, accessions: list[str], sequences: list[str], rows: np.ndarray, lat: np.ndarray,
                val: np.ndarray, *, mean_reps: np.ndarray | None = None, max_reps: np.ndarray | None = None,
-               spans: list[list[tuple[str, str, int, int]]] | None = None) -> None:
+               spans: list[list[tuple[str, str, int, int]]] | None = None,
+               keep_codes: np.ndarray | None = None) -> None:
         """Fold in proteins ``accessions`` (sequences = the residues the pLM saw).
 
         ``rows`` index the concatenation of the sequences' residues; ``spans[i]`` lists
         ``('family'|'type', label, start, end)`` (1-based inclusive) of protein i; ``mean_reps`` /
-        ``max_reps`` the proteins' raw pLM representations pooled by mean / max over residues.
+        ``max_reps`` the proteins' raw pLM representations pooled by mean / max over residues;
+        ``keep_codes[i]``: keep protein i's residue codes (``_residue_codes``).
         """
         L = self.L
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
@@ -168,6 +171,8 @@ class SAEAggregate:
         if cf:
             keep = rows - offsets[p] >= cf
             rows, lat, val, p = rows[keep], lat[keep], val[keep], p[keep]
+        if keep_codes is not None:
+            self._residue_codes(np.asarray(keep_codes, dtype=bool), lengths, offsets, rows, lat, val, p)
         order = _stable_argsort(p * L + lat)  # pairs contiguous, positions ascending
         rows, lat, val, p = rows[order], lat[order], val[order].astype(np.float32), p[order]
         pos = (rows - offsets[p]).astype(np.int32)
@@ -267,6 +272,27 @@ class SAEAggregate:
             c = row_cnt[rows]
             idx = _segment_index(row_start[rows], c)
             counter.add(ac[idx], np.repeat(lat, c))
+
+    def _residue_codes(self, keep, lengths, offsets, rows, lat, val, p) -> None:
+        """The kept proteins' codes, residue by residue from the first residue after the
+        context-free positions (``rows`` ascending): ``rc_p`` (the protein, as ``st_p``), ``rc_n``
+        (its residues), ``rc_cnt`` (non-zero codes per residue), ``rc_l`` / ``rc_v`` (latent and
+        value of each).  Analyze's concept step reads them instead of running the pLM again."""
+        cf = self.s.context_free
+        kept = np.flatnonzero(keep)
+        n_rows = np.maximum(lengths[kept] - cf, 0)
+        first = np.zeros(len(lengths), np.int64)  # each kept protein's first row among the kept rows
+        first[kept] = np.cumsum(n_rows) - n_rows
+        sel = keep[p]
+        pp = p[sel]
+        local = first[pp] + rows[sel] - offsets[pp] - cf
+        small = self.L <= np.iinfo(np.uint16).max
+        pend = self._pending
+        pend.append("rc_p", (kept + len(self._pending_acc)).astype(np.int32))
+        pend.append("rc_n", n_rows.astype(np.int32))
+        pend.append("rc_cnt", np.bincount(local, minlength=int(n_rows.sum())).astype(np.uint16 if small else np.uint32))
+        pend.append("rc_l", lat[sel].astype(np.uint16 if small else np.uint32))
+        pend.append("rc_v", val[sel].astype(np.float32))
 
     def _per_protein(self, accessions, lengths, pair, pair_sum, src, mean_reps, max_reps) -> None:
         k = self.s.protein_top

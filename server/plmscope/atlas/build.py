@@ -74,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between checkpoints (0 = every chunk)")
     p.add_argument("--shard", default="{}/{}".format(*D["shard"]),
                    help="i/n: process chunks i, i+n, ... (with --state-out)")
+    p.add_argument("--concept-proteins", type=int, default=D["concept_proteins"],
+                   help="keep the per-residue SAE codes of up to N concept proteins (annotated or with a structure) in "
+                        "the atlas, so `plmscope analyze` does not recompute them (0: none; default %(default)s, "
+                        "analyze's default --max-proteins)")
     p.add_argument("--state-out", help="keep the build state here and do not write an atlas (for merge)")
     from .raybuild import add_arguments as add_ray_arguments
 
@@ -180,10 +184,10 @@ def _stream_phase(settings: BuildSettings, inputs: SAEInputs, fp: dict, t0: floa
     the write phase reloads the checkpointed state, so the models and the in-memory aggregates
     must be gone by then, not held twice (or a large pLM held for nothing)."""
     models = load_models(settings, inputs)
-    n_usable, problems = scan_corpus(settings, models.plm.max_residues)
+    n_usable, problems, concept_codes = scan_corpus(settings, models.plm.max_residues)
     plan = ChunkPlan(tuple(chunk_sizes(n_usable, settings.chunk_size)), settings.shard)
     job = open_job(settings, inputs, models, plan, problems, fp, t0)
-    timings = StreamPass(settings, models, job, on_checkpoint, on_progress).run()
+    timings = StreamPass(settings, models, job, on_checkpoint, on_progress, codes_for=frozenset(concept_codes)).run()
     return plan, timings, models.encode_stats(job.ids)
 
 

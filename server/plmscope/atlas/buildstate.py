@@ -26,7 +26,7 @@ from .aggregate import SAEAggregate
 from .settings import BuildSettings
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 3  # 2: spill parts carry emb_max; 3: aggregates leave out context-free positions
+STATE_VERSION = 4  # 2: spill parts carry emb_max; 3: aggregates leave out context-free positions; 4: residue codes
 
 
 class BuildState:

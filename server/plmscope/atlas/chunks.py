@@ -16,6 +16,7 @@ from typing import Iterator
 
 from ..errors import InputError
 from ..sequences import Problem, Protein, iter_proteins
+from ..vocab import concept_key, concept_sample
 from .settings import BuildSettings
 
 
@@ -50,15 +51,44 @@ def usable_proteins(s: BuildSettings, max_residues: int | None, problems: list[P
             return
 
 
-def scan_corpus(s: BuildSettings, max_residues: int | None) -> tuple[int, list[Problem]]:
-    """First pass: how many usable proteins, and every problem.  Keeps no protein, so memory does
-    not grow with the corpus; the build then streams it chunk by chunk (``iter_chunks``)."""
+def scan_corpus(s: BuildSettings, max_residues: int | None) -> tuple[int, list[Problem], list[str]]:
+    """First pass: how many usable proteins, every problem, and the concept proteins whose residue
+    codes the build keeps (``concept_code_proteins``).  Keeps no protein, so memory does not grow
+    with the corpus (beyond the candidates' accessions); the build then streams it chunk by chunk
+    (``iter_chunks``)."""
     problems: list[Problem] = []
-    n = sum(1 for _ in usable_proteins(s, max_residues, problems))
+    n, candidates, everyone = 0, [], []
+    for p in usable_proteins(s, max_residues, problems):
+        n += 1
+        if not s.concept_proteins:
+            continue
+        if any(concept_key(a.kind, a.type, a.label) for a in p.annotations):
+            candidates.append(p.accession)
+        elif s.structures or s.manifest:
+            everyone.append(p.accession)
     if not n:
         first = f"; first problem: {problems[0]}" if problems else ""
         raise InputError(f"{s.corpus}: no usable protein records{first}")
-    return n, problems
+    return n, problems, concept_code_proteins(s, candidates, everyone)
+
+
+def concept_code_proteins(s: BuildSettings, annotated: list[str], others: list[str]) -> list[str]:
+    """The proteins whose residue codes the atlas keeps: ``vocab.concept_sample`` of the concept
+    candidates, as analyze samples its concept proteins (the same seed-0 hash order), up to
+    ``--concept-proteins``.  Candidates: proteins with an annotation that is a concept, and those
+    with a structure (analyze finds secondary structure in it); Pfam hits that ``--pfam`` adds
+    during the pass are not known yet, so analyze recomputes the codes of proteins that only they
+    make concept proteins."""
+    if not s.concept_proteins:
+        return []
+    with_structure = []
+    if others:
+        from .structures import find_structures
+
+        jobs, _ = find_structures(s.structures, s.manifest, set(others))  # their problems: reported by the pass
+        with_structure = sorted({j.accession for j in jobs})
+    candidates = sorted(set(annotated) | set(with_structure))
+    return [candidates[i] for i in concept_sample(candidates, s.concept_proteins)]
 
 
 def chunk_sizes(n_usable: int, chunk_size: int) -> list[int]:

@@ -192,8 +192,9 @@ class SAEStage:
     thread reads them after ``Pipeline.wait``."""
 
     def __init__(self, saes, encoders, aggs: list[SAEAggregate], ids: list[str], root: Path,
-                 device: torch.device, *, slots: int = 2) -> None:
+                 device: torch.device, *, slots: int = 2, codes_for: frozenset[str] = frozenset()) -> None:
         self.saes, self.encoders, self.aggs, self.ids, self.root = saes, encoders, aggs, ids, root
+        self.codes_for = codes_for
         self.device = device
         self.scratches = [encode_scratch(s, e) for s, e in zip(saes, encoders)]
         self.timings: dict[str, float] = defaultdict(float)
@@ -237,6 +238,7 @@ class SAEStage:
         spans = [self.spans[a] for a in accs]
         self.timings["aggregate"] += time.perf_counter() - t
         ends = np.cumsum(lengths.numpy())
+        keep = np.array([a in self.codes_for for a in accs], dtype=bool)
         for p0, p1 in _pieces(ends, SUB_ROWS):
             r0, r1 = int(ends[p0 - 1]) if p0 else 0, int(ends[p1 - 1])
             for j in members:
@@ -244,7 +246,8 @@ class SAEStage:
                 rows, lat, val = sparse_encode(self.saes[j], X[r0:r1], self.encoders[j], scratch=self.scratches[j])
                 ta = time.perf_counter()
                 self.aggs[j].update(accs[p0:p1], seqs[p0:p1], rows, lat, val, mean_reps=means[p0:p1],
-                                    max_reps=maxes[p0:p1], spans=spans[p0:p1])
+                                    max_reps=maxes[p0:p1], spans=spans[p0:p1],
+                                    keep_codes=keep[p0:p1] if keep[p0:p1].any() else None)
                 if self.aggs[j].pending_bytes >= SPILL_BYTES:
                     self.aggs[j].flush(spill_path(self.root, self.ids[j], self.chunk, self.parts[j]))
                     self.parts[j] += 1

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..store.schema import HIST_BINS
-from ..vocab import quantize
+from ..vocab import code_values, quantize
 from ._state import EMPTY, _segment_index
 from .aggregate import FIXED_POINT, HIST_EDGES, SAEAggregate
 
@@ -204,6 +204,28 @@ def protein_tables(agg: SAEAggregate, sae_id: str) -> Iterator[dict[str, dict]]:
                 out["protein_embeddings"] = {"sae_id": sae_id, "accession": acc,
                                              "mean_rep": _rows_as_lists(emb), "max_rep": _rows_as_lists(emb_max)}
             yield out
+
+
+def residue_code_tables(agg: SAEAggregate, sae_id: str) -> Iterator[dict]:
+    """residue_codes rows of the concept proteins (``SAEAggregate._residue_codes``), one spill
+    file at a time: per protein its non-zero codes per residue, latents and values as blobs, the
+    values float16 where they fit (``vocab.code_values``)."""
+    for path in agg.spills:
+        with np.load(path) as a:
+            if "rc_p" not in a.files:
+                continue
+            acc, n, cnt, lat, val = a["acc"][a["rc_p"]], a["rc_n"].astype(np.int64), a["rc_cnt"], a["rc_l"], a["rc_v"]
+            row_end = np.cumsum(n)
+            nz = np.concatenate([[0], np.cumsum(cnt, dtype=np.int64)])
+            lo, hi = nz[row_end - n], nz[row_end]
+            counts, latents, values, kinds = (np.empty(len(acc), dtype=object) for _ in range(4))
+            for i in range(len(acc)):
+                v = code_values(val[lo[i] : hi[i]])
+                counts[i] = cnt[row_end[i] - n[i] : row_end[i]].tobytes()
+                latents[i] = lat[lo[i] : hi[i]].tobytes()
+                values[i], kinds[i] = v.tobytes(), v.dtype.name
+            yield {"sae_id": sae_id, "accession": acc.astype(object), "n_rows": n.astype(np.int32),
+                   "row_counts": counts, "latents": latents, "activations": values, "value_type": kinds}
 
 
 def sae_stats(agg: SAEAggregate) -> dict:

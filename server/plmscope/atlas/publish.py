@@ -138,7 +138,8 @@ def _write_sae(w, roots: list[Path], manifests: list[dict], entry: dict, agg: SA
     import torch
 
     from ..sae.io import sae_from_bytes
-    from .finalize import LABEL_COLUMNS, label_parts, latent_tables, neighbors, protein_tables, sae_stats
+    from .finalize import (LABEL_COLUMNS, label_parts, latent_tables, neighbors, protein_tables, residue_code_tables,
+                           sae_stats)
 
     sid, cfg = entry["sae_id"], entry["cfg"]
     paths = (BuildState(r).sae_dir(sid) / "sae_weights.safetensors" for r in roots)
@@ -162,9 +163,10 @@ def _write_sae(w, roots: list[Path], manifests: list[dict], entry: dict, agg: SA
     for part in protein_tables(agg, sid):
         for table, cols in part.items():
             w.insert(table, cols)
+    n_coded = sum(w.insert("residue_codes", cols) for cols in residue_code_tables(agg, sid))
     encode = sorted({s["encode"] for m in manifests for s in m["saes"] if s["sae_id"] == sid})
     return {"n_dead": st["n_dead"], "d_sae": int(cfg["d_sae"]), "n_proteins": st["n_proteins"],
-            "n_residues": st["n_residues"], "encode": "+".join(encode)}
+            "n_residues": st["n_residues"], "encode": "+".join(encode), "n_concept_code_proteins": n_coded}
 
 
 def _write_meta(w, manifests: list[dict], stats: dict, summary: dict, existing: dict | None) -> None:
@@ -245,7 +247,8 @@ def print_summary(s: dict) -> None:
             st = d["encode_stats"]
             enc += (f", {st['candidates'] / max(st['rows'], 1):.0f} candidates/residue rescored, "
                     f"{st['dense_rows']} of {st['rows']} residues dense")
-        lines.append(f"  SAE {sid}: {d['n_dead']} dead of {d['d_sae']} latents (encode: {enc})")
+        lines.append(f"  SAE {sid}: {d['n_dead']} dead of {d['d_sae']} latents (encode: {enc}); "
+                     f"residue codes of {d.get('n_concept_code_proteins', 0)} concept proteins kept for analyze")
     if s.get("timings"):
         lines.append("  time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["timings"].items()))
     for sh in s.get("shards") or []:  # build --ray

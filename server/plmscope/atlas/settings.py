@@ -43,6 +43,9 @@ class BuildSettings:
     chunk_size: int = 512
     checkpoint_every: float = 60.0  # a kill loses at most this + one chunk (docs/atlas.md)
     shard: tuple[int, int] = (0, 1)  # or "i/n"
+    # residue codes of up to this many concept proteins (annotated or with a structure; the ones
+    # analyze picks by default, vocab.concept_sample) are kept in the atlas for analyze's concept step
+    concept_proteins: int = 1000
 
     def __post_init__(self) -> None:
         for name in PATH_FIELDS:  # str paths accepted, Paths kept
@@ -65,6 +68,8 @@ class BuildSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"{flag(name)} must be at least 1, got {value}")
+        if self.concept_proteins < 0:
+            raise InputError(f"--concept-proteins must be 0 (none) or more, got {self.concept_proteins}")
         if self.encode not in ENCODE_MODES:
             raise InputError(f"--encode {self.encode!r}: expected one of {', '.join(ENCODE_MODES)}")
         if self.dtype not in DTYPES:
@@ -81,7 +86,7 @@ class BuildSettings:
             bins=args.bins, per_bin=args.per_bin, protein_top=args.protein_top, token_budget=args.token_budget,
             device=args.device, dtype=args.dtype, encode=args.encode, pipeline=args.pipeline, max_length=args.max_length,
             limit=args.limit, chunk_size=args.chunk_size, checkpoint_every=args.checkpoint_every,
-            shard=args.shard)
+            shard=args.shard, concept_proteins=args.concept_proteins)
 
     @property
     def writes_atlas(self) -> bool:
@@ -99,7 +104,7 @@ class BuildSettings:
     def fingerprinted(self) -> dict:
         """The settings that change the atlas: a build state resumes or merges only with the same."""
         fp = {k: getattr(self, k) for k in ("top_n", "bins", "per_bin", "protein_top", "token_budget",
-                                            "max_length", "limit", "chunk_size", "encode")}
+                                            "max_length", "limit", "chunk_size", "encode", "concept_proteins")}
         if self.dtype != "auto":  # the activations differ in precision; "auto" keeps earlier states' fingerprints
             fp["dtype"] = self.dtype
         return fp

@@ -43,16 +43,18 @@ class StreamPass:
 
     ``on_checkpoint(n)`` is called after each chunk whose checkpoint is written, with the number
     of chunks done; ``on_progress(proteins_done, proteins_total, residues)`` after each batch (and
-    once at the start), in place of the progress bar."""
+    once at the start), in place of the progress bar.  ``codes_for``: the proteins whose residue
+    codes the aggregates keep (``chunks.concept_code_proteins``)."""
 
     def __init__(self, settings: BuildSettings, models: Models, job: BuildJob,
                  on_checkpoint: Callable[[int], None] | None = None,
-                 on_progress: Callable[[int, int, int], None] | None = None) -> None:
+                 on_progress: Callable[[int, int, int], None] | None = None,
+                 codes_for: frozenset[str] = frozenset()) -> None:
         self.s, self.models, self.job, self.on_checkpoint = settings, models, job, on_checkpoint
         self.on_progress = on_progress
         self.families = read_families(settings.families) if settings.families else {}
         self.stage = SAEStage(models.saes, models.encoders, job.aggs, job.ids, job.state.root, models.plm.device,
-                              slots=settings.pipeline + 1)
+                              slots=settings.pipeline + 1, codes_for=codes_for)
         self.timings: dict[str, float] = defaultdict(float)  # reported in the summary and atlas_meta
         self.last_ckpt = time.time()
         self.n_res = 0

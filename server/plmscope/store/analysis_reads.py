@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from .reader import query_one, query_rows, read_saes
 from .schema import ANALYSIS_TABLES, LATER_ANALYSIS_TABLES
@@ -19,7 +20,7 @@ from .schema import ANALYSIS_TABLES, LATER_ANALYSIS_TABLES
 # What analyze needs beyond the analysis tables it rewrites (families, structures and embeddings
 # are optional: an atlas built without them is analysed without them).
 ANALYZE_INPUT_TABLES = ("atlas_meta", "saes", "proteins", "annotations", "latents", "latent_examples",
-                        "protein_latent_stats")
+                        "protein_latent_stats", "residue_codes")
 CONCEPT_LIMIT = 60  # concepts listed per SAE on the page, most latents first
 FAMILY_SPECIFIC_LIMIT = 30
 
@@ -353,6 +354,23 @@ def protein_latent_stats(con, sae_id: str) -> dict[str, np.ndarray]:
     return con.execute(
         "SELECT accession, latent, max_act, sum_act FROM protein_latent_stats WHERE sae_id = ?", [sae_id]
     ).fetchnumpy()
+
+
+def residue_codes(con, sae_id: str, d_sae: int, accessions: list[str]) -> dict[str, sparse.csr_matrix]:
+    """Per accession of ``accessions`` whose codes the build kept: its residues x latents codes
+    (context-free positions left out; float32 of the stored float16/float32 values)."""
+    if not accessions:
+        return {}
+    rows = con.execute(
+        "SELECT accession, n_rows, row_counts, latents, activations, value_type FROM residue_codes "
+        "WHERE sae_id = ? AND accession IN (SELECT unnest(?::VARCHAR[]))", [sae_id, list(accessions)]).fetchall()
+    index = np.uint16 if d_sae <= np.iinfo(np.uint16).max else np.uint32
+    out = {}
+    for acc, n, counts, lat, val, kind in rows:
+        indptr = np.concatenate([[0], np.cumsum(np.frombuffer(counts, dtype=index), dtype=np.int64)])
+        out[acc] = sparse.csr_matrix((np.frombuffer(val, dtype=kind).astype(np.float32),
+                                      np.frombuffer(lat, dtype=index).astype(np.int32), indptr), shape=(n, d_sae))
+    return out
 
 
 def embeddings(con, sae_id: str) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:

@@ -23,7 +23,8 @@ from .. import vocab
 #    protein_embeddings.max_rep (the raw probe is pooled as the SAE probe is); probe_comparisons;
 #    probe_results / probe_latents with pooling, chosen C, intervals and evidence.
 # 3: saes.context_free: the pLM's context-free positions, left out of every statistic.
-SCHEMA_VERSION = 3
+# 4: residue_codes: the concept proteins' per-residue codes, for analyze's concept step.
+SCHEMA_VERSION = 4
 
 AMINO_ACIDS = vocab.AMINO_ACIDS  # order of every aa_counts array
 
@@ -188,6 +189,16 @@ TABLES: dict[str, str] = {
             max_pos INTEGER NOT NULL,
             n_active INTEGER NOT NULL,
             activations BLOB NOT NULL         -- uint8 per residue, scale = latents.max_act
+        )""",
+    "residue_codes": """
+        CREATE TABLE residue_codes (
+            sae_id VARCHAR NOT NULL,          -- per-residue codes of the concept proteins (build --concept-proteins),
+            accession VARCHAR NOT NULL,       -- read by analyze's concept step instead of a second pLM pass
+            n_rows INTEGER NOT NULL,          -- residues after the pLM's context-free positions (saes.context_free)
+            row_counts BLOB NOT NULL,         -- non-zero codes per residue: uint16 (uint32 when d_sae > 65535)
+            latents BLOB NOT NULL,            -- latent of each non-zero code, residue by residue: same type
+            activations BLOB NOT NULL,        -- its value, value_type (vocab.code_values)
+            value_type VARCHAR NOT NULL       -- float16 | float32
         )""",
     "protein_latent_stats": """
         CREATE TABLE protein_latent_stats (
