@@ -83,6 +83,26 @@ def test_latent_page_and_twin(client, sae_id, latent):
     assert r.status_code == 200 and ex["accession"] in r.text
 
 
+def test_json_twin_is_the_page_models_json(client, tiny_atlas, sae_id, latent):
+    # the twins are serialised by pydantic in one pass (routes.common.model_json): the same document
+    # as the json module's encoding of model_dump(mode="json"), and a valid one
+    import json
+
+    from fastapi.responses import JSONResponse
+
+    from plmscope.store.reader import AtlasReader
+    from plmscope.web.routes.pages import build_latent
+
+    reader = AtlasReader(tiny_atlas.path)
+    try:
+        m = build_latent(reader, reader.sae(sae_id), latent)
+    finally:
+        reader.close()
+    r = client.get(f"/latents/{sae_id}/{latent}.json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert json.loads(r.content) == json.loads(JSONResponse(m.model_dump(mode="json")).body)
+
+
 def test_latent_page_structure_embedded(client, sae_id, overview):
     # some latent of the tiny atlas has an example with a structure: its page embeds the chain for 3Dmol
     for row in overview["latents"]:

@@ -42,7 +42,7 @@ def _lookups(reader: AtlasReader, sae_id: str, latents: list[int], seq: str) -> 
 async def run_inference(request: Request, service: InferenceService, reader: AtlasReader, text: str,
                         sae: Optional[str], latents: list[int], top_k: int, default_heatmaps: int = 0) -> M.InferResponse:
     record, seq, ignored = parse_sequence_input(text)
-    s = await run_in_threadpool(sae_or_404, reader, sae)
+    s = sae_or_404(reader, sae)  # no query: the SAE rows are read at open
     for lat in latents:
         latent_or_404(s, lat)
     service.check_rate(client_key(request))
