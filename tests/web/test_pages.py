@@ -238,3 +238,17 @@ def test_heatmaps_drawn_as_the_twins_report_them(client, sae_id, latent, structu
     assert live["residues"] == pj["sequence"][:300] and live["source"] == "live"
     assert _row(client.get("/infer", params=params).text) == (
         "query", live["residues"], live["max_pos"] or 1, live["scale"], live["activations"])
+
+
+@pytest.mark.parametrize("db_threads,expected", [(1, 1), (2, 2)])
+def test_served_atlas_uses_the_configured_duckdb_threads(tiny_atlas, db_threads, expected):
+    from fastapi.testclient import TestClient
+
+    from plmscope.settings import Settings
+    from plmscope.web.app import create_app
+
+    app = create_app(Settings(atlas=tiny_atlas.path, load_model=False, db_threads=db_threads))
+    with TestClient(app) as c:
+        assert c.get("/.json").status_code == 200
+        # what the reader's own connection reports
+        assert app.state.reader._cur().execute("SELECT current_setting('threads')").fetchone()[0] == expected

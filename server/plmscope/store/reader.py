@@ -179,13 +179,20 @@ def read_existing_meta(path: str | Path) -> dict[str, Any]:
 
 
 class AtlasReader:
-    """A read-only view of one atlas file."""
+    """A read-only view of one atlas file.
 
-    def __init__(self, path: str | Path):
+    ``threads``: DuckDB's worker threads for this file, 0 = leave DuckDB's default (one per core).
+    It is a setting of the file's database in this process (DuckDB refuses a second connection to
+    one file with another configuration), so it is SET after connecting, not passed to connect.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0):
         self.path = Path(path)
         if not self.path.is_file():
             raise AtlasError(f"atlas file {self.path} does not exist (build one with `plmscope build`)")
         self._con = connect(self.path)
+        if threads:
+            self._con.execute(f"SET threads = {int(threads)}")
         self._local = threading.local()
         try:
             self._tables, self.meta = check_atlas(self._con, self.path)
