@@ -15,7 +15,10 @@ subprocess on 127.0.0.1; clients are httpx in this process.
    at the pages' priority (``infer_nice`` 0, as before issue 17), side by side in one run.
 
 Goals (issue 17): overhead <= 1.1x, batching >= 1.3x, latent JSON p99 <= 50 ms under inference load
-and p50 <= 10 ms unloaded on a quiet machine; ``goals`` in the output says which were met.
+and p50 <= 10 ms unloaded on a quiet machine; ``goals`` in the output says which were met.  Batching
+can gain no more than the forward itself gains from batches: ``bare_forward.ceiling`` measures that
+(one at a time vs batches of ``--batch-size``, GFLOP/s both ways) and ``goals.batching_ceiling`` says
+whether 1.3x is within its reach.
 
     python scripts/bench_server.py                          # builds a 300-protein, 4096-latent atlas
     python scripts/bench_server.py --atlas bench.duckdb --queries 500
@@ -178,46 +181,82 @@ def page_latency(base: str, args, rng: random.Random) -> dict:
     return out
 
 
-def bare_forward(atlas: Path, seqs: list[str], device: str = "cpu") -> dict:
+def bare_forward(atlas: Path, seqs: list[str], device: str = "cpu", batch_size: int = 8) -> dict:
     """The same pLM layer + SAE encode the server runs, called directly (no HTTP, no queue).
 
     Timed on a worker thread, as the server computes (its single inference thread), and on the main
     thread for reference: on the 2-core test machine under load the same forward took ~3x longer on
     the main thread than on a worker thread, so only the like-for-like number makes a fair ratio.
+
+    ``batching_ceiling``: what micro-batching can gain at most -- the bare forward's time per
+    sequence one at a time over its time per sequence in batches of ``batch_size`` (rounds of each,
+    interleaved, so that load from other processes hits both alike), with the forward's GFLOP
+    (torch's FLOP counter) and GFLOP/s both ways.  A server cannot batch better than its forward.
     """
     from concurrent.futures import ThreadPoolExecutor
+    from statistics import median
 
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from plmscope.store.reader import AtlasReader
-    from plmscope.web.inference import load_models
+    from plmscope.web.inference import load_models, sparse_activations
 
     reader = AtlasReader(atlas)
     m = next(iter(load_models(reader, device).values()))
     reader.close()
 
+    def forward(batch: list[str]) -> None:
+        for rep in m.plm.representations(batch, m.layer):
+            sparse_activations(m.sae, rep)
+
     def timed() -> list[float]:
         ms = []
         with torch.no_grad():
-            m.sae.encode(m.plm.representations([seqs[0]], m.layer)[0].to(m.plm.device))  # warm-up
+            forward([seqs[0]])  # warm-up
             for s in seqs:
                 t = time.perf_counter()
-                z = m.sae.encode(m.plm.representations([s], m.layer)[0].to(m.plm.device))
-                (z > 0).nonzero()
+                forward([s])
                 ms.append((time.perf_counter() - t) * 1000)
         return ms
 
+    def ceiling() -> dict:
+        pool = (seqs * batch_size)[: max(batch_size, len(seqs))]
+        batches = [pool[i:i + batch_size] for i in range(0, len(pool) - batch_size + 1, batch_size)]
+        one, many = [], []
+        with torch.no_grad():
+            forward(batches[0])  # warm-up at the batch shape
+            for _ in range(max(1, 3 // len(batches))):
+                for b in batches:
+                    t = time.perf_counter()
+                    for s in b:
+                        forward([s])
+                    one.append((time.perf_counter() - t) * 1000 / len(b))
+                    t = time.perf_counter()
+                    forward(b)
+                    many.append((time.perf_counter() - t) * 1000 / len(b))
+            with FlopCounterMode(display=False) as fc:
+                forward([seqs[0]])
+        gflop = fc.get_total_flops() / 1e9
+        return {"batch_size": batch_size, "forward_gflop_per_seq": round(gflop, 3),
+                "ms_per_seq_batch1": round(median(one), 2), f"ms_per_seq_batch{batch_size}": round(median(many), 2),
+                "gflops_batch1": round(gflop / median(one) * 1000, 1),
+                f"gflops_batch{batch_size}": round(gflop / median(many) * 1000, 1),
+                "batching_ceiling": round(median(one) / median(many), 3), "torch_threads": torch.get_num_threads()}
+
     with ThreadPoolExecutor(max_workers=1) as ex:
         worker = ex.submit(timed).result()
+        ceil = ex.submit(ceiling).result()
     out = summary(worker)
     out["main_thread"] = summary(timed())
+    out["ceiling"] = ceil
     return out
 
 
-def bare_forward_fresh(atlas: Path, seqs: list[str], device: str = "cpu") -> dict:
+def bare_forward_fresh(atlas: Path, seqs: list[str], device: str = "cpu", batch_size: int = 8) -> dict:
     """bare_forward in a new process: nothing left over from the build (threads, allocator) skews it."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump({"atlas": str(atlas), "seqs": seqs, "device": device}, fh)
+        json.dump({"atlas": str(atlas), "seqs": seqs, "device": device, "batch_size": batch_size}, fh)
     out = subprocess.run([sys.executable, __file__, "--child-bare", fh.name], capture_output=True, text=True)
     os.unlink(fh.name)
     if out.returncode:
@@ -310,7 +349,7 @@ def run(args) -> dict:
     conc = [variants(base_seq, args.per_client, rng) for _ in range(args.clients)]
     results: dict = {"atlas": str(atlas), "length": args.length}
     # the bare forward first, with no server running: the two never compete for the CPUs
-    results["bare_forward"] = bare_forward_fresh(atlas, single, args.device)
+    results["bare_forward"] = bare_forward_fresh(atlas, single, args.device, args.batch_size)
     common = {"rate_limit_per_minute": 0, "cache_size": 0, "infer_queue_size": 4 * args.clients}
     with Server(atlas, args.device, infer_batch_size=args.batch_size, infer_max_wait_ms=args.max_wait_ms, **common) as srv:
         results["pages"] = page_latency(srv.base, args, rng)
@@ -327,9 +366,17 @@ def run(args) -> dict:
     results["batching_speedup"] = round(results["batched"]["requests_per_s"] / results["one_at_a_time"]["requests_per_s"], 3)
     results["machine"] = matmul_gflops("cpu")
     loaded = results["batched_with_pages"]["latent_json_meanwhile"]
+    ceiling = results["bare_forward"]["ceiling"]
     results["goals"] = {
         "overhead_le_1.1": results["overhead_ratio_p50"] <= 1.1,
         "batching_ge_1.3": results["batching_speedup"] >= 1.3,
+        "batching_ceiling": (
+            f"the bare forward itself runs {ceiling['batching_ceiling']}x faster per sequence in batches of "
+            f"{ceiling['batch_size']} ({ceiling['gflops_batch1']} vs {ceiling[f'gflops_batch{args.batch_size}']} "
+            f"GFLOP/s, {ceiling['torch_threads']} torch thread(s), against matmul {results['machine']['gflops']} "
+            f"GFLOP/s): the server's {results['batching_speedup']}x is {'within' if results['batching_speedup'] <= ceiling['batching_ceiling'] * 1.05 else 'above'} that ceiling; "
+            + ("1.3x is out of reach for this model on this machine" if ceiling["batching_ceiling"] < 1.3
+               else "1.3x is within reach of the forward")),
         "latent_json_p99_under_load_le_50ms": loaded["p99_ms"] <= 50,
         "latent_json_p50_unloaded_le_10ms": results["pages"]["latent_json"]["p50_ms"] <= 10,
         "note": f"machine fp32 matmul {results['machine']['gflops']} GFLOP/s; the 10 ms goal is for a quiet machine",
@@ -347,7 +394,7 @@ def main(argv=None) -> int:
         args.layer = ARCHS[args.arch][0]
     if args.child_bare:
         spec = json.loads(Path(args.child_bare).read_text())
-        print(json.dumps(bare_forward(Path(spec["atlas"]), spec["seqs"], spec["device"])))
+        print(json.dumps(bare_forward(Path(spec["atlas"]), spec["seqs"], spec["device"], spec["batch_size"])))
         return 0
     print(json.dumps(run(args), indent=2))
     return 0

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     infer_queue_size: int = Field(
         64, ge=1, description="requests waiting for the model beyond which new ones get 503 + Retry-After"
     )
+    db_threads: int = Field(
+        1, ge=0, description="DuckDB threads of the served atlas; 0 = DuckDB's default (every core). Page reads are "
+                             "point lookups: with one thread each runs wholly on the thread that asked, not also on "
+                             "DuckDB workers that inference or other processes may keep waiting on shared cores"
+    )
     scan_max_window: int = Field(
         4, ge=1, description="most residues a live mutation scan mutates (19 variants each; scripts/bench_causal.py: 8 residues of a 300-residue protein take 9-15 s on one CPU core); larger scans: `plmscope scan`"
     )

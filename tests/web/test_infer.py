@@ -262,3 +262,24 @@ def test_inference_worker_has_its_own_threads_and_lower_priority(tiny_atlas):
 
 async def _on_worker(service, fn):
     return await service.run_job(fn)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_sparse_activations_are_the_non_zeros_of_encode(architecture):
+    import numpy as np
+    import torch
+
+    from plmscope.sae.model import SparseAutoencoder, make_cfg
+    from plmscope.web.inference import sparse_activations
+
+    cfg = make_cfg(plm="esm2_t6_8M_UR50D", layer=3, d_in=16, d_sae=64, architecture=architecture,
+                   k=5 if architecture == "topk" else None)
+    sae = SparseAutoencoder.from_config(cfg, generator=torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = sae.encode(x)
+        pos, lat, val = sparse_activations(sae, x)
+    dense = np.zeros(tuple(z.shape), dtype=np.float32)
+    dense[pos, lat] = val
+    assert np.array_equal(dense, z.numpy()) and (val > 0).all()
+    assert len(set(zip(pos.tolist(), lat.tolist()))) == len(pos) == int((z > 0).sum())

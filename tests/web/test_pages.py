@@ -83,6 +83,26 @@ def test_latent_page_and_twin(client, sae_id, latent):
     assert r.status_code == 200 and ex["accession"] in r.text
 
 
+def test_json_twin_is_the_page_models_json(client, tiny_atlas, sae_id, latent):
+    # the twins are serialised by pydantic in one pass (routes.common.model_json): the same document
+    # as the json module's encoding of model_dump(mode="json"), and a valid one
+    import json
+
+    from fastapi.responses import JSONResponse
+
+    from plmscope.store.reader import AtlasReader
+    from plmscope.web.routes.pages import build_latent
+
+    reader = AtlasReader(tiny_atlas.path)
+    try:
+        m = build_latent(reader, reader.sae(sae_id), latent)
+    finally:
+        reader.close()
+    r = client.get(f"/latents/{sae_id}/{latent}.json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert json.loads(r.content) == json.loads(JSONResponse(m.model_dump(mode="json")).body)
+
+
 def test_latent_page_structure_embedded(client, sae_id, overview):
     # some latent of the tiny atlas has an example with a structure: its page embeds the chain for 3Dmol
     for row in overview["latents"]:
@@ -218,3 +238,17 @@ def test_heatmaps_drawn_as_the_twins_report_them(client, sae_id, latent, structu
     assert live["residues"] == pj["sequence"][:300] and live["source"] == "live"
     assert _row(client.get("/infer", params=params).text) == (
         "query", live["residues"], live["max_pos"] or 1, live["scale"], live["activations"])
+
+
+@pytest.mark.parametrize("db_threads,expected", [(1, 1), (2, 2)])
+def test_served_atlas_uses_the_configured_duckdb_threads(tiny_atlas, db_threads, expected):
+    from fastapi.testclient import TestClient
+
+    from plmscope.settings import Settings
+    from plmscope.web.app import create_app
+
+    app = create_app(Settings(atlas=tiny_atlas.path, load_model=False, db_threads=db_threads))
+    with TestClient(app) as c:
+        assert c.get("/.json").status_code == 200
+        # what the reader's own connection reports
+        assert app.state.reader._cur().execute("SELECT current_setting('threads')").fetchone()[0] == expected

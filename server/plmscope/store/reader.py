@@ -5,6 +5,9 @@ read through this module and ``analysis_reads`` (which builds on its helpers) on
 ``AtlasReader`` opens the file read-only (a served atlas can never be modified by a request, and
 several processes may serve one file); every query is parameterised.  DuckDB connections are not
 safe to share between threads, so each thread gets its own cursor of the one database connection.
+The file cannot change while it is open read-only, so what every page needs and no request
+changes -- the SAE rows and which tables hold rows -- is read once at open, not once per request
+(a DuckDB query costs 0.2-1 ms even when it reads one row; ``scripts/bench_server.py``).
 The module-level queries take a connection instead, so that analyze runs the same queries on its
 writable copy of the atlas.
 
@@ -176,13 +179,20 @@ def read_existing_meta(path: str | Path) -> dict[str, Any]:
 
 
 class AtlasReader:
-    """A read-only view of one atlas file."""
+    """A read-only view of one atlas file.
 
-    def __init__(self, path: str | Path):
+    ``threads``: DuckDB's worker threads for this file, 0 = leave DuckDB's default (one per core).
+    It is a setting of the file's database in this process (DuckDB refuses a second connection to
+    one file with another configuration), so it is SET after connecting, not passed to connect.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0):
         self.path = Path(path)
         if not self.path.is_file():
             raise AtlasError(f"atlas file {self.path} does not exist (build one with `plmscope build`)")
         self._con = connect(self.path)
+        if threads:
+            self._con.execute(f"SET threads = {int(threads)}")
         self._local = threading.local()
         try:
             self._tables, self.meta = check_atlas(self._con, self.path)
@@ -191,6 +201,11 @@ class AtlasReader:
             raise
         self.atlas_id = str(self.meta.get("atlas_id", ""))
         self._seq_index: dict[str, str] | None = None
+        cur = self._cur()
+        self._filled = {t for t in self._tables
+                        if cur.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0]}  # noqa: S608 (table from schema)
+        self._saes = read_saes(cur)
+        self._sae_extra = {r["sae_id"]: r for r in query_rows(cur, "SELECT sae_id, hist_edges, aa_background FROM saes")}
 
     # ---- plumbing ----
     def _cur(self):
@@ -206,16 +221,15 @@ class AtlasReader:
         return query_one(self._cur(), sql, params)
 
     def has_rows(self, table: str) -> bool:
-        if table not in self._tables:
-            return False
-        return bool(self._cur().execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0])  # noqa: S608 (table from schema)
+        return table in self._filled
 
     def close(self) -> None:
         self._con.close()
 
     # ---- overview ----
     def saes(self) -> list[dict]:
-        return read_saes(self._cur())
+        """The atlas's SAEs (read at open; each call returns fresh dicts, so callers may edit them)."""
+        return [dict(s) for s in self._saes]
 
     def sae(self, sae_id: str) -> dict | None:
         return next((s for s in self.saes() if s["sae_id"] == sae_id), None)
@@ -366,11 +380,15 @@ class AtlasReader:
 
     # ---- one latent ----
     def latent(self, sae_id: str, latent: int) -> dict | None:
-        """Everything the latent page shows, or None when the SAE or latent does not exist."""
+        """Everything the latent page shows, or None when the SAE or latent does not exist.
+
+        Tables without rows (the analysis tables before `plmscope analyze`) are not queried.
+        """
         stats = self._one("SELECT * FROM latents WHERE sae_id = ? AND latent = ?", [sae_id, latent])
         if stats is None:
             return None
-        sae = self._one("SELECT hist_edges, aa_background, d_sae FROM saes WHERE sae_id = ?", [sae_id])
+        sae = next(s for s in self._saes if s["sae_id"] == sae_id)
+        extra = self._sae_extra[sae_id]
         scale = float(stats["max_act"] or 0.0)
         hist_counts = stats.pop("hist_counts")
         aa_counts = stats.pop("aa_counts")
@@ -387,38 +405,44 @@ class AtlasReader:
         bins = self._rows(
             "SELECT bin, lo, hi, n_proteins FROM latent_bins WHERE sae_id = ? AND latent = ? ORDER BY bin DESC",
             [sae_id, latent],
-        )
+        ) if "latent_bins" in self._filled else []
         for b in bins:
             b["examples"] = [e for e in examples if e["kind"] == "bin" and e["bin"] == b["bin"]]
         families = self._rows(
             "SELECT f.family, coalesce(n.name, '') AS name, f.n_residues, f.frac FROM latent_families f "
             "LEFT JOIN families n ON n.family = f.family WHERE f.sae_id = ? AND f.latent = ? ORDER BY f.frac DESC LIMIT 50",
             [sae_id, latent],
-        )
+        ) if "latent_families" in self._filled else []
         types = self._rows(
             "SELECT type, n_residues, frac FROM latent_annotation_types WHERE sae_id = ? AND latent = ? "
             "ORDER BY frac DESC LIMIT 50",
             [sae_id, latent],
-        )
+        ) if "latent_annotation_types" in self._filled else []
+        analysed = "latent_analysis" in self._filled
+        # the join on latent_analysis only when it has rows: each join costs a hash build per request
         neighbours = self._rows(
-            "SELECT n.rank, n.neighbor AS latent, n.cosine, l.top_family, l.frac_proteins, a.description "
-            "FROM latent_neighbors n LEFT JOIN latents l ON l.sae_id = n.sae_id AND l.latent = n.neighbor "
-            "LEFT JOIN latent_analysis a ON a.sae_id = n.sae_id AND a.latent = n.neighbor "
-            "WHERE n.sae_id = ? AND n.latent = ? ORDER BY n.rank",
+            "SELECT n.rank, n.neighbor AS latent, n.cosine, l.top_family, l.frac_proteins, "
+            + ("a.description " if analysed else "NULL AS description ")
+            + "FROM latent_neighbors n LEFT JOIN latents l ON l.sae_id = n.sae_id AND l.latent = n.neighbor "
+            + ("LEFT JOIN latent_analysis a ON a.sae_id = n.sae_id AND a.latent = n.neighbor " if analysed else "")
+            + "WHERE n.sae_id = ? AND n.latent = ? ORDER BY n.rank",
             [sae_id, latent],
-        )
-        analysis = self._one("SELECT * FROM latent_analysis WHERE sae_id = ? AND latent = ?", [sae_id, latent])
-        from .analysis_reads import latent_concepts  # builds on this module (see ``analysis``)
+        ) if "latent_neighbors" in self._filled else []
+        analysis = self._one("SELECT * FROM latent_analysis WHERE sae_id = ? AND latent = ?",
+                             [sae_id, latent]) if analysed else None
+        concepts = []
+        if "latent_concepts" in self._filled:
+            from .analysis_reads import latent_concepts  # builds on this module (see ``analysis``)
 
-        concepts = [asdict(c) for c in latent_concepts(self._cur(), sae_id, latent)]
+            concepts = [asdict(c) for c in latent_concepts(self._cur(), sae_id, latent)]
         return {
             "output_effect": self._output_effect(sae_id, latent),
             "sae_id": sae_id,
             "latent": latent,
             "d_sae": sae["d_sae"],
             "stats": stats,
-            "histogram": {"edges": list(sae["hist_edges"]), "counts": [int(c) for c in hist_counts]},
-            "aa_enrichment": aa_enrichment(aa_counts, sae["aa_background"]),
+            "histogram": {"edges": list(extra["hist_edges"]), "counts": [int(c) for c in hist_counts]},
+            "aa_enrichment": aa_enrichment(aa_counts, extra["aa_background"]),
             "top_examples": [e for e in examples if e["kind"] == "top"],
             "bins": bins,
             "families": families,
@@ -431,7 +455,7 @@ class AtlasReader:
     def _output_effect(self, sae_id: str, latent: int) -> dict | None:
         """Its output effect (``causal.output_effect``) with the amino acids it promotes and
         suppresses, or None (not analysed, or an atlas from before the table existed)."""
-        if "latent_output_effects" not in self._tables:
+        if "latent_output_effects" not in self._filled:
             return None
         from ..causal.output_effect import promoted
         from .analysis_reads import latent_output_effect

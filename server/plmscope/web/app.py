@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        reader = await asyncio.to_thread(AtlasReader, settings.atlas)
+        reader = await asyncio.to_thread(AtlasReader, settings.atlas, settings.db_threads)
         app.state.reader = reader
         app.state.infer = None
         app.state.model_error = None if settings.load_model else "live inference is switched off on this server (--no-model)"

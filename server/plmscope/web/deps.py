@@ -1,9 +1,11 @@
 """What the routes take from the app, declared once as ``Annotated`` dependencies.
 
 A route names what it needs in its signature (``reader: Reader``, ``sae: SAE``, ``engine: Engine``)
-and FastAPI builds it.  Providers that only read ``app.state`` are ``async def`` so that they stay on
-the event loop instead of taking a worker thread; the ones that read the atlas are plain ``def``,
-which FastAPI runs in its thread pool, so no DuckDB call ever runs on the event loop.
+and FastAPI builds it.  None of them runs a DuckDB query (the SAE rows are read when the atlas is
+opened), so all are ``async def``: they stay on the event loop instead of taking a trip through
+the thread pool, which under inference load cost a page more than the lookup itself.  Handlers
+that read the atlas are plain ``def`` (FastAPI runs them in its thread pool), so no DuckDB query
+ever runs on the event loop.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ async def _live_engine(request: Request) -> InferenceService:
 
 
 def sae_or_404(reader: AtlasReader, sae_id: Optional[str]) -> dict:
-    """The atlas's SAE ``sae_id`` (its first when None).  Reads the atlas: call it off the event loop."""
+    """The atlas's SAE ``sae_id`` (its first when None); no query (``AtlasReader.saes`` is read at open)."""
     saes = reader.saes()
     if not saes:
         raise HTTPException(404, "this atlas holds no SAE")
@@ -64,14 +66,14 @@ def latent_or_404(sae: dict, latent: int) -> int:
     return latent
 
 
-def _sae_in_query(
+async def _sae_in_query(
     reader: Annotated[AtlasReader, Depends(_reader)],
     sae: Annotated[Optional[str], Query(description="SAE id (default: the atlas's first)")] = None,
 ) -> dict:
     return sae_or_404(reader, sae)
 
 
-def _sae_in_path(reader: Annotated[AtlasReader, Depends(_reader)],
+async def _sae_in_path(reader: Annotated[AtlasReader, Depends(_reader)],
                  sae_id: Annotated[str, Path(description="SAE id")]) -> dict:
     return sae_or_404(reader, sae_id)
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from ...settings import Settings
 from .. import api_models as M
 from ..deps import LiveEngine, Reader
-from .common import json_doc
+from .common import json_doc, model_json
 from .infer import INFER_ERRORS, run_inference
 
 
@@ -18,7 +18,8 @@ def make_router(settings: Settings) -> APIRouter:
     @router.post("/infer", **json_doc(M.InferResponse, 400, 413, *INFER_ERRORS))
     async def api_infer(request: Request, reader: Reader, engine: LiveEngine, body: InferRequest) -> M.InferResponse:
         """Run the pLM and an SAE on one sequence: its strongest latents and per-residue heatmaps of chosen ones."""
-        return await run_inference(request, engine, reader, body.sequence, body.sae_id,
-                                   list(dict.fromkeys(body.latents)), body.top_k)
+        # a Response, not the model: FastAPI would validate the model it was just built from again
+        return model_json(await run_inference(request, engine, reader, body.sequence, body.sae_id,
+                                              list(dict.fromkeys(body.latents)), body.top_k))
 
     return router

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from ...errors import InputError
 from ...settings import Settings
@@ -24,7 +24,7 @@ from ..inference import InferenceService, RateLimited, parse_sequence_input, seq
 from ..inputs import SEQUENCE_HELP, LatentListText, parse_latent_list, sequence_type
 from ..templating import make_url
 from ..uploads import parse_structure_upload
-from .common import REDIRECT, csv_doc, csv_response, errors, json_doc, page_doc, pick_format
+from .common import REDIRECT, csv_doc, csv_response, errors, json_doc, model_json, page_doc, pick_format
 
 DEFAULT_HEATMAPS = 3  # heatmaps the page shows when the URL names no latents
 INFER_ERRORS = (404, 429, 503)  # unknown SAE or latent; rate limit; no model or a full queue
@@ -42,7 +42,7 @@ def _lookups(reader: AtlasReader, sae_id: str, latents: list[int], seq: str) -> 
 async def run_inference(request: Request, service: InferenceService, reader: AtlasReader, text: str,
                         sae: Optional[str], latents: list[int], top_k: int, default_heatmaps: int = 0) -> M.InferResponse:
     record, seq, ignored = parse_sequence_input(text)
-    s = await run_in_threadpool(sae_or_404, reader, sae)
+    s = sae_or_404(reader, sae)  # no query: the SAE rows are read at open
     for lat in latents:
         latent_or_404(s, lat)
     service.check_rate(client_key(request))
@@ -84,7 +84,7 @@ async def live_heatmap(request: Request, service: Optional[InferenceService], sa
 
 def _twin(fmt: str, m: M.InferResponse):
     if fmt == "json":
-        return JSONResponse(m.model_dump(mode="json"))
+        return model_json(m)
     return csv_response((t.model_dump() for t in m.top_latents), "live_top_latents.csv", TOP_COLUMNS)
 
 

@@ -162,6 +162,8 @@ def _latent(fmt_forced: Optional[str]):
             return assemble_heatmap(ex.sequence, ex.activations, sae_id=m.sae_id, latent=m.latent, source="atlas",
                                     scale=m.stats.get("max_act"), max_pos=ex.max_pos, context_free=s["context_free"])
 
+        if fmt == "json":  # the page's own context is for the template only
+            return respond(request, fmt, m, "latent.html")
         return respond(
             request, fmt, m, "latent.html", csv_rows=[e.model_dump() for e in examples],
             csv_name=f"{m.sae_id}_{latent}_examples.csv", csv_columns=EXAMPLE_COLUMNS,
