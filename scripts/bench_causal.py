@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Cost of plmscope's causal tools, as ratios measured in one run on this machine.
 
-* ablation request: ``intervention_effect`` (one latent ablated, wild-type marginals: a clean and a
-  spliced pass through every layer and the head) vs one plain forward (``splice_forward`` without
-  a splice) of the same protein;
+* ablation request: ``intervention_effect`` (one latent ablated, wild-type marginals: a clean pass
+  through every layer and the head, and the spliced pass resumed from its state at the SAE's layer)
+  vs one plain forward (``splice_forward`` without a splice) of the same protein;
 * mutation scan: variants/s of ``scan`` (batched) vs ``scan_brute_force`` (one forward per variant),
   both with the model's variant score, on the same residue window; and the seconds a live scan of
   ``--window`` residues takes (what ``Settings.scan_max_window`` is set from).

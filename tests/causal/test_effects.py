@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from plmscope.causal.effects import EffectSettings, intervention_effect
-from plmscope.causal.intervene import Edit, Intervention
+from plmscope.causal.intervene import Edit, Intervention, make_splice
 from plmscope.errors import InputError
 from plmscope.vocab import AMINO_ACIDS
 
@@ -21,6 +21,9 @@ def test_effect_of_clamping_a_latent(pair):
     clean = plm.splice_forward([SEQ], sae.layer)[0].logprobs
     target = [plm.target_class(a) for a in SEQ]
     np.testing.assert_allclose(eff.clean_logprob, clean[torch.arange(len(SEQ)), target].numpy(), atol=1e-6)
+    # the clean pass's layer state, resumed with the splice: as a whole spliced pass
+    after = plm.splice_forward([SEQ], sae.layer, make_splice(sae, [iv], [len(SEQ)]))[0].logprobs
+    np.testing.assert_allclose(eff.intervened_logprob, after[torch.arange(len(SEQ)), target].numpy(), atol=1e-6)
     assert eff.total_delta_loss == pytest.approx(-(eff.intervened_logprob - eff.clean_logprob).sum())
     assert len(eff.steered_sequence) == len(SEQ) and set(eff.steered_sequence) <= set(AMINO_ACIDS)
     assert eff.delta_aa.shape == (len(SEQ), 20)
@@ -42,6 +45,9 @@ def test_masked_marginals(esm_pair, unirep_pair):
     p = 5
     lp = plm.splice_forward([seq], sae.layer, masked=[[p]])[0].logprobs[p]
     assert eff.clean_logprob[p] == pytest.approx(float(lp[plm.target_class(seq[p])]), abs=1e-6)
+    iv = Intervention((Edit(2, "ablate"),))
+    lp = plm.splice_forward([seq], sae.layer, make_splice(sae, [iv], [len(seq)]), masked=[[p]])[0].logprobs[p]
+    assert eff.intervened_logprob[p] == pytest.approx(float(lp[plm.target_class(seq[p])]), abs=1e-6)
     u, usae = unirep_pair
     with pytest.raises(InputError, match="ESM-2"):
         intervention_effect(u, usae, seq, Intervention((Edit(2, "ablate"),)), EffectSettings(masked_marginals=True))

@@ -59,28 +59,30 @@ def aa_classes(plm) -> torch.Tensor:
     return torch.tensor([plm.target_class(a) for a in AMINO_ACIDS])
 
 
-def _logprobs(plm, sae, seq: str, iv: Intervention | None, settings: EffectSettings) -> torch.Tensor:
-    """(n, n_classes) log-probabilities per residue, with or without the intervention."""
+def _logprobs(plm, sae, seq: str, iv: Intervention, settings: EffectSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, n_classes) log-probabilities per residue without and with the intervention: the layers
+    up to the SAE's are the same in both, so they run once (``ProteinLM.resume_forward``)."""
     n = len(seq)
     if not settings.masked_marginals:
-        return plm.splice_forward([seq], sae.layer, make_splice(sae, [iv], [n]))[0].logprobs
+        states = plm.layer_states([seq], sae.layer)
+        return plm.resume_forward(states)[0].logprobs, plm.resume_forward(states, make_splice(sae, [iv], [n]))[0].logprobs
     if plm.family != "esm2":
         raise InputError(f"masked marginals need a masked language model (ESM-2); {plm.name} predicts the next amino acid")
     per_batch = max(1, settings.token_budget // (n + 2))
-    rows = []
+    clean, after = [], []
     for lo in range(0, n, per_batch):
         pos = list(range(lo, min(n, lo + per_batch)))
-        outs = plm.splice_forward([seq] * len(pos), sae.layer, make_splice(sae, [iv] * len(pos), [n] * len(pos)),
-                                  masked=[[p] for p in pos])
-        rows += [o.logprobs[p] for o, p in zip(outs, pos)]
-    return torch.stack(rows)
+        states = plm.layer_states([seq] * len(pos), sae.layer, masked=[[p] for p in pos])
+        clean += [o.logprobs[p] for o, p in zip(plm.resume_forward(states), pos)]
+        outs = plm.resume_forward(states, make_splice(sae, [iv] * len(pos), [n] * len(pos)))
+        after += [o.logprobs[p] for o, p in zip(outs, pos)]
+    return torch.stack(clean), torch.stack(after)
 
 
 def intervention_effect(plm, sae, seq: str, iv: Intervention, settings: EffectSettings = EffectSettings()) -> InterventionEffect:
     """The effect of ``iv`` on ``seq`` (see the module docstring)."""
     iv.check(sae.d_sae, len(seq))
-    clean = _logprobs(plm, sae, seq, None, settings)
-    after = _logprobs(plm, sae, seq, iv, settings)
+    clean, after = _logprobs(plm, sae, seq, iv, settings)
     target = torch.tensor([plm.target_class(a) for a in seq])
     idx = torch.arange(len(seq))
     classes = aa_classes(plm)

@@ -7,10 +7,15 @@ predicted from the state it is active in), the change of each of the 20 amino ac
 log-probabilities is averaged.  ``effect[a] = mean(log p_clean(a) - log p_ablated(a))``: positive,
 the latent promotes ``a``; negative, it suppresses it.
 
-Cost: one spliced forward per (latent, example) plus one clean forward per distinct example
-protein, in length-sorted batches of ``token_budget`` tokens; an example longer than
-``max_residues`` is cut to the ``max_residues`` residues around its strongest residue (ESM-2 then
-loses the context outside the window; UniRep the prefix).
+Cost: one clean pass per distinct example protein through every layer and the head, and per
+(latent, example) only the layers above the SAE's and the head: the ablation resumes from the
+clean pass's layer state (``ProteinLM.layer_states`` / ``resume_forward``), whose layers up to
+the SAE's are identical in both.  UniRep reads left to right, so both passes stop at the residue
+after the last active one (nothing later is read out).  Batches are length-sorted, of
+``token_budget`` padded tokens; the clean states of at most ``state_tokens`` tokens are held at
+once.  An example longer than ``max_residues`` is cut to the ``max_residues`` residues around its
+strongest residue (ESM-2 then loses the context outside the window; UniRep the prefix).
+``scripts/bench_output_effects.py`` times this against full forwards.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class OutputEffectSettings:
     examples: int = 3  # top examples per latent
     max_residues: int = 256  # longest window of an example
     token_budget: int = 8192
+    state_tokens: int = 65536  # clean layer-state token rows held at once (memory: times d_model floats)
 
 
 @dataclass(frozen=True)
@@ -77,32 +83,64 @@ def readout(family: str, active: np.ndarray, n: int) -> np.ndarray:
     return active
 
 
+def residues_needed(family: str, active: np.ndarray, n: int) -> int:
+    """How many leading residues of an ``n``-residue example the passes must run for ``readout``:
+    UniRep's row ``a + 1`` depends on residues up to ``a`` only (its row ``n'`` after ``n'``
+    residues would be the stop prediction, so one more is run); ESM-2 attends both ways."""
+    if family == "unirep":
+        return min(n, int(active.max()) + 2)
+    return n
+
+
+def _state_windows(keys: list[str], lengths: dict[str, int], state_tokens: int) -> list[list[str]]:
+    """``keys`` by length, cut into runs of at most ``state_tokens`` tokens (BOS/EOS counted)."""
+    windows: list[list[str]] = []
+    current: list[str] = []
+    held = 0
+    for key in sorted(keys, key=lambda k: lengths[k]):
+        if current and held + lengths[key] + 2 > state_tokens:
+            windows.append(current)
+            current, held = [], 0
+        current.append(key)
+        held += lengths[key] + 2
+    if current:
+        windows.append(current)
+    return windows
+
+
 @torch.no_grad()
 def output_effects(plm, sae, examples: Sequence[Example], settings: OutputEffectSettings = OutputEffectSettings(),
                    progress: Callable[[int], None] | None = None) -> OutputEffects:
     classes = aa_classes(plm)
-    clean: dict[str, torch.Tensor] = {}
-    uniq = {e.key: e.sequence for e in examples}
-    for batch in token_batches(list(uniq.items()), settings.token_budget):
-        for (key, _), out in zip(batch, plm.splice_forward([s for _, s in batch], sae.layer)):
-            clean[key] = out.logprobs[:, classes]
+    run: dict[str, int] = {}  # key -> leading residues its passes run (the most any of its latents needs)
+    by_key: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        run[e.key] = max(run.get(e.key, 0), residues_needed(plm.family, e.active, len(e.sequence)))
+        by_key.setdefault(e.key, []).append(i)
+    seqs = {e.key: e.sequence[: run[e.key]] for e in examples}
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, list[int]] = {}
-    items = [(str(i), e.sequence) for i, e in enumerate(examples)]
-    for batch in token_batches(items, settings.token_budget):
-        ex = [examples[int(i)] for i, _ in batch]
-        ivs = [Intervention((Edit(e.latent, "ablate"),)) for e in ex]
-        outs = plm.splice_forward([e.sequence for e in ex], sae.layer, make_splice(sae, ivs, [len(e.sequence) for e in ex]))
-        for e, out in zip(ex, outs):
-            rows = torch.as_tensor(readout(plm.family, e.active, len(e.sequence)), dtype=torch.long)
-            c = counts.setdefault(e.latent, [0, 0])
-            c[0] += 1
-            if len(rows):
-                d = (clean[e.key][rows] - out.logprobs[:, classes][rows]).double().sum(0).numpy()
-                sums[e.latent] = sums.get(e.latent, 0.0) + d
-                c[1] += len(rows)
-        if progress is not None:
-            progress(len(ex))
+    for keys in _state_windows(list(by_key), run, settings.state_tokens):
+        states, clean = {}, {}
+        for batch in token_batches([(k, seqs[k]) for k in keys], settings.token_budget):
+            st = plm.layer_states([s for _, s in batch], sae.layer)
+            for (key, _), state, out in zip(batch, st, plm.resume_forward(st)):
+                states[key], clean[key] = state, out.logprobs[:, classes]
+        items = [(str(i), seqs[k]) for k in keys for i in by_key[k]]
+        for batch in token_batches(items, settings.token_budget):
+            ex = [examples[int(i)] for i, _ in batch]
+            ivs = [Intervention((Edit(e.latent, "ablate"),)) for e in ex]
+            outs = plm.resume_forward([states[e.key] for e in ex], make_splice(sae, ivs, [run[e.key] for e in ex]))
+            for e, out in zip(ex, outs):
+                rows = torch.as_tensor(readout(plm.family, e.active, len(e.sequence)), dtype=torch.long)
+                c = counts.setdefault(e.latent, [0, 0])
+                c[0] += 1
+                if len(rows):
+                    d = (clean[e.key][rows] - out.logprobs[:, classes][rows]).double().sum(0).numpy()
+                    sums[e.latent] = sums.get(e.latent, 0.0) + d
+                    c[1] += len(rows)
+            if progress is not None:
+                progress(len(ex))
     lat = np.array(sorted(k for k in sums if counts[k][1] > 0), dtype=np.int64)
     return OutputEffects(
         latents=lat,

@@ -26,12 +26,17 @@ Conventions every backend keeps (tests check them):
   chosen from data (``scripts/context_free.py``; README "Context-free positions").
 * ``layer_representations`` serves several layers from one forward (a build or ``train-sae`` with
   SAEs on several layers runs the pLM once).
+* ``splice_forward`` is ``layer_states`` (a clean pass up to the layer, kept per sequence) then
+  ``resume_forward`` (the splice, the layers above and the head).  A caller that runs several
+  splices on one sequence keeps its states and resumes each time: the layers up to the splice,
+  identical in every run, run once (``causal.output_effect``, ``causal.effects``).
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -71,6 +76,19 @@ class SpliceOutput:
 
     logprobs: torch.Tensor
     layer: torch.Tensor | None = None
+
+
+@dataclass
+class LayerState:
+    """One sequence's hidden state after layer ``layer`` of a pass that has not been spliced:
+    every token row the layers above need to continue, on the model's device (ESM-2: BOS, the
+    residues and EOS; UniRep: the state after the start token and the residues).  Residue ``i``
+    is row ``i``; padding and ESM-2's attention mask follow from ``length`` when states are
+    batched again (``ProteinLM.resume_forward``), so states from different batches mix freely."""
+
+    layer: int
+    length: int  # residues
+    rows: torch.Tensor  # (tokens, d)
 
 
 class ProteinLM(ABC):
@@ -118,6 +136,44 @@ class ProteinLM(ABC):
         """The output class ``lm_loss`` scores the residue letter ``residue`` as (letters the model
         does not tell apart share a class)."""
 
+    def layer_states(self, seqs: Sequence[str], layer: int, *,
+                     masked: Sequence[Sequence[int]] | None = None) -> list[LayerState]:
+        """One batch from the embedding through layer ``layer``, kept per sequence for
+        ``resume_forward``.  ``masked``: per sequence, 0-based residues to replace by the mask
+        token (ESM-2 only)."""
+        raise ModelError(f"{self.name}: this model cannot run a spliced forward pass")
+
+    def _continue(self, x: torch.Tensor, lengths: list[int], layer: int) -> list[torch.Tensor]:
+        """The layers above ``layer`` and the head on a (B, T, d) batch of layer-``layer`` token
+        rows (right-padded, rows beyond a sequence's tokens arbitrary): per sequence its (n,
+        n_classes) log-probabilities as ``SpliceOutput.logprobs``, on the CPU."""
+        raise ModelError(f"{self.name}: this model cannot run a spliced forward pass")
+
+    def _autocast(self):
+        """The context the layers run in (ESM-2: its autocast dtype); the splice runs in it too."""
+        return nullcontext()
+
+    @torch.no_grad()
+    def resume_forward(self, states: Sequence[LayerState], splice: Splice | None = None, *,
+                       return_layer: bool = False) -> list[SpliceOutput]:
+        """Continue ``layer_states`` (any mix, one layer) through the layers above and the head,
+        with ``splice`` replacing the layer's residue rows (all sequences' rows concatenated in
+        input order, as ``lm_loss``'s splice).  States are not changed: resume as often as wanted."""
+        if not states:
+            return []
+        layer = states[0].layer
+        if any(st.layer != layer for st in states):
+            raise ModelError(f"{self.name}: states of layers {sorted({st.layer for st in states})} cannot be resumed in one batch")
+        lengths = [st.length for st in states]
+        x = torch.nn.utils.rnn.pad_sequence([st.rows for st in states], batch_first=True)
+        with self._autocast():
+            if splice is not None:
+                x = splice_residue_rows(x, lengths, splice)
+            rep = x.float() if return_layer else None
+            logprobs = self._continue(x, lengths, layer)
+        return [SpliceOutput(lp, rep[b, 1 : n + 1].cpu() if rep is not None else None)
+                for b, (lp, n) in enumerate(zip(logprobs, lengths))]
+
     def splice_forward(
         self,
         seqs: Sequence[str],
@@ -128,9 +184,8 @@ class ProteinLM(ABC):
         return_layer: bool = False,
     ) -> list[SpliceOutput]:
         """One batch through every layer and the head, with ``splice`` replacing layer ``layer``'s
-        residue rows (all sequences' rows concatenated in input order, as ``lm_loss``'s splice).
-        ``masked``: per sequence, 0-based residues to replace by the mask token (ESM-2 only)."""
-        raise ModelError(f"{self.name}: this model cannot run a spliced forward pass")
+        residue rows (``layer_states`` then ``resume_forward``)."""
+        return self.resume_forward(self.layer_states(seqs, layer, masked=masked), splice, return_layer=return_layer)
 
     def check_length(self, seqs: Sequence[str]) -> None:
         """ModelError naming the first sequence longer than the model accepts (no silent truncation)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import (LossResult, ProteinLM, Splice, SpliceOutput, resolve_device, resolve_dtype, splice_residue_rows,
+from .base import (LayerState, LossResult, ProteinLM, Splice, resolve_device, resolve_dtype, splice_residue_rows,
                    token_batches)
 
 log = logging.getLogger(__name__)
@@ -419,10 +419,10 @@ class ESM2(ProteinLM):
         return LossResult(total, count, per_seq, per_count)
 
     @torch.no_grad()
-    def splice_forward(self, seqs: Sequence[str], layer: int, splice: Splice | None = None, *,
-                       masked: Sequence[Sequence[int]] | None = None, return_layer: bool = False) -> list[SpliceOutput]:
-        """See ``ProteinLM.splice_forward``; the same layer path as ``lm_loss``, one batch, no masking
-        unless ``masked`` names residues."""
+    def layer_states(self, seqs: Sequence[str], layer: int, *,
+                     masked: Sequence[Sequence[int]] | None = None) -> list[LayerState]:
+        """See ``ProteinLM.layer_states``: the same layer path as ``lm_loss``, one batch, no masking
+        unless ``masked`` names residues; each state keeps BOS, the residues and EOS."""
         self.check_layer(layer)
         self.check_length(seqs)
         if not seqs:
@@ -438,14 +438,15 @@ class ESM2(ProteinLM):
         with self._autocast():
             x, padding_mask = self._embed(tokens)
             x = self._layers(x, padding_mask, 0, layer)
-            if splice is not None:
-                x = splice_residue_rows(x, lengths, splice)
-            rep = x.float() if return_layer else None
-            x = self._layers(x, padding_mask, layer, self.num_layers)
-            logits = self.model.lm_head(x)
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        return [SpliceOutput(lp[b, 1 : n + 1].cpu(), rep[b, 1 : n + 1].cpu() if rep is not None else None)
-                for b, n in enumerate(lengths)]
+        return [LayerState(layer, n, x[b, : n + 2]) for b, n in enumerate(lengths)]
+
+    def _continue(self, x: torch.Tensor, lengths: list[int], layer: int) -> list[torch.Tensor]:
+        # The padding mask the tokens had: everything after a sequence's EOS.
+        ends = torch.tensor([n + 2 for n in lengths], device=x.device)
+        padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= ends[:, None]
+        x = self._layers(x, padding_mask, layer, self.num_layers)
+        lp = torch.log_softmax(self.model.lm_head(x).float(), dim=-1)
+        return [lp[b, 1 : n + 1].cpu() for b, n in enumerate(lengths)]
 
     def scored_residues(self, seqs: Sequence[str], *, seed: int = 0, mask_prob: float = 0.15) -> list[str]:
         """The masked residues of ``lm_loss`` with the same ``seed`` and ``mask_prob``."""

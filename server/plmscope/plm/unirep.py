@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from .base import LossResult, ProteinLM, Splice, SpliceOutput, resolve_device, splice_residue_rows, token_batches
+from .base import LayerState, LossResult, ProteinLM, Splice, resolve_device, splice_residue_rows, token_batches
 
 SIZES = {"unirep-64": 64, "unirep-256": 256, "unirep-1900": 1900}
 START = 24
@@ -270,29 +270,27 @@ class UniRep(ProteinLM):
         return LossResult(total, count, per_seq, per_count)
 
     @torch.no_grad()
-    def splice_forward(self, seqs: Sequence[str], layer: int, splice: Splice | None = None, *,
-                       masked: Sequence[Sequence[int]] | None = None, return_layer: bool = False) -> list[SpliceOutput]:
-        """See ``ProteinLM.splice_forward``: next-amino-acid log-probabilities, row ``i-1`` from the
-        state before residue ``i`` (so a splice at residue ``i`` first shows at residue ``i+1``)."""
+    def layer_states(self, seqs: Sequence[str], layer: int, *,
+                     masked: Sequence[Sequence[int]] | None = None) -> list[LayerState]:
+        """See ``ProteinLM.layer_states``; each state keeps the state after the start token and the residues."""
         self.check_layer(layer)
         if masked is not None and any(len(m) for m in masked):
             raise ModelError(f"{self.name}: UniRep reads left to right and has no mask token; masked marginals are ESM-2 only")
         if not seqs:
             return []
-        lengths = [len(s) for s in seqs]
         tokens, valid = self._encode(seqs)
-        x = self.embedding[tokens]
-        rep = None
-        for i in range(self.num_layers + 1):
-            if i > 0:
-                x = self.layers[i - 1](x, valid)
-            if i == layer:
-                if splice is not None:
-                    x = splice_residue_rows(x, lengths, splice)
-                rep = x if return_layer else None
+        x = self._run(tokens, valid, layer)
+        return [LayerState(layer, len(s), x[b, : len(s) + 1]) for b, s in enumerate(seqs)]
+
+    def _continue(self, x: torch.Tensor, lengths: list[int], layer: int) -> list[torch.Tensor]:
+        """Next-amino-acid log-probabilities, row ``i-1`` from the state before residue ``i`` (so a
+        splice at residue ``i`` first shows at residue ``i+1``)."""
+        ends = torch.tensor([n + 1 for n in lengths], device=x.device)
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < ends[:, None]
+        for i in range(layer + 1, self.num_layers + 1):
+            x = self.layers[i - 1](x, valid)
         lp = torch.log_softmax(x @ self.dense_w + self.dense_b, dim=-1)
-        return [SpliceOutput(lp[b, :n].cpu(), rep[b, 1 : n + 1].float().cpu() if rep is not None else None)
-                for b, n in enumerate(lengths)]
+        return [lp[b, :n].cpu() for b, n in enumerate(lengths)]
 
     def scored_residues(self, seqs: Sequence[str], *, seed: int = 0, mask_prob: float = 0.15) -> list[str]:
         return list(seqs)  # every residue is predicted from the state before it
