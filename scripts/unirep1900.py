@@ -9,7 +9,10 @@ time is counted):
    *train* split (data/demo/sae_sets.json; the split the committed UniRep-256 SAEs were trained on);
 2. **concept proteins**: the demo atlas's proteins (``plmscope demo``'s corpus of 3,000) that are in
    no SAE's training split, i.e. in *selection*, *report* or outside the SAE corpus (``--concept-proteins
-   N``: a seeded sample of N of them); neither model's SAEs saw them;
+   N``: a seeded sample of N of them), topped up from the rest of the demo table's held-out proteins
+   so that each of the ``--enrich-families`` most frequent Pfam families has ``--per-family``
+   carriers (the 717 held-out atlas proteins alone leave 4 concepts with >= 10 regions per split,
+   and UniRep-256 associates none of them); neither model's SAEs saw any of these proteins;
 3. ``train-sae`` of a TopK SAE on ``--model`` (unirep-1900) layer ``--layer`` with ``--latents`` and ``--k``;
    ``eval-sae`` of it on ``--eval-proteins`` *selection* proteins (reconstruction and loss, for
    context; not counted as the cost of finding biology);
@@ -50,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import matmul_gflops  # noqa: E402
 
 from plmscope import demo  # noqa: E402
+from plmscope.provenance import sha256_file  # noqa: E402
 from plmscope.sae.train import run_name  # noqa: E402
 
 OUT = demo.DATA / "eval" / "unirep1900.json"
@@ -90,6 +94,8 @@ class BenchSettings:
     eval_proteins: int = 24  # selection proteins for eval-sae; 0 skips it
     baseline_saes: tuple[Path, ...] = field(default_factory=lambda: tuple(demo.committed_sae_dirs()))
     same_subset: bool = True  # also UniRep-256 SAEs trained on the same proteins as the target's
+    enrich_families: int = 10  # Pfam families topped up in the concept set (concept_corpus); 0: none
+    per_family: int = 40  # proteins per such family, with those already in the set
     demo_proteins: int = 3000  # the demo atlas's corpus the concept proteins come from
     threads: int = 1
     seed: int = 0
@@ -119,18 +125,55 @@ def eval_proteins(s: BenchSettings) -> list[tuple[str, str]]:
     return sorted(random.Random(s.seed).sample(sel, min(s.eval_proteins, len(sel))))
 
 
-def concept_corpus(s: BenchSettings, out: Path) -> tuple[Path, dict]:
-    """The demo atlas corpus's rows outside every SAE training split (optionally a seeded sample)."""
-    full = demo.write_corpus(s.workdir / "demo_corpus.tsv", s.demo_proteins)
-    sets = demo.read_sae_sets()
-    with open(full, encoding="utf-8", newline="") as fh:
+def _read_tsv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t")
-        columns, rows = reader.fieldnames, list(reader)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _families(row: dict) -> set[str]:
+    return {d["pfam"] for d in json.loads(row["pfam"] or "[]")}
+
+
+def concept_corpus(s: BenchSettings, out: Path) -> tuple[Path, dict]:
+    """The concept proteins, none in the SAE corpus's train split: the demo atlas corpus's held-out
+    rows (optionally a seeded sample), plus, for each of the ``enrich_families`` Pfam families that
+    the most held-out proteins of the whole demo table carry, a seeded sample of up to
+    ``per_family`` more of its held-out proteins (so that a family has enough regions per split for
+    InterPLM's rule; the families are chosen by frequency alone, before any model is run)."""
+    sets = demo.read_sae_sets()
+    columns, rows = _read_tsv(demo.write_corpus(s.workdir / "demo_corpus.tsv", s.demo_proteins))
     held = [r for r in rows if sets.get(r["accession"]) != "train"]
     chosen = held
     if s.concept_proteins is not None and s.concept_proteins < len(held):
         keep = set(random.Random(s.seed).sample(sorted(r["accession"] for r in held), s.concept_proteins))
         chosen = [r for r in held if r["accession"] in keep]
+    enrichment = None
+    if s.enrich_families > 0 and s.per_family > 0:
+        _, table = _read_tsv(demo.write_corpus(s.workdir / "demo_table.tsv", 10**9))
+        pool = [r for r in table if sets.get(r["accession"]) != "train"]
+        counts: dict[str, int] = {}
+        for r in pool:
+            for f in _families(r):
+                counts[f] = counts.get(f, 0) + 1
+        top = sorted(counts, key=lambda f: (-counts[f], f))[: s.enrich_families]
+        have = {r["accession"] for r in chosen}
+        rng = random.Random(s.seed)
+        added: dict[str, int] = {}
+        for f in top:
+            carriers = sorted((r for r in pool if f in _families(r) and r["accession"] not in have),
+                              key=lambda r: r["accession"])
+            already = sum(f in _families(r) for r in chosen)
+            pick = rng.sample(carriers, min(len(carriers), max(s.per_family - already, 0)))
+            chosen = chosen + pick
+            have |= {r["accession"] for r in pick}
+            added[f] = len(pick)
+        enrichment = {"families": {f: {"held_out_proteins": counts[f], "added": added[f]} for f in top},
+                      "pool": f"the {len(pool):,} proteins of the demo table (data/demo/proteins.tsv.gz) outside "
+                              f"the SAE corpus's train split",
+                      "rule": f"the {s.enrich_families} Pfam families carried by the most pool proteins; for each, a "
+                              f"seeded sample (seed {s.seed}) of pool proteins carrying it, up to {s.per_family} "
+                              f"with those already chosen"}
     with open(out, "w", encoding="utf-8", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=columns, delimiter="\t")
         w.writeheader()
@@ -142,7 +185,10 @@ def concept_corpus(s: BenchSettings, out: Path) -> tuple[Path, dict]:
     info = {"n_proteins": len(chosen), "n_residues": sum(len(r["sequence"]) for r in chosen),
             "drawn_from": f"the demo atlas corpus ({len(rows):,} proteins), minus the {len(rows) - len(held):,} "
                           f"in the SAE corpus's train split",
-            "how": "every held-out protein" if chosen is held else f"a seeded sample (seed {s.seed}) of {len(held):,}",
+            "how": ("every held-out protein" if s.concept_proteins is None or s.concept_proteins >= len(held)
+                    else f"a seeded sample (seed {s.seed}) of {len(held):,}"),
+            "n_from_demo_atlas": len(chosen) - sum(v["added"] for v in (enrichment or {}).get("families", {}).values()),
+            "enrichment": enrichment,
             "by_sae_set": dict(sorted(by_set.items()))}
     return out, info
 
@@ -189,6 +235,8 @@ def _atlas(steps: Steps, s: BenchSettings, arm: str, saes: list[Path], corpus: P
     from plmscope.store import analysis_reads
     from plmscope.store.reader import connect, read_existing_meta, read_saes
 
+    # keyed by the concept set: a run with other concept proteins builds its own atlases
+    arm = f"{arm}-{sha256_file(corpus)[:10]}"
     atlas = s.workdir / f"{arm}.duckdb"
     built = s.workdir / f"{arm}.built"
     if not built.exists():
@@ -354,7 +402,8 @@ def _cli_values(s: BenchSettings) -> dict:
     """The settings that differ from the defaults, as command-line options."""
     d = BenchSettings()
     out = {}
-    for k in ("model", "layer", "latents", "k", "train_proteins", "concept_proteins", "eval_proteins", "threads", "seed"):
+    for k in ("model", "layer", "latents", "k", "train_proteins", "concept_proteins", "eval_proteins", "enrich_families",
+              "per_family", "threads", "seed"):
         if getattr(s, k) != getattr(d, k):
             out[k] = getattr(s, k)
     return out
@@ -419,6 +468,9 @@ def main() -> int:
     ap.add_argument("--concept-proteins", type=int, default=None,
                     help="a seeded sample of this many held-out demo atlas proteins (default: all of them)")
     ap.add_argument("--eval-proteins", type=int, default=d.eval_proteins, help="selection proteins for eval-sae (0 skips)")
+    ap.add_argument("--enrich-families", type=int, default=d.enrich_families,
+                    help="Pfam families topped up with held-out proteins in the concept set (0: none)")
+    ap.add_argument("--per-family", type=int, default=d.per_family, help="proteins per topped-up family")
     ap.add_argument("--no-same-subset", action="store_true",
                     help="do not train UniRep-256 SAEs on the same proteins as the measured model's")
     ap.add_argument("--demo-proteins", type=int, default=d.demo_proteins, help=argparse.SUPPRESS)
@@ -444,6 +496,7 @@ def main() -> int:
     settings = BenchSettings(workdir=args.workdir, out=args.out, model=args.model, layer=args.layer, latents=args.latents,
                              k=args.k, train_proteins=args.train_proteins, concept_proteins=args.concept_proteins,
                              eval_proteins=args.eval_proteins, same_subset=not args.no_same_subset,
+                             enrich_families=args.enrich_families, per_family=args.per_family,
                              demo_proteins=args.demo_proteins, threads=args.threads, seed=args.seed)
     run(settings)
     return 0

@@ -29,7 +29,7 @@ bench = _script()
 def test_benchmark_runs_end_to_end_and_records_what_it_measured(tmp_path):
     s = bench.BenchSettings(workdir=tmp_path / "work", out=tmp_path / "out.json", model="unirep-64", latents=64, k=8,
                             train_proteins=5, concept_proteins=24, eval_proteins=2, same_subset=False,
-                            demo_proteins=300)
+                            demo_proteins=300, enrich_families=2, per_family=3)
     result = bench.run(s)
     assert json.loads(s.out.read_text())["arms"][0]["model"] == result["arms"][0]["model"]
     assert result["threads"] == 1 and result["machine"]["gflops"] > 0 and result["machine"]["torch_threads"] == 1
@@ -43,10 +43,18 @@ def test_benchmark_runs_end_to_end_and_records_what_it_measured(tmp_path):
     trained = [line[1:].strip() for line in (s.workdir / "train.fasta").read_text().splitlines() if line.startswith(">")]
     assert len(trained) == 5 and {sets[a] for a in trained} == {"train"}
     with open(s.workdir / "concepts.tsv", encoding="utf-8") as fh:
-        concept = [r["accession"] for r in csv.DictReader(fh, delimiter="\t")]
-    assert len(concept) == 24 and all(sets.get(a) != "train" for a in concept)
-    assert result["sets"]["concepts"]["n_proteins"] == 24 == target["atlas_proteins"] == committed["atlas_proteins"]
-    assert sum(result["sets"]["concepts"]["by_sae_set"].values()) == 24
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    concept = [r["accession"] for r in rows]
+    info = result["sets"]["concepts"]
+    # two families topped up to three carriers each from the held-out rest of the demo table
+    families = info["enrichment"]["families"]
+    assert len(families) == 2 and info["n_from_demo_atlas"] == 24
+    for fam in families:
+        assert sum(fam in r["pfam"] for r in rows) >= 3
+    n = 24 + sum(f["added"] for f in families.values())
+    assert len(concept) == len(set(concept)) == n and all(sets.get(a) != "train" for a in concept)
+    assert info["n_proteins"] == n == target["atlas_proteins"] == committed["atlas_proteins"]
+    assert sum(info["by_sae_set"].values()) == n
     assert target["training"]["n_proteins"] == 5 and target["eval"]["n_proteins"] == 2
 
     for arm in (committed, target):
