@@ -17,6 +17,7 @@ import logging
 import shutil
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from scipy import sparse
 from tqdm import tqdm
 
 from .. import atomic, faults, homology
+from ..threads import usable_cpus
 from ..errors import AtlasError, InputError
 from ..store import analysis_reads as reads
 from ..store import analysis_writes as writes
@@ -216,15 +218,23 @@ def secondary_structure_rows(structures: list[dict]) -> tuple[list[dict], str]:
     if dssp is None and structures:
         log.warning(secondary.MISSING_DSSP)
     rows, methods = [], defaultdict(int)
-    with _bar(f"corpus · secondary structure ({'DSSP' if dssp else 'CA rule only'})", len(structures), "structure") as bar:
-        for st in structures:
+
+    def one(st: dict):
+        try:
+            return secondary.segments(st["content"], st["residue_map"], dssp)
+        except (RuntimeError, ValueError) as exc:
+            return exc
+
+    # mkdssp runs as a subprocess per structure: one per usable core at a time, results in order
+    with _bar(f"corpus · secondary structure ({'DSSP' if dssp else 'CA rule only'})", len(structures), "structure") as bar, \
+            ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
+        for st, res in zip(structures, pool.map(one, structures)):
             bar.update(1)
-            try:
-                method, segs = secondary.segments(st["content"], st["residue_map"], dssp)
-            except (RuntimeError, ValueError) as exc:
-                log.warning("secondary structure of %s skipped: %s", st["structure_id"], exc)
+            if isinstance(res, Exception):
+                log.warning("secondary structure of %s skipped: %s", st["structure_id"], res)
                 methods["failed"] += 1
                 continue
+            method, segs = res
             methods[method] += 1
             rows += [{"accession": st["accession"], "kind": "secondary_structure", "type": name,
                       "label": method, "start": s, "end": e} for name, s, e in segs]
