@@ -174,3 +174,22 @@ def test_health_answers_while_a_slow_page_is_in_flight(tiny_atlas, page_kind, sl
     assert health.status_code == 200 and page.status_code == 200
     assert page_done >= delay
     assert health_done < 0.2 + delay / 2, f"/health took {health_done:.2f} s behind a {delay} s atlas read"
+
+
+def test_latent_briefs_read_the_sae_once_and_equal_its_rows(tiny_atlas):
+    reader = AtlasReader(tiny_atlas.path)
+    try:
+        sid = reader.saes()[0]["sae_id"]
+        rec = ThreadRecorder()
+        rec.wrap(reader, "_cur")
+        first = reader.latent_briefs(sid, [0, 3, 10**6])  # a latent the SAE lacks is left out
+        n_first = rec.calls
+        again = reader.latent_briefs(sid, [3, 0])
+        assert n_first >= 1 and rec.calls == n_first  # the second live result runs no query
+        assert sorted(first) == [0, 3] and again == {k: first[k] for k in (3, 0)}
+        row = reader._one("SELECT max_act, frac_proteins, top_family FROM latents WHERE sae_id = ? AND latent = 3", [sid])
+        assert {k: first[3][k] for k in row} == row
+        first[3]["max_act"] = -1.0  # callers get copies
+        assert reader.latent_briefs(sid, [3])[3]["max_act"] == row["max_act"]
+    finally:
+        reader.close()

@@ -201,6 +201,8 @@ class AtlasReader:
             raise
         self.atlas_id = str(self.meta.get("atlas_id", ""))
         self._seq_index: dict[str, str] | None = None
+        self._briefs: dict[str, dict[int, dict]] = {}  # latent_briefs, per SAE on first use
+        self._briefs_lock = threading.Lock()
         cur = self._cur()
         self._filled = {t for t in self._tables
                         if cur.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0]}  # noqa: S608 (table from schema)
@@ -557,16 +559,22 @@ class AtlasReader:
         return self._seq_index.get(hashlib.sha256(sequence.encode()).hexdigest())
 
     def latent_briefs(self, sae_id: str, latents: list[int]) -> dict[int, dict]:
-        """Corpus maximum and analysis labels of a few latents (for live results)."""
+        """Corpus maximum and analysis labels of a few latents (for live results).  The SAE's whole
+        table is read on first use and kept (the served atlas is read-only): a live result then
+        costs no query (~2 ms of a 300-residue /api/infer at 4,096 latents)."""
         if not latents:
             return {}
-        rows = self._rows(
-            "SELECT l.latent, l.max_act, l.frac_proteins, l.top_family, a.pattern AS category, a.description "
-            "FROM latents l LEFT JOIN latent_analysis a ON a.sae_id = l.sae_id AND a.latent = l.latent "
-            "WHERE l.sae_id = ? AND list_contains(?, l.latent)",
-            [sae_id, [int(x) for x in latents]],
-        )
-        return {r["latent"]: r for r in rows}
+        table = self._briefs.get(sae_id)
+        if table is None:
+            with self._briefs_lock:
+                table = self._briefs.get(sae_id)
+                if table is None:
+                    rows = self._rows(
+                        "SELECT l.latent, l.max_act, l.frac_proteins, l.top_family, a.pattern AS category, a.description "
+                        "FROM latents l LEFT JOIN latent_analysis a ON a.sae_id = l.sae_id AND a.latent = l.latent "
+                        "WHERE l.sae_id = ?", [sae_id])
+                    table = self._briefs[sae_id] = {r["latent"]: r for r in rows}
+        return {int(x): dict(table[int(x)]) for x in latents if int(x) in table}
 
     def families(self, ids: list[str]) -> dict[str, dict]:
         if not ids:
