@@ -57,19 +57,19 @@ def scan_corpus(s: BuildSettings, max_residues: int | None) -> tuple[int, list[P
     with the corpus (beyond the candidates' accessions); the build then streams it chunk by chunk
     (``iter_chunks``)."""
     problems: list[Problem] = []
-    n, candidates, everyone = 0, [], []
+    n, annotated, unannotated = 0, [], []
     for p in usable_proteins(s, max_residues, problems):
         n += 1
         if not s.concept_proteins:
             continue
         if any(concept_key(a.kind, a.type, a.label) for a in p.annotations):
-            candidates.append(p.accession)
-        elif s.structures or s.manifest:
-            everyone.append(p.accession)
+            annotated.append(p.accession)
+        elif s.structures or s.manifest:  # a concept protein if it has a structure
+            unannotated.append(p.accession)
     if not n:
         first = f"; first problem: {problems[0]}" if problems else ""
         raise InputError(f"{s.corpus}: no usable protein records{first}")
-    return n, problems, concept_code_proteins(s, candidates, everyone)
+    return n, problems, concept_code_proteins(s, annotated, unannotated)
 
 
 def concept_code_proteins(s: BuildSettings, annotated: list[str], others: list[str]) -> list[str]:
