@@ -305,3 +305,74 @@ def test_cpu_forward_in_pieces_keeps_order_and_values(plm, reference, monkeypatc
     assert len(calls) > 1 and sum(calls) == len(SEQS)
     for b, seq in enumerate(SEQS):
         torch.testing.assert_close(reps[b], ref[b, 1 : len(seq) + 1], atol=1e-5, rtol=0)
+
+
+# ---- one q/k/v product, weights kept in the autocast dtype, no shared rotary cache ----
+def test_fused_projections_are_views_of_the_modules_weights(ckpt, reference):
+    """The fused weight's row blocks are the q/k/v modules' weights: an in-place edit of a module
+    (as tests and causal edits make) changes the fused product too; a replaced weight (no longer a
+    view) makes the layer fall back to the three modules; either way fair-esm's forward agrees."""
+    model, alphabet = reference
+    plm = ESM2.load(str(ckpt), "cpu")
+    attn = plm.model.layers[1].self_attn
+    w, b = attn._plmscope_qkv
+    assert attn.k_proj.weight.data_ptr() == w[attn.embed_dim:].data_ptr() and attn.v_proj.bias.data_ptr() == b[2 * attn.embed_dim:].data_ptr()
+    assert torch.equal(plm.model.state_dict()["layers.1.self_attn.k_proj.weight"], model.state_dict()["layers.1.self_attn.k_proj.weight"])
+    _, _, tokens = alphabet.get_batch_converter()([("", s) for s in SEQS])
+
+    def agrees_with_fair_esm():
+        with torch.no_grad():
+            ref = plm.model(tokens, repr_layers=[N_LAYERS])["representations"][N_LAYERS]
+        for bi, (rep, seq) in enumerate(zip(plm.representations(SEQS, N_LAYERS), SEQS)):
+            torch.testing.assert_close(rep, ref[bi, 1 : len(seq) + 1], atol=1e-5, rtol=0)
+        return ref
+
+    before = agrees_with_fair_esm()
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(1.7)  # in place: the fused block changes with it
+    assert torch.equal(w[attn.embed_dim:2 * attn.embed_dim], attn.k_proj.weight)
+    edited = agrees_with_fair_esm()
+    assert not torch.allclose(edited, before)
+    attn.v_proj.weight = torch.nn.Parameter(attn.v_proj.weight.detach() * 0.5)  # a new tensor: not a view
+    assert not torch.allclose(agrees_with_fair_esm(), edited)
+
+
+@needs_bf16
+def test_bf16_load_keeps_layer_weights_in_bf16_with_the_same_results(ckpt):
+    """``ESM2.load(dtype=bf16)`` stores the layers' Linear weights in bf16 once; the numbers equal
+    the autocast path that casts fp32 weights at every forward (an ESM2 built on a shared model)."""
+    owned = ESM2.load(str(ckpt), "cpu", dtype="bf16")
+    layer = owned.model.layers[0]
+    assert {layer.fc1.weight.dtype, layer.self_attn.q_proj.weight.dtype, owned.model.lm_head.dense.weight.dtype} == {torch.bfloat16}
+    assert owned.model.embed_tokens.weight.dtype == torch.float32 and layer.final_layer_norm.weight.dtype == torch.float32
+    model, alphabet, name = esm2_mod.load_esm2_modules(str(ckpt))
+    shared = ESM2(model, alphabet, name, torch.device("cpu"), dtype="bf16")  # not ours: weights stay fp32
+    assert shared.model.layers[0].fc1.weight.dtype == torch.float32
+    for a, b in zip(owned.representations(SEQS, N_LAYERS), shared.representations(SEQS, N_LAYERS)):
+        assert torch.equal(a, b)
+    assert owned.lm_loss(SEQS, N_LAYERS).mean == shared.lm_loss(SEQS, N_LAYERS).mean
+
+
+def test_threads_running_different_lengths_get_their_own_rotary_tables(plm):
+    """fair-esm keeps the rotary tables of the last length on the module; two threads with
+    sequences of different lengths used to be able to read each other's.  Each forward now makes
+    its own: concurrent results equal serial ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seqs = [(AMINO_ACIDS * 20)[: 40 + 17 * i] for i in range(8)]
+    serial = [plm.representations([s], N_LAYERS)[0] for s in seqs]
+    # the module's cache is neither read nor written: poison it for the next length
+    rot = plm.model.layers[0].self_attn.rot_emb
+    rot._seq_len_cached, rot._cos_cached, rot._sin_cached = len(seqs[0]) + 2, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1)
+    torch.testing.assert_close(plm.representations(seqs[:1], N_LAYERS)[0], serial[0], atol=1e-6, rtol=0)
+    assert rot._cos_cached.shape == (1, 1, 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            for _ in range(5):
+                got = list(ex.map(lambda s: plm.representations([s], N_LAYERS)[0], seqs))
+                for a, b in zip(got, serial):
+                    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    finally:
+        torch.set_num_threads(before)

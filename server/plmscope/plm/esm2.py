@@ -224,22 +224,76 @@ def save_random_esm2(
 # --------------------------------------------------------------------------- the backend
 
 
-def _rotary(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fair-esm's cos/sin tables (float32, its own cache) shaped (T, 1, head_dim) for (B, T, H, hd)."""
-    cos, sin = attn.rot_emb._update_cos_sin_tables(x, seq_dimension=1)
+def rotary_tables(attn, T: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """fair-esm's rotary cos/sin for ``T`` tokens as (T, 1, head_dim) rows of (B, T, H, hd) tensors:
+    ``(cos * scaling, signed_sin * scaling, cos, signed_sin)``, the first pair for q, the second for k.
+
+    Computed as fair-esm's ``RotaryEmbedding._update_cos_sin_tables`` does, but returned, not kept:
+    that method caches the tables of the last length on the module, so two threads running
+    sequences of different lengths could read each other's half-written tables.  One forward
+    computes them once for all its layers (every layer's ``inv_freq`` is the same).
+    ``rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2]`` (one copy instead of chunk + neg +
+    cat), and q's ``scaling`` (head_dim ** -0.5) is folded into q's pair: the same products up to
+    float32 rounding (exact where it is a power of two: 8M, 650M, 3B), one kernel fewer per layer."""
+    inv_freq = attn.rot_emb.inv_freq
+    t = torch.arange(T, device=device).type_as(inv_freq)
+    freqs = torch.einsum("i,j->ij", t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1).to(device)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
     half = cos.shape[-1] // 2
-    # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2]: one copy instead of chunk + neg + cat.
     signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    return cos[0, :, None, :], signed[0, :, None, :]
+    return cos * attn.scaling, signed * attn.scaling, cos, signed
 
 
-def _transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def fuse_projections(model, dtype: torch.dtype | None = None) -> None:
+    """Store each layer's q, k and v projections as row blocks of one (3E, E) weight and (3E,)
+    bias, so that a layer runs one matrix product (and one autocast cast of its input) instead of
+    three.  The modules' own weights become views of those blocks: fair-esm's forward, hooks,
+    ``state_dict`` and in-place edits see and change the same numbers.
+
+    ``dtype`` also stores every Linear of the layers and the LM head's ``dense`` in that dtype (an
+    ESM-2 loaded for bf16/fp16 autocast): autocast would otherwise cast each weight again at every
+    forward, a quarter of the kernels a one-sequence forward launches on a GPU.  Only for a model
+    this object owns (``ESM2.load``): run outside autocast, such a model would mix dtypes."""
+    for layer in model.layers:
+        attn = layer.self_attn
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        w = torch.cat([p.weight.detach() for p in projs])
+        b = torch.cat([p.bias.detach() for p in projs])
+        if dtype is not None:
+            w, b = w.to(dtype), b.to(dtype)
+            for lin in (attn.out_proj, layer.fc1, layer.fc2):
+                lin.to(dtype)
+        E = attn.embed_dim
+        for i, p in enumerate(projs):
+            p.weight = torch.nn.Parameter(w[i * E:(i + 1) * E], requires_grad=p.weight.requires_grad)
+            p.bias = torch.nn.Parameter(b[i * E:(i + 1) * E], requires_grad=p.bias.requires_grad)
+        attn._plmscope_qkv = (w, b)
+    if dtype is not None:
+        model.lm_head.dense.to(dtype)
+
+
+def _qkv(attn, h: torch.Tensor) -> torch.Tensor:
+    """(…, 3E): q, k and v of ``h`` from the fused weight, or from the three modules when their
+    weights are no longer its views (the model was moved or a weight replaced since fusing)."""
+    fused = getattr(attn, "_plmscope_qkv", None)
+    if fused is not None:
+        w, b = fused
+        E = attn.embed_dim
+        if (attn.q_proj.weight.data_ptr() == w.data_ptr()
+                and attn.v_proj.weight.data_ptr() == w[2 * E:].data_ptr()
+                and attn.k_proj.bias.data_ptr() == b[E:].data_ptr()):
+            return F.linear(h, w, b)
+    return torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
+
+
+def _transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None, tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """fair-esm's ``TransformerLayer.forward`` (ESM-2: no bias_kv, rotary) on (B, T, E), with fused attention.
 
     fair-esm's rotary path never takes torch's fused kernel: it materialises and averages the
     (batch, heads, T, T) weights, which dominates CPU time on padded batches and GPU memory.
     ``scaled_dot_product_attention`` computes the same softmax(q k^T) v from the same modules'
-    weights, with the rotary embedding applied to q and k before it (fair-esm's tables, applied
+    weights, with the rotary embedding applied to q and k before it (``rotary_tables``, applied
     in float32 on contiguous (B, T, H, hd) rows: fair-esm's own (B*H, T, hd) view of a (T, B, E)
     tensor made the rotary products strided and cost as much as the attention itself on CPU).
     ``test_esm2`` holds it to fair-esm's own forward within 1e-5 and checks the flash kernel runs.
@@ -248,14 +302,12 @@ def _transformer_layer(layer, x: torch.Tensor, keep: torch.Tensor | None) -> tor
     B, T, E = x.shape
     H, hd = attn.num_heads, attn.head_dim
     residual = x
-    h = layer.self_attn_layer_norm(x)
-    q = (attn.q_proj(h) * attn.scaling).view(B, T, H, hd).float()
-    k = attn.k_proj(h).view(B, T, H, hd).float()
-    v = attn.v_proj(h).view(B, T, H, hd)
-    cos, sin = _rotary(attn, x)
+    q, k, v = _qkv(attn, layer.self_attn_layer_norm(x)).view(B, T, 3, H, hd).unbind(2)
+    cos_q, sin_q, cos_k, sin_k = tables
     half = hd // 2
-    q = torch.addcmul(q * cos, q.roll(half, dims=-1), sin)
-    k = torch.addcmul(k * cos, k.roll(half, dims=-1), sin)
+    q, k = q.float(), k.float()
+    q = torch.addcmul(q * cos_q, q.roll(half, dims=-1), sin_q)
+    k = torch.addcmul(k * cos_k, k.roll(half, dims=-1), sin_k)
     # On CUDA the kernel runs in the autocast dtype; torch's CPU flash kernel is faster in float32
     # than in bf16 at ESM-2's head sizes (8M, head dim 16: 71 vs 115 ms per layer of a 27 x 300 batch).
     dt = torch.float32 if x.device.type == "cpu" else v.dtype
@@ -290,6 +342,7 @@ class ESM2(ProteinLM):
 
     def __init__(self, model: torch.nn.Module, alphabet, name: str, device: torch.device, dtype=None):
         self.model = model.eval().to(device)
+        fuse_projections(self.model)
         self.alphabet = alphabet
         self.batch_converter = alphabet.get_batch_converter()
         self.name = name
@@ -302,7 +355,10 @@ class ESM2(ProteinLM):
     def load(cls, spec: str, device: str | torch.device | None = "auto", dtype=None) -> "ESM2":
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         model, alphabet, name = load_esm2_modules(str(spec))
-        return cls(model, alphabet, name, dev, dtype)
+        plm = cls(model, alphabet, name, dev, dtype)
+        if plm.autocast_dtype is not None:  # the model is ours alone: keep its weights in the autocast dtype
+            fuse_projections(plm.model, plm.autocast_dtype)
+        return plm
 
     def d_model(self, layer: int) -> int:
         self.check_layer(layer)
@@ -340,8 +396,9 @@ class ESM2(ProteinLM):
         m = self.model
         # SDPA wants True = may attend, broadcast over heads and queries.
         keep = ~padding_mask[:, None, None, :] if padding_mask.any() else None
+        tables = rotary_tables(m.layers[0].self_attn, x.shape[1], x.device) if start < stop else ()
         for layer in m.layers[start:stop]:
-            x = _transformer_layer(layer, x, keep)
+            x = _transformer_layer(layer, x, keep, tables)
         if stop == self.num_layers and start < stop:
             x = m.emb_layer_norm_after(x)
         return x
