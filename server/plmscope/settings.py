@@ -47,7 +47,9 @@ class Settings(BaseSettings):
         10.0, ge=0, description="under load (the previous batch had several requests), how long a lone first request of a batch waits for others; on an idle server a request never waits"
     )
     infer_threads: int = Field(
-        0, ge=0, description="torch threads of the live-inference worker; 0 = OMP_NUM_THREADS, which `plmscope serve` sets to the CPUs it may use (CPU affinity, cgroup quota) unless given"
+        0, ge=0, description="torch threads of the live-inference worker; 0 = automatic: 1 when every served model "
+                             "runs on a GPU, else OMP_NUM_THREADS, which `plmscope serve` sets to the CPUs it may use "
+                             "(CPU affinity, cgroup quota) unless given"
     )
     infer_nice: int = Field(
         10, ge=0, le=19,

@@ -283,3 +283,66 @@ def test_sparse_activations_are_the_non_zeros_of_encode(architecture):
     dense[pos, lat] = val
     assert np.array_equal(dense, z.numpy()) and (val > 0).all()
     assert len(set(zip(pos.tolist(), lat.tolist()))) == len(pos) == int((z > 0).sum())
+
+
+def _timing(header: str) -> dict[str, str]:
+    return {part.split(";")[0].strip(): part.strip() for part in header.split(",")}
+
+
+def test_server_timing_splits_a_live_request(tiny_atlas):
+    """The header bench_server.py splits /api/infer's overhead with: queue + model <= infer, the
+    batch size named, a cached result with infer only, on the JSON API and the page's JSON twin."""
+    with TestClient(_app(tiny_atlas, rate_limit_per_minute=0)) as c:
+        r = c.post("/api/infer", json={"sequence": SEQ[:60]})
+        parts = _timing(r.headers["server-timing"])
+        assert set(parts) == {"queue", "model", "infer"} and 'desc="batch of 1"' in parts["model"]
+        dur = {k: float(v.split("dur=")[1].split(";")[0]) for k, v in parts.items()}
+        assert 0 <= dur["queue"] and 0 < dur["model"] <= dur["infer"] and dur["queue"] + dur["model"] <= dur["infer"]
+        again = c.post("/api/infer", json={"sequence": SEQ[:60]})
+        assert again.json()["cached"] and set(_timing(again.headers["server-timing"])) == {"infer"}
+        twin = c.get("/infer.json", params={"seq": SEQ[:50]})
+        assert set(_timing(twin.headers["server-timing"])) == {"queue", "model", "infer"}
+        assert "server-timing" not in c.get("/health").headers  # only live results carry it
+        doc = c.get("/openapi.json").json()["paths"]
+        for path, method in (("/api/infer", "post"), ("/infer.json", "get")):
+            assert "Server-Timing" in doc[path][method]["responses"]["200"]["headers"]
+
+
+def test_worker_threads_default_to_one_on_a_gpu():
+    import torch
+
+    from plmscope.web.inference import worker_thread_count
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert worker_thread_count(0, [cuda, cuda], default=16) == 1
+    assert worker_thread_count(0, [cuda, cpu], default=16) == 16  # a CPU model computes on these threads
+    assert worker_thread_count(0, [cpu], default=2) == 2
+    assert worker_thread_count(0, [], default=2) == 2
+    assert worker_thread_count(4, [cuda], default=16) == 4  # an explicit setting wins
+
+
+def test_live_result_summaries_equal_a_per_latent_loop():
+    """Per latent: strongest value, the first residue reaching it (ties), residues active; the
+    context-free residues left out of the summaries but not out of the vectors."""
+    import numpy as np
+
+    from plmscope.web.inference import LiveResult
+
+    rng = np.random.default_rng(0)
+    n, k = 120, 16
+    pos = np.repeat(np.arange(n), k).astype(np.int32)
+    lat = rng.integers(0, 300, n * k).astype(np.int32)
+    val = np.round(rng.random(n * k), 1).astype(np.float32)  # many ties
+    r = LiveResult("s", n, pos, lat, val, context_free=1)
+    expect = {}
+    for p, l, v in zip(pos.tolist(), lat.tolist(), val.tolist()):
+        if p < 1:
+            continue
+        best, at, count = expect.get(l, (-1.0, -1, 0))
+        expect[l] = (v, p, count + 1) if v > best else (best, at, count + 1)
+    assert r.summary_latents.tolist() == sorted(expect)
+    assert [(float(m), int(a), int(c)) for m, a, c in zip(r.summary_max, r.summary_argmax, r.summary_count)] == \
+        [expect[l] for l in sorted(expect)]
+    assert r.vector(int(lat[0]))[0] == round(float(val[0]), 4)  # residue 1 keeps its value in the vector
+    empty = LiveResult("s", 3, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
+    assert empty.top(5) == [] and empty.summary_latents.size == 0

@@ -7,19 +7,20 @@ from fastapi import APIRouter, Request
 from ...settings import Settings
 from .. import api_models as M
 from ..deps import LiveEngine, Reader
-from .common import json_doc, model_json
-from .infer import INFER_ERRORS, run_inference
+from .common import json_doc
+from .infer import INFER_ERRORS, SERVER_TIMING, run_inference, timed_json
 
 
 def make_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/api", tags=["api"])
     InferRequest = M.infer_request_model(settings)
 
-    @router.post("/infer", **json_doc(M.InferResponse, 400, 413, *INFER_ERRORS))
+    @router.post("/infer", response_model=M.InferResponse,
+                 responses={**json_doc(M.InferResponse, 400, 413, *INFER_ERRORS)["responses"], **SERVER_TIMING})
     async def api_infer(request: Request, reader: Reader, engine: LiveEngine, body: InferRequest) -> M.InferResponse:
         """Run the pLM and an SAE on one sequence: its strongest latents and per-residue heatmaps of chosen ones."""
         # a Response, not the model: FastAPI would validate the model it was just built from again
-        return model_json(await run_inference(request, engine, reader, body.sequence, body.sae_id,
-                                              list(dict.fromkeys(body.latents)), body.top_k))
+        return timed_json(request, await run_inference(request, engine, reader, body.sequence, body.sae_id,
+                                                       list(dict.fromkeys(body.latents)), body.top_k))
 
     return router

@@ -8,11 +8,12 @@ model; every atlas read, structure parse and page rendering runs in the thread p
 
 # no `from __future__ import annotations`: FastAPI resolves string annotations in module globals only,
 # and these routes' parameter types are built per app inside make_router
+import time
 from typing import Annotated, Optional
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from ...errors import InputError
 from ...settings import Settings
@@ -28,6 +29,10 @@ from .common import REDIRECT, csv_doc, csv_response, errors, json_doc, model_jso
 
 DEFAULT_HEATMAPS = 3  # heatmaps the page shows when the URL names no latents
 INFER_ERRORS = (404, 429, 503)  # unknown SAE or latent; rate limit; no model or a full queue
+SERVER_TIMING = {200: {"headers": {"Server-Timing": {
+    "description": "where the request's time went, in ms: queue (waiting for a batch), model (that batch's "
+                   "pLM + SAE compute), infer (from the queue to the finished result); a cached result has infer only",
+    "schema": {"type": "string"}}}}}
 TOP_COLUMNS = list(M.InferLatent.model_fields)
 
 
@@ -46,13 +51,16 @@ async def run_inference(request: Request, service: InferenceService, reader: Atl
     for lat in latents:
         latent_or_404(s, lat)
     service.check_rate(client_key(request))
-    result, cached = await service.infer(s["sae_id"], seq)
+    started = time.perf_counter()
+    timing: dict = {}
+    result, cached = await service.infer(s["sae_id"], seq, timing)
     top = result.top(top_k)
     chosen = latents or [t["latent"] for t in top[:default_heatmaps]]
     briefs, matched = await run_in_threadpool(_lookups, reader, s["sae_id"], [t["latent"] for t in top] + chosen, seq)
     heatmaps = [assemble_heatmap(seq, result.vector(lat), sae_id=s["sae_id"], latent=lat, source="live",
                                  inactive="not active on this sequence", context_free=s["context_free"])
                 for lat in chosen]
+    request.state.server_timing = server_timing(timing, (time.perf_counter() - started) * 1000)
     return M.InferResponse(
         atlas_id=reader.atlas_id, sae_id=s["sae_id"], record=record, ignored_records=ignored, sequence=seq,
         length=len(seq), sequence_sha256=sequence_hash(seq), cached=cached, matched_accession=matched,
@@ -82,9 +90,29 @@ async def live_heatmap(request: Request, service: Optional[InferenceService], sa
                             context_free=context_free)
 
 
-def _twin(fmt: str, m: M.InferResponse):
+def server_timing(timing: dict, infer_ms: float) -> str:
+    """The ``Server-Timing`` header of a live result (W3C Server Timing; browsers' network panels
+    show it): ``queue`` (waiting for a batch), ``model`` (that batch's compute on the worker
+    thread; ``desc`` names the batch size) and ``infer`` (from the queue to the finished response
+    model).  A cached result has only ``infer``.  What a client measures beyond ``infer`` is HTTP,
+    parsing and serialisation: ``scripts/bench_server.py`` splits ``/api/infer``'s overhead with it."""
+    parts = []
+    if "model_ms" in timing:
+        parts += [f"queue;dur={timing['queue_ms']:.2f}", f'model;dur={timing["model_ms"]:.2f};desc="batch of {timing["batch"]}"']
+    return ", ".join(parts + [f"infer;dur={infer_ms:.2f}"])
+
+
+def timed_json(request: Request, m) -> Response:
+    """``model_json(m)`` with the ``Server-Timing`` header ``run_inference`` left on the request."""
+    response = model_json(m)
+    if getattr(request.state, "server_timing", None):
+        response.headers["Server-Timing"] = request.state.server_timing
+    return response
+
+
+def _twin(fmt: str, m: M.InferResponse, request: Request):
     if fmt == "json":
-        return model_json(m)
+        return timed_json(request, m)
     return csv_response((t.model_dump() for t in m.top_latents), "live_top_latents.csv", TOP_COLUMNS)
 
 
@@ -126,13 +154,14 @@ def make_router(settings: Settings) -> APIRouter:
         async def handler(request: Request, reader: Reader, engine: LiveEngine,
                           seq: Annotated[Sequence, Query(description=seq_help)], sae: SAEQuery = None,
                           latents: LatentsQuery = None, top_k: TopK = 20):
-            return _twin(fmt, await run_inference(request, engine, reader, seq, sae, parse_latent_list(latents), top_k))
+            return _twin(fmt, await run_inference(request, engine, reader, seq, sae, parse_latent_list(latents), top_k), request)
 
         return handler
 
     router.add_api_route("/infer.json", twin("json"), methods=["GET"],
                          summary="Live inference on a sequence given in the URL (permalink form of POST /api/infer)",
-                         **json_doc(M.InferResponse, *INFER_ERRORS))
+                         response_model=M.InferResponse,
+                         responses={**json_doc(M.InferResponse, *INFER_ERRORS)["responses"], **SERVER_TIMING})
     router.add_api_route("/infer.csv", twin("csv"), methods=["GET"], summary="Live top latents as CSV",
                          **csv_doc(*INFER_ERRORS))
 
@@ -147,7 +176,7 @@ def make_router(settings: Settings) -> APIRouter:
             raise HTTPException(422, "give a sequence: /infer.json?seq=MKT...")
         if engine is None:
             raise HTTPException(503, unavailable_message(request))
-        return _twin(fmt, await run_inference(request, engine, reader, seq, sae, parse_latent_list(latents), top_k))
+        return _twin(fmt, await run_inference(request, engine, reader, seq, sae, parse_latent_list(latents), top_k), request)
 
     @router.post("/infer", summary="The page's form: redirects to the GET permalink, or shows an uploaded structure",
                  response_class=HTMLResponse,
