@@ -41,7 +41,8 @@ class Settings(BaseSettings):
         60, ge=0, description="live inference requests per client IP per minute (0 = no limit)"
     )
     infer_batch_size: int = Field(
-        8, ge=1, description="most sequences run through the pLM together (1 = one request at a time)"
+        8, ge=1, description="most sequences computing at once, shared between the workers' batches (2 workers: "
+                             "batches of 4); 1 = one request at a time"
     )
     infer_max_wait_ms: float = Field(
         10.0, ge=0, description="under load (the previous batch had several requests), how long a lone first request of a batch waits for others; on an idle server a request never waits"
@@ -50,6 +51,11 @@ class Settings(BaseSettings):
         0, ge=0, description="torch threads of the live-inference worker; 0 = automatic: 1 when every served model "
                              "runs on a GPU, else OMP_NUM_THREADS, which `plmscope serve` sets to the CPUs it may use "
                              "(CPU affinity, cgroup quota) unless given"
+    )
+    infer_workers: int = Field(
+        0, ge=0, description="batches that may compute at once, each on its own worker thread, the torch threads shared "
+                             "out between them; 0 = automatic: 2 on a CPU with 2 or more usable cores (two one-thread "
+                             "forwards outrun one two-thread forward of small batches), 1 on a GPU"
     )
     infer_nice: int = Field(
         10, ge=0, le=19,

@@ -346,3 +346,50 @@ def test_live_result_summaries_equal_a_per_latent_loop():
     assert r.vector(int(lat[0]))[0] == round(float(val[0]), 4)  # residue 1 keeps its value in the vector
     empty = LiveResult("s", 3, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32))
     assert empty.top(5) == [] and empty.summary_latents.size == 0
+
+
+def test_two_workers_compute_side_by_side_with_the_threads_shared_out(tiny_atlas):
+    """Two jobs meet at a barrier only if they run at once; the first started gets both torch
+    threads, the second one (a lone job afterwards gets both again); a burst of requests on two
+    workers gives each the result it gets alone."""
+    import threading
+
+    import torch
+
+    app = _app(tiny_atlas, infer_workers=2, infer_threads=2, infer_batch_size=2, cache_size=0, rate_limit_per_minute=0)
+    barrier = threading.Barrier(2, timeout=30)
+
+    def meet():
+        barrier.wait()
+        return torch.get_num_threads()
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            service = app.state.infer
+            together = await asyncio.gather(service.run_job(meet), service.run_job(meet))
+            alone = await service.run_job(torch.get_num_threads)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                burst = await asyncio.gather(*[c.post("/api/infer", json={"sequence": SEQ[i:i + 70]}) for i in range(0, 80, 10)])
+                health = (await c.get("/health")).json()
+            return together, alone, burst, health
+
+    together, alone, burst, health = asyncio.run(run())
+    assert together == [2, 1] and alone == 2
+    assert (health["infer_workers"], health["infer_threads"]) == (2, 2)
+    with TestClient(_app(tiny_atlas, infer_workers=1, infer_batch_size=1, cache_size=0, rate_limit_per_minute=0)) as c:
+        for i, r in zip(range(0, 80, 10), burst):
+            assert r.status_code == 200
+            assert r.json()["top_latents"] == c.post("/api/infer", json={"sequence": SEQ[i:i + 70]}).json()["top_latents"]
+
+
+def test_worker_count_defaults():
+    import torch
+
+    from plmscope.web.inference import worker_count
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert worker_count(0, [cpu], cpus=2) == 2 and worker_count(0, [cpu], cpus=16) == 2
+    assert worker_count(0, [cpu], cpus=1) == 1
+    assert worker_count(0, [cuda], cpus=16) == 1
+    assert worker_count(3, [cuda], cpus=1) == 3  # an explicit setting wins

@@ -310,6 +310,8 @@ class Health(BaseModel):
     model_error: Optional[str] = None
     device: Optional[str] = None
     queue_depth: int = 0
+    infer_workers: int = Field(0, description="live-inference batches that may compute at once (0 without a model)")
+    infer_threads: int = Field(0, description="torch threads shared out between those batches (0 without a model)")
 
 
 class ErrorBody(BaseModel):

@@ -25,4 +25,6 @@ async def health(request: Request) -> Health:
         model_error=getattr(state, "model_error", None),
         device=getattr(state, "device", None),
         queue_depth=service.queue_depth if service is not None else 0,
+        infer_workers=service.workers if service is not None else 0,
+        infer_threads=service.threads if service is not None else 0,
     )
