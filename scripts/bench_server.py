@@ -286,10 +286,15 @@ def bare_forward(atlas: Path, seqs: list[str], device: str = "cpu", batch_size: 
 
 
 def bare_forward_fresh(atlas: Path, seqs: list[str], device: str = "cpu", batch_size: int = 8) -> dict:
-    """bare_forward in a new process: nothing left over from the build (threads, allocator) skews it."""
+    """bare_forward in a new process: nothing left over from the build (threads, allocator) skews it,
+    and OpenMP starts with the settings the server's entry point gives it."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump({"atlas": str(atlas), "seqs": seqs, "device": device, "batch_size": batch_size}, fh)
-    out = subprocess.run([sys.executable, __file__, "--child-bare", fh.name], capture_output=True, text=True)
+    from plmscope.threads import prepare_environment
+
+    env = dict(os.environ)
+    prepare_environment(env)  # the OpenMP settings `plmscope serve` starts with: only the server's own work differs
+    out = subprocess.run([sys.executable, __file__, "--child-bare", fh.name], capture_output=True, text=True, env=env)
     os.unlink(fh.name)
     if out.returncode:
         raise SystemExit(f"bare forward failed:\n{out.stderr[-3000:]}")

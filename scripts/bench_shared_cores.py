@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import matmul_gflops  # noqa: E402
 from bench_build import build_argv, parse_args as build_args, setup  # noqa: E402
+from plmscope.threads import SETTINGS  # noqa: E402
 
 BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
 # torch first: OpenMP reads its environment when torch loads it, before plmscope's entry point runs.
@@ -35,7 +36,7 @@ OURS = "import sys\nfrom plmscope.cli import main\nsys.exit(main(sys.argv[1:]))\
 
 
 def timed(code: str, argv: list[str]) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
     if proc.returncode:

@@ -23,12 +23,13 @@ except SystemExit:
     pass
 import torch
 print(json.dumps({"torch": torch.get_num_threads(), "policy": os.environ.get("OMP_WAIT_POLICY"),
+                  "spin": os.environ.get("GOMP_SPINCOUNT"),
                   "omp": os.environ.get("OMP_NUM_THREADS"), "affinity": len(os.sched_getaffinity(0))}))
 """
 
 
 def _probe(env_extra: dict, cpus: set[int] | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env = {k: v for k, v in os.environ.items() if k not in threads.SETTINGS}
     env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120,
                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None, check=True)
@@ -39,15 +40,15 @@ def _probe(env_extra: dict, cpus: set[int] | None) -> dict:
 def test_cli_threads_follow_affinity_and_sleep_when_idle():
     one = {sorted(os.sched_getaffinity(0))[0]}
     got = _probe({}, one)
-    assert got == {"torch": 1, "policy": "PASSIVE", "omp": "1", "affinity": 1}
+    assert got == {"torch": 1, "policy": "PASSIVE", "spin": threads.SPIN_COUNT, "omp": "1", "affinity": 1}
     every = _probe({}, None)
     assert every["torch"] == threads.usable_cpus() and every["policy"] == "PASSIVE"
 
 
 @pytest.mark.skipif(threads.usable_cpus() < 2, reason="needs 2 usable CPUs to tell a kept setting from the default")
 def test_user_settings_are_kept():
-    got = _probe({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}, None)
-    assert got["torch"] == 1 and got["policy"] == "ACTIVE"
+    got = _probe({"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "5"}, None)
+    assert got["torch"] == 1 and got["policy"] == "ACTIVE" and got["spin"] == "5"
 
 
 def test_cgroup_quota_caps_the_count(tmp_path):
@@ -82,3 +83,20 @@ def test_default_threads_prefers_the_environment():
     assert threads.default_threads({"OMP_NUM_THREADS": "3"}) == 3
     assert threads.default_threads({}) == threads.usable_cpus()
     assert threads.default_threads({"OMP_NUM_THREADS": "x"}) == threads.usable_cpus()
+
+
+def test_torch_threads_sets_the_block_and_restores_even_on_error():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threads.torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            with threads.torch_threads(1):
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
