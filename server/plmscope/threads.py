@@ -12,13 +12,13 @@ So the command-line entry point calls ``prepare_environment()`` before anything 
   run on (``os.sched_getaffinity``) capped by the cgroup CPU quota (``cpu.max`` of cgroup v2, or
   ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of v1), rounded up;
 * ``OMP_WAIT_POLICY=PASSIVE`` (and ``KMP_BLOCKTIME=0`` for Intel's OpenMP): idle OpenMP threads
-  sleep instead of spinning for GNU OpenMP's default 3 ms, with ``GOMP_SPINCOUNT=10000``: they
-  spin ~0.1 ms first (GNU OpenMP, which torch's Linux wheels and their MKL use, counts ~100,000
-  spins per ms).  Sleeping at once made every small parallel region pay a futex wake-up: UniRep-256's
-  recurrent steps (small matrix products) ran 5x slower on 2 threads than with the short spin
-  (59 against 11.5 ms per 300-residue sequence in batches of 8), ESM-2 8M's one-sequence forward
-  1.2-1.4x slower.  OpenMP reads these once, when torch first starts it, so setting them later
-  has no effect.
+  sleep instead of spinning.  OpenMP reads these once, when torch first starts it, so setting
+  them later has no effect.  A short spin first (``GOMP_SPINCOUNT=10000``, ~0.1 ms) made a
+  one-sequence ESM-2 forward 1.2-1.4x faster in a process with one OpenMP team, but processes
+  with several (the build's forward and SAE threads, the server's workers) get no spin anyway
+  (GNU OpenMP stops spinning when it manages more threads than cores), and beside a busy
+  process it made ``analyze`` 1.25x slower (``scripts/bench_shared_cores.py``: 31.2 against
+  24.9 s), so idle threads sleep at once.
 
 Values the user already set are kept.  ``set_torch_threads`` applies a count to an already
 imported torch (the web server's inference thread uses it for its own thread count).
@@ -32,9 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-SPIN_COUNT = "10000"  # GNU OpenMP spins before an idle thread sleeps: ~0.1 ms
 # what prepare_environment sets unless the user did (benchmarks clear them to start from defaults)
-SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME")
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
@@ -80,7 +79,6 @@ def prepare_environment(environ=os.environ) -> int:
     environ.setdefault("OMP_NUM_THREADS", str(n))
     environ.setdefault("MKL_NUM_THREADS", environ["OMP_NUM_THREADS"])
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
     environ.setdefault("KMP_BLOCKTIME", "0")
     return default_threads(environ)
 
