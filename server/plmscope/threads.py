@@ -13,12 +13,9 @@ So the command-line entry point calls ``prepare_environment()`` before anything 
   ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of v1), rounded up;
 * ``OMP_WAIT_POLICY=PASSIVE`` (and ``KMP_BLOCKTIME=0`` for Intel's OpenMP): idle OpenMP threads
   sleep instead of spinning.  OpenMP reads these once, when torch first starts it, so setting
-  them later has no effect.  A short spin first (``GOMP_SPINCOUNT=10000``, ~0.1 ms) made a
-  one-sequence ESM-2 forward 1.2-1.4x faster in a process with one OpenMP team, but processes
-  with several (the build's forward and SAE threads, the server's workers) get no spin anyway
-  (GNU OpenMP stops spinning when it manages more threads than cores), and beside a busy
-  process it made ``analyze`` 1.25x slower (``scripts/bench_shared_cores.py``: 31.2 against
-  24.9 s), so idle threads sleep at once.
+  them later has no effect.  No short spin first (``GOMP_SPINCOUNT``): the build and the server
+  run several OpenMP teams, for which GNU OpenMP does not spin anyway, and beside a busy process
+  a 0.1 ms spin made ``analyze`` 1.25x slower (``scripts/bench_shared_cores.py``).
 
 Values the user already set are kept.  ``set_torch_threads`` applies a count to an already
 imported torch (the web server's inference thread uses it for its own thread count).

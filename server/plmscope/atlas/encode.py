@@ -260,12 +260,6 @@ class SAEStage:
             agg.flush(spill_path(self.root, self.ids[j], self.chunk, self.parts[j]))
 
 
-def torch_thread_count() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def _own_threads(n: int) -> None:
     from ..threads import set_torch_threads
 
@@ -287,7 +281,7 @@ class Pipeline:
         # The worker sets its own torch threads: a forward beside it may change torch's default
         # for threads that start later (threads.torch_threads).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plmscope-sae",
-                                        initializer=_own_threads, initargs=(torch_thread_count(),)) if in_flight > 0 else None
+                                        initializer=_own_threads, initargs=(torch.get_num_threads(),)) if in_flight > 0 else None
         self._running: deque[Future] = deque()
 
     def submit(self, fn, *args) -> None:

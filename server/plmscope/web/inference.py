@@ -203,15 +203,17 @@ def load_models(reader, device: str, dtype: str = "auto") -> dict[str, LoadedMod
     return out
 
 
+def _all_on_gpus(devices) -> bool:
+    devices = list(devices)
+    return bool(devices) and all(getattr(d, "type", str(d)) == "cuda" for d in devices)
+
+
 def worker_count(setting: int, devices, cpus: int) -> int:
     """Batches that may compute at once: ``setting`` where given (> 0); else 1 when every model runs
     on a GPU (its batches gain 2.2x from batching alone), else 2 where at least 2 CPUs are usable."""
     if setting > 0:
         return setting
-    devices = list(devices)
-    if devices and all(getattr(d, "type", str(d)) == "cuda" for d in devices):
-        return 1
-    return 2 if cpus >= 2 else 1
+    return 1 if _all_on_gpus(devices) else (2 if cpus >= 2 else 1)
 
 
 def worker_thread_count(setting: int, devices, default: int) -> int:
@@ -224,10 +226,7 @@ def worker_thread_count(setting: int, devices, default: int) -> int:
     with 1 (p50 of 30, the bare forward 19.7 ms; ``scripts/bench_server.py --infer-variants``)."""
     if setting > 0:
         return setting
-    devices = list(devices)
-    if devices and all(getattr(d, "type", str(d)) == "cuda" for d in devices):
-        return 1
-    return default
+    return 1 if _all_on_gpus(devices) else default
 
 
 class InferenceService:

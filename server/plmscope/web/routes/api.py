@@ -15,8 +15,7 @@ def make_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/api", tags=["api"])
     InferRequest = M.infer_request_model(settings)
 
-    @router.post("/infer", response_model=M.InferResponse,
-                 responses={**json_doc(M.InferResponse, 400, 413, *INFER_ERRORS)["responses"], **SERVER_TIMING})
+    @router.post("/infer", **json_doc(M.InferResponse, 400, 413, *INFER_ERRORS, success_headers=SERVER_TIMING))
     async def api_infer(request: Request, reader: Reader, engine: LiveEngine, body: InferRequest) -> M.InferResponse:
         """Run the pLM and an SAE on one sequence: its strongest latents and per-residue heatmaps of chosen ones."""
         # a Response, not the model: FastAPI would validate the model it was just built from again

@@ -118,8 +118,13 @@ def page_doc(*codes: int) -> dict:
     return {"response_class": HTMLResponse, "responses": {**HTML, **errors(*COMMON_ERRORS, *codes, page=True)}}
 
 
-def json_doc(model: type[BaseModel] | None, *codes: int) -> dict:
-    return {"response_model": model, "responses": errors(*COMMON_ERRORS, *codes)}
+def json_doc(model: type[BaseModel] | None, *codes: int, success_headers: dict | None = None) -> dict:
+    """``response_model`` and the error responses of a JSON route; ``success_headers`` documents
+    headers of its 200 answer (OpenAPI header objects by name)."""
+    responses = errors(*COMMON_ERRORS, *codes)
+    if success_headers:
+        responses[200] = {"headers": success_headers}
+    return {"response_model": model, "responses": responses}
 
 
 def csv_doc(*codes: int) -> dict:

@@ -29,10 +29,10 @@ from .common import REDIRECT, csv_doc, csv_response, errors, json_doc, model_jso
 
 DEFAULT_HEATMAPS = 3  # heatmaps the page shows when the URL names no latents
 INFER_ERRORS = (404, 429, 503)  # unknown SAE or latent; rate limit; no model or a full queue
-SERVER_TIMING = {200: {"headers": {"Server-Timing": {
+SERVER_TIMING = {"Server-Timing": {
     "description": "where the request's time went, in ms: queue (waiting for a batch), model (that batch's "
                    "pLM + SAE compute), infer (from the queue to the finished result); a cached result has infer only",
-    "schema": {"type": "string"}}}}}
+    "schema": {"type": "string"}}}
 TOP_COLUMNS = list(M.InferLatent.model_fields)
 
 
@@ -160,8 +160,7 @@ def make_router(settings: Settings) -> APIRouter:
 
     router.add_api_route("/infer.json", twin("json"), methods=["GET"],
                          summary="Live inference on a sequence given in the URL (permalink form of POST /api/infer)",
-                         response_model=M.InferResponse,
-                         responses={**json_doc(M.InferResponse, *INFER_ERRORS)["responses"], **SERVER_TIMING})
+                         **json_doc(M.InferResponse, *INFER_ERRORS, success_headers=SERVER_TIMING))
     router.add_api_route("/infer.csv", twin("csv"), methods=["GET"], summary="Live top latents as CSV",
                          **csv_doc(*INFER_ERRORS))
 
