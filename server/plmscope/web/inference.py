@@ -40,6 +40,7 @@ import numpy as np
 
 from ..errors import InputError, ModelError
 from ..sequences import clean_sequence
+from ..threads import default_threads, set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +242,6 @@ class InferenceService:
         self._worker: asyncio.Task | None = None
         self.worker_threads: int | None = None  # torch threads of the worker, read back once it starts
         self.worker_nice: int | None = None  # the worker's nice value, read back likewise
-        from ..threads import default_threads
-
         devices = [m.plm.device for m in models.values()]
         self.threads = worker_thread_count(settings.infer_threads, devices, default_threads())
         self.workers = worker_count(settings.infer_workers, devices, self.threads)
@@ -256,9 +255,6 @@ class InferenceService:
 
     def _init_worker(self) -> None:
         import os
-        import threading
-
-        from ..threads import set_torch_threads
 
         if self.settings.infer_nice and hasattr(os, "setpriority"):
             tid = threading.get_native_id()  # Linux: a thread id sets that thread's priority alone
@@ -272,8 +268,6 @@ class InferenceService:
     async def _on_worker(self, fn, *args):
         """``fn(*args)`` on a worker thread, with the torch threads shared out between the batches
         and jobs computing when it starts (torch's thread count is per thread: the others keep theirs)."""
-        from ..threads import set_torch_threads
-
         self._running += 1
         share = max(1, self.threads // self._running)
 
