@@ -340,9 +340,11 @@ class ESM2(ProteinLM):
     family = "esm2"
     max_residues = MAX_RESIDUES
 
-    def __init__(self, model: torch.nn.Module, alphabet, name: str, device: torch.device, dtype=None):
+    def __init__(self, model: torch.nn.Module, alphabet, name: str, device: torch.device, dtype=None,
+                 owns_model: bool = False):
+        """``owns_model``: no one else runs ``model`` (``load``), so its layer weights may be
+        stored in the autocast dtype (``fuse_projections``)."""
         self.model = model.eval().to(device)
-        fuse_projections(self.model)
         self.alphabet = alphabet
         self.batch_converter = alphabet.get_batch_converter()
         self.name = name
@@ -350,15 +352,13 @@ class ESM2(ProteinLM):
         self.num_layers = model.num_layers
         # base.resolve_dtype: CPU stays float32 unless bf16 is asked for and the CPU has it natively.
         self.autocast_dtype = resolve_dtype(dtype, device, name)
+        fuse_projections(self.model, self.autocast_dtype if owns_model else None)
 
     @classmethod
     def load(cls, spec: str, device: str | torch.device | None = "auto", dtype=None) -> "ESM2":
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         model, alphabet, name = load_esm2_modules(str(spec))
-        plm = cls(model, alphabet, name, dev, dtype)
-        if plm.autocast_dtype is not None:  # the model is ours alone: keep its weights in the autocast dtype
-            fuse_projections(plm.model, plm.autocast_dtype)
-        return plm
+        return cls(model, alphabet, name, dev, dtype, owns_model=True)
 
     def d_model(self, layer: int) -> int:
         self.check_layer(layer)
